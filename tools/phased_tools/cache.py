@@ -1,18 +1,26 @@
-"""Crash-safe answer cache: SQLite in WAL mode, one committed row per answer.
+"""Crash-safe answer cache: SQLite in WAL mode, every answer committed before it is used.
 
-Every reply is committed (synchronous=FULL, so it is on disk) the moment it arrives, before it
-is used. A run killed with SIGKILL and started again finds every answer it already paid for and
-re-sends only what has none. The key is a hash of (model, messages, params); the API key, the
-base URL and anything else about the transport are never part of the row.
+Every reply is committed (synchronous=FULL, so it is on disk) as it arrives, before it is used.
+A run killed with SIGKILL and started again finds every answer it already paid for and re-sends
+only what has none. The key is a hash of (model, messages, params); the API key, the base URL
+and anything else about the transport are never part of the row.
+
+Many workers answering at once share commits (`GroupCommitter`): the writer thread takes every
+answer waiting, writes them in one transaction with one fsync, then releases their waiters. At
+300 answers/s that is a few commits a second instead of 300, which is most of the client's
+per-request CPU that the cache costs, and it is no less durable: no waiter goes on before its
+row is on disk.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import queue
 import sqlite3
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +48,9 @@ def request_key(model: str, messages: list[dict[str, str]], params: dict[str, An
         separators=(",", ":"),
     )
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+_INSERT = "INSERT OR IGNORE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 
 
 @dataclass(frozen=True)
@@ -92,19 +103,18 @@ class AnswerCache:
             self._put(key, model, request, answer)
 
     def _put(self, key: str, model: str, request: dict[str, Any], answer: CachedAnswer) -> None:
-        self._wdb.execute(
-            "INSERT OR IGNORE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                key,
-                model,
-                json.dumps(request, ensure_ascii=False, sort_keys=True),
-                answer.content,
-                answer.finish_reason,
-                answer.prompt_tokens,
-                answer.completion_tokens,
-                time.time(),
-            ),
-        )
+        self._wdb.execute(_INSERT, _row(key, model, request, answer))
+
+    def put_many(self, rows: list[tuple[Any, ...]]) -> None:
+        """Commit many `_row`s in one transaction (one fsync); all or none reach the disk."""
+        with self._wlock:
+            self._wdb.execute("BEGIN IMMEDIATE")
+            try:
+                self._wdb.executemany(_INSERT, rows)
+            except BaseException:
+                self._wdb.execute("ROLLBACK")
+                raise
+            self._wdb.execute("COMMIT")
 
     def __contains__(self, key: str) -> bool:
         return self._db.execute("SELECT 1 FROM answers WHERE key = ?", (key,)).fetchone() is not None
@@ -120,3 +130,68 @@ class AnswerCache:
         with self._wlock:
             self._wdb.close()
         self._db.close()
+
+
+def _row(key: str, model: str, request: dict[str, Any], answer: CachedAnswer) -> tuple[Any, ...]:
+    return (
+        key,
+        model,
+        json.dumps(request, ensure_ascii=False, sort_keys=True),
+        answer.content,
+        answer.finish_reason,
+        answer.prompt_tokens,
+        answer.completion_tokens,
+        time.time(),
+    )
+
+
+class GroupCommitter:
+    """One writer thread that commits whatever answers are waiting together (see module doc).
+
+    `submit` returns a Future that resolves once the row is on disk, or carries the write's
+    error; a row whose waiter was cancelled is still written (it was paid for). `close` writes
+    what is queued and stops the thread.
+    """
+
+    def __init__(self, cache: AnswerCache, max_batch: int = 512) -> None:
+        self.cache = cache
+        self.max_batch = max_batch
+        self._q: queue.SimpleQueue[tuple[tuple[Any, ...], Future[None]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="answer-cache-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, key: str, model: str, request: dict[str, Any], answer: CachedAnswer) -> Future[None]:
+        fut: Future[None] = Future()
+        self._q.put((_row(key, model, request, answer), fut))
+        return fut
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        stop = False
+        while not stop:
+            item = self._q.get()
+            batch = []
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= self.max_batch:
+                    break
+                try:
+                    item = self._q.get_nowait()
+                except queue.Empty:
+                    break
+            stop = item is None
+            if not batch:
+                continue
+            try:
+                self.cache.put_many([row for row, _ in batch])
+            except BaseException as e:  # every waiter learns its answer was not stored
+                for _, fut in batch:
+                    if not fut.cancelled():  # a waiter that gave up (its run stopped) needs no word
+                        fut.set_exception(e)
+            else:
+                for _, fut in batch:
+                    if not fut.cancelled():
+                        fut.set_result(None)

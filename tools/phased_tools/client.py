@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import sqlite3
 import sys
 import time
 from collections import Counter
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phased_tools.cache import AnswerCache, CachedAnswer, request_key
+from phased_tools.cache import AnswerCache, CachedAnswer, GroupCommitter, request_key
 
 Messages = list[dict[str, str]]
 
@@ -230,7 +231,14 @@ class Stats:
     retries: Counter = field(default_factory=Counter)
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    started: float = field(default_factory=time.monotonic)
+    first_sent: float | None = None  # monotonic time of the first request on the wire
+    last_answer: float | None = None  # ... and of the last answer, the window --rpm governs
+
+    def sending_rate(self) -> float | None:
+        """Requests a minute between the first request and the last answer (None if too few)."""
+        if self.first_sent is None or self.last_answer is None or self.last_answer <= self.first_sent:
+            return None
+        return self.requests / (self.last_answer - self.first_sent) * 60
 
     def cost(self, prices: tuple[float, float] | None) -> float | None:
         if prices is None:
@@ -274,6 +282,7 @@ class Asker:
 
         self.cfg = cfg
         self.cache = cache
+        self.writer = GroupCommitter(cache)
         self.stats = stats
         self.redact = _redactor(api_key)
         self._openai = openai
@@ -306,6 +315,7 @@ class Asker:
     async def close(self) -> None:
         for c in self.clients:
             await c.close()
+        await asyncio.to_thread(self.writer.close)
 
     def _backoff(self, attempt: int) -> float:
         base = min(self.cfg.initial_backoff * (2.0**attempt), self.cfg.max_backoff)
@@ -333,6 +343,8 @@ class Asker:
                 await self.tpm.acquire(estimate_tokens(messages) + self.cfg.max_tokens)
             await self._wait_pause()
             self.stats.requests += 1
+            if self.stats.first_sent is None:
+                self.stats.first_sent = time.monotonic()
             delay: float | None = None
             try:
                 # The client's low-level post: its auth, base URL, error classes and
@@ -382,10 +394,17 @@ class Asker:
                 self.stats.answers += 1
                 self.stats.prompt_tokens += usage[0]
                 self.stats.completion_tokens += usage[1]
-                # Durable before it is used; the fsync runs off the event loop.
-                await asyncio.to_thread(
-                    self.cache.put, key, self.cfg.model, payload, CachedAnswer(content, finish, *usage)
-                )
+                self.stats.last_answer = time.monotonic()
+                # Durable before it is used: the writer thread commits it (with whatever other
+                # answers are waiting) and only then lets this request go on.
+                stored = self.writer.submit(key, self.cfg.model, payload, CachedAnswer(content, finish, *usage))
+                try:
+                    await asyncio.wrap_future(stored)
+                except (sqlite3.Error, OSError) as e:
+                    raise FatalError(
+                        f"cannot store answers in the cache {self.cache.path}: {e}; "
+                        "free disk space or pass another --cache, then run again (stored answers are kept)"
+                    ) from None
                 return Answer(content, from_cache=False)
             if attempt < self.cfg.max_retries:
                 await asyncio.sleep(delay if delay is not None else self._backoff(attempt))
@@ -543,8 +562,12 @@ def format_summary(stats: Stats, cfg: ClientConfig, counts: dict[str, int], wall
         else f"cost unknown for {cfg.model} (give --price-in/--price-out)"
     )
     lines.append(f"tokens {stats.prompt_tokens:,} in + {stats.completion_tokens:,} out = {price_note}")
-    rate = stats.requests / wall * 60 if wall > 0 else 0.0
-    lines.append(f"wall {wall:.1f} s ({rate:,.0f} requests/min)")
+    line = f"wall {wall:.1f} s"
+    rate = stats.sending_rate()
+    if rate is not None and stats.first_sent is not None and stats.last_answer is not None:
+        window = stats.last_answer - stats.first_sent
+        line += f"; {rate:,.0f} requests/min over the {window:.1f} s from first request to last answer"
+    lines.append(line)
     return "\n".join(lines)
 
 
