@@ -5,7 +5,9 @@
 A random Llama (d_model 512, 8 layers, vocab 32000, float32) is saved by transformers and loaded
 by `phased_jax.hf.load`, so both sides run identical weights. Greedy, no EOS stop, so every row
 makes exactly `--new-tokens` tokens. Each side is warmed up once with the same shapes; our
-compile time is reported separately and excluded from tokens/s. Not part of `make test`.
+compile time is reported separately and excluded from tokens/s. The sides' timed runs alternate
+(`--repeats`) and their medians are compared, so a busy spell on a shared CPU does not land on one
+side only. Not part of `make test`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import statistics
 import tempfile
 import time
 
@@ -26,6 +29,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--d-model", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed runs of each side, interleaved; the medians are compared")
     ap.add_argument("--threads", type=int, default=0,
                     help="1: run both sides single-threaded (steadier on a shared CPU)")
     args = ap.parse_args()
@@ -67,6 +72,15 @@ def main() -> None:
             compile_events[name] = compile_events.get(name, 0.0) + seconds
 
     jax.monitoring.register_event_duration_secs_listener(on_event)
+
+    def timed(run) -> float:
+        t0 = time.perf_counter()
+        run()
+        return time.perf_counter() - t0
+
+    def fmt(times: list[float]) -> str:
+        return "/".join(f"{t:.2f}" for t in times)
+
     rng = np.random.default_rng(0)
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
@@ -82,18 +96,18 @@ def main() -> None:
             min_new_tokens=T, do_sample=False, pad_token_id=0)
 
         compile_events.clear()
-        run_ours()  # warm-up: trace, lower and compile, then one run
+        out = run_ours()  # warm-up: trace, lower and compile, then one run
         compile_s = sum(compile_events.values())
-        t0 = time.perf_counter()
-        out = run_ours()
-        ours_s = time.perf_counter() - t0
-        print(f"batch {batch}: ours {ours_s:.2f}s (+{compile_s:.1f}s compile)", flush=True)
         with torch.no_grad():
-            run_theirs()  # warm-up
-            t0 = time.perf_counter()
-            ref = run_theirs()
-            hf_s = time.perf_counter() - t0
-        print(f"batch {batch}: transformers {hf_s:.2f}s", flush=True)
+            ref = run_theirs()  # warm-up
+        ours, theirs = [], []
+        for _ in range(args.repeats):  # interleaved, so a busy spell on a shared CPU hits both
+            ours.append(timed(run_ours))
+            with torch.no_grad():
+                theirs.append(timed(run_theirs))
+        ours_s, hf_s = statistics.median(ours), statistics.median(theirs)
+        print(f"batch {batch}: ours {fmt(ours)} s (+{compile_s:.1f}s compile), "
+              f"transformers {fmt(theirs)} s", flush=True)
         same = ref[:, args.prompt:].tolist() == out
         rows.append((batch, batch * T / ours_s, batch * T / hf_s, compile_s, same))
     print("\n| batch | ours tok/s | transformers tok/s | ratio | our compile s | same tokens |")

@@ -76,7 +76,7 @@ def _decode(model: Transformer, max_new: int, sampling: Sampling, unstack: bool,
         params = unstack_layers(params)
     lens_B = jnp.sum(seg_BxP, axis=-1)
     pos_BxP = jnp.maximum(jnp.cumsum(seg_BxP, axis=-1) - 1, 0)
-    cache = KVCache.empty(model.cfg, B, P + max_new)
+    cache = KVCache.empty(model.cfg, B, P + max_new, per_layer=unstack)
     logits_BxPxV, cache = model.apply({"params": params}, ids_BxP, positions_BxL=pos_BxP,
                                       segment_ids_BxL=seg_BxP, cache=cache)
     key, sub = jax.random.split(key)

@@ -37,18 +37,27 @@ class KVCache:
     only its own slice at the current slot (`lax.dynamic_update_slice`, done in place by XLA).
     """
 
-    k: Array  # [layers, batch, kv_heads, slots, head_dim]
-    v: Array  # [layers, batch, kv_heads, slots, head_dim]
+    k: Array | tuple[Array, ...]  # [layers, batch, kv_heads, slots, head_dim], or per layer
+    v: Array | tuple[Array, ...]  # same as k
     positions: Array  # [batch, slots] int32
     segment_ids: Array  # [batch, slots] int32, 0 where nothing is written yet
     index: Array  # scalar int32: the next slot to write
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, batch: int, slots: int, dtype: Any = None) -> KVCache:
+    def empty(cls, cfg: ModelConfig, batch: int, slots: int, dtype: Any = None,
+              per_layer: bool = False) -> KVCache:
+        """per_layer: k and v as tuples of [batch, kv_heads, slots, head_dim], one a layer, for
+        params from `unstack_layers`; attention then reads each layer's cache where it lies
+        instead of slicing it out of the stack (a copy on XLA's CPU backend, every step)."""
         dtype = jnp.dtype(dtype or cfg.dtype)
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
+        shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
+        if per_layer:
+            k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+            v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        else:
+            k = v = jnp.zeros((cfg.num_layers, *shape), dtype)
         return cls(
-            k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+            k=k, v=v,
             positions=jnp.zeros((batch, slots), jnp.int32),
             segment_ids=jnp.zeros((batch, slots), jnp.int32),
             index=jnp.zeros((), jnp.int32),
@@ -61,7 +70,8 @@ def unstack_layers(params: Any) -> dict:
     `Transformer` decodes with such params layer by layer (unrolled) instead of by the layer
     scan, which slices each layer's weights out of the stack, a copy on XLA's CPU backend, at
     every step. The split copies the weights once (so they are held twice while it lives).
-    Only for `apply` with a cache; training and `init` need the stacked params.
+    Only for `apply` with a per-layer cache (`KVCache.empty(per_layer=True)`); training and
+    `init` need the stacked params.
     """
     stacked = nn.meta.unbox(params["layers"])
     n = jax.tree.leaves(stacked)[0].shape[0]
@@ -138,14 +148,22 @@ class Attention(nn.Module):
         new_kv = None
         if kv is not None:  # decoding: write this step's keys and values into the cache
             k_all, v_all, layer = kv
-            at = (layer, 0, 0, cache_index, 0)
-            k_all = jax.lax.dynamic_update_slice(
-                k_all, k_BxLxKxH.swapaxes(1, 2)[None].astype(k_all.dtype), at)
-            v_all = jax.lax.dynamic_update_slice(
-                v_all, v_BxLxKxH.swapaxes(1, 2)[None].astype(v_all.dtype), at)
+            k_new = k_BxLxKxH.swapaxes(1, 2).astype(k_all.dtype)
+            v_new = v_BxLxKxH.swapaxes(1, 2).astype(v_all.dtype)
+            if layer is None:  # this layer's own cache [B, K, S, H]: read in place, no slice
+                at = (0, 0, cache_index, 0)
+                k_all = jax.lax.dynamic_update_slice(k_all, k_new, at)
+                v_all = jax.lax.dynamic_update_slice(v_all, v_new, at)
+                k_BxKxSxH, v_BxKxSxH = k_all.astype(dtype), v_all.astype(dtype)
+            else:
+                at = (layer, 0, 0, cache_index, 0)
+                k_all = jax.lax.dynamic_update_slice(k_all, k_new[None], at)
+                v_all = jax.lax.dynamic_update_slice(v_all, v_new[None], at)
+                k_BxKxSxH = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False
+                                                         ).astype(dtype)
+                v_BxKxSxH = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False
+                                                         ).astype(dtype)
             new_kv = (k_all, v_all)
-            k_BxKxSxH = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dtype)
-            v_BxKxSxH = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dtype)
             if cfg.attention_impl == "dot_product_attention":
                 out = jax.nn.dot_product_attention(
                     q_BxLxKxGxH.reshape(B, L, K * G, H), k_BxKxSxH.swapaxes(1, 2),
@@ -168,7 +186,11 @@ class Attention(nn.Module):
                                jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
             out_BxLxKxGxH = jnp.einsum("bkgls,bskh->blkgh", probs, v_BxLxKxH)
-        out_BxLxD = jnp.einsum("blkgh,kghd->bld", out_BxLxKxGxH, w_o.astype(dtype))
+        if kv is None:
+            out_BxLxD = jnp.einsum("blkgh,kghd->bld", out_BxLxKxGxH, w_o.astype(dtype))
+        else:  # one plain matmul: the 4-d einsum has XLA CPU transpose w_o at every step
+            out_BxLxD = (out_BxLxKxGxH.reshape(B, L, K * G * H)
+                         @ w_o.reshape(K * G * H, D).astype(dtype))
         return checkpoint_name(out_BxLxD, "out_proj"), new_kv
 
 
@@ -196,9 +218,10 @@ class DecoderLayer(nn.Module):
     def __call__(self, carry: Any, cos: Array, sin: Array, mask_BxLxS: Array,
                  cache_index: Array | None, layer: Array | None):
         """carry: x [B, L, D], or when decoding (x, k, v) with every layer's cache k and v,
-        `layer` being this layer's index into them. Returns (carry, None) for the layer scan."""
+        `layer` being this layer's index into them, or with this layer's own k and v when
+        `layer` is None. Returns (carry, None) for the layer scan."""
         cfg = self.cfg
-        if layer is None:
+        if cache_index is None:
             x_BxLxD, kv = carry, None
         else:
             x_BxLxD, k_all, v_all = carry
@@ -273,12 +296,18 @@ class Transformer(nn.Module):
             x_BxLxD, _ = layers(x_BxLxD, cos, sin, mask_BxLxS, None, None)
         elif isinstance(self.variables.get("params", {}).get("layers"), (tuple, list)):
             # params from `unstack_layers`: one layer after another, each on its own weights
-            per_layer = self.variables["params"]["layers"]
-            carry = (x_BxLxD, cache.k, cache.v)
-            for i, p_i in enumerate(per_layer):
-                carry, _ = DecoderLayer(cfg, parent=None).apply(
-                    {"params": p_i}, carry, cos, sin, mask_BxLxS, cache_index, jnp.int32(i))
-            x_BxLxD, new_k, new_v = carry
+            # and its own cache arrays
+            if not isinstance(cache.k, tuple):
+                raise ValueError("params from unstack_layers decode with "
+                                 "KVCache.empty(..., per_layer=True)")
+            new_k, new_v = [], []
+            for p_i, k_i, v_i in zip(self.variables["params"]["layers"], cache.k, cache.v,
+                                     strict=True):
+                (x_BxLxD, k_i, v_i), _ = DecoderLayer(cfg, parent=None).apply(
+                    {"params": p_i}, (x_BxLxD, k_i, v_i), cos, sin, mask_BxLxS, cache_index, None)
+                new_k.append(k_i)
+                new_v.append(v_i)
+            new_k, new_v = tuple(new_k), tuple(new_v)
         else:
             (x_BxLxD, new_k, new_v), _ = layers(
                 (x_BxLxD, cache.k, cache.v), cos, sin, mask_BxLxS, cache_index,
