@@ -72,15 +72,15 @@ def _decode(model: Transformer, max_new: int, sampling: Sampling, unstack: bool,
             ids_BxP: Array, seg_BxP: Array, budget_B: Array, eos_ids: Array, key: Array) -> Array:
     """Tokens [batch, max_new]; a row's entries past its EOS or budget are pad (-1)."""
     B, P = ids_BxP.shape
-    if unstack:  # once, outside the loop: no per-step slicing of weights out of the stack
-        params = unstack_layers(params)
+    if unstack and not isinstance(params["layers"], tuple):  # once, outside the loop: no
+        params = unstack_layers(params)  # per-step slicing of weights out of the stack
     lens_B = jnp.sum(seg_BxP, axis=-1)
     pos_BxP = jnp.maximum(jnp.cumsum(seg_BxP, axis=-1) - 1, 0)
     cache = KVCache.empty(model.cfg, B, P + max_new, per_layer=unstack)
-    logits_BxPxV, cache = model.apply({"params": params}, ids_BxP, positions_BxL=pos_BxP,
-                                      segment_ids_BxL=seg_BxP, cache=cache)
+    logits_Bx1xV, cache = model.apply({"params": params}, ids_BxP, positions_BxL=pos_BxP,
+                                      segment_ids_BxL=seg_BxP, cache=cache, last_only=True)
     key, sub = jax.random.split(key)
-    tok_B = sample_next(logits_BxPxV[:, -1], sub, sampling)
+    tok_B = sample_next(logits_Bx1xV[:, -1], sub, sampling)
     done_B = jnp.isin(tok_B, eos_ids) | (budget_B <= 1)
     tok_B = jnp.where(budget_B >= 1, tok_B, -1)
     out_BxT = jnp.full((B, max_new), -1, jnp.int32).at[:, 0].set(tok_B)
@@ -110,15 +110,37 @@ def _decode(model: Transformer, max_new: int, sampling: Sampling, unstack: bool,
 def decode_fn(model: Transformer, max_new: int, sampling: Sampling, unstack: bool | None = None):
     """The jitted decoder for one model, output length and sampling rule (shapes retrace).
 
-    unstack: run the layers unrolled on per-layer copies of the weights (`unstack_layers`)
-    rather than by the layer scan. None: on the CPU backend, where the scan copies each layer's
-    weights out of the stack at every step (1.2-1.3x slower at batch 8); elsewhere the copy
-    would cost device memory the size of the layer weights, and the unrolled layers compile
-    time, without a measured gain.
+    unstack: run the layers unrolled on per-layer weights (`unstack_layers`; params may come
+    split already) rather than by the layer scan. None: on the CPU backend, where the scan copies
+    each layer's weights out of the stack at every step (1.2-1.3x slower at batch 8); elsewhere
+    the split would cost device memory the size of the layer weights, and the unrolled layers
+    compile time, without a measured gain.
     """
-    if unstack is None:
-        unstack = jax.default_backend() == "cpu"
-    return jax.jit(functools.partial(_decode, model, max_new, sampling, unstack))
+    unstack = _unstack(unstack)
+    return jax.jit(functools.partial(_decode, model, max_new, sampling, unstack),
+                   compiler_options=_compiler_options())
+
+
+def _unstack(unstack: bool | None) -> bool:
+    return jax.default_backend() == "cpu" if unstack is None else unstack
+
+
+# XLA's CPU backend gives dots to YNNPACK by default. A decode step's matmuls have only `batch`
+# rows, and for those Eigen's (the option's empty list) were 1.25-1.35x faster a step at batch 8
+# and level at batch 1 (benchmarks/generate.py); tokens are unchanged.
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.cache
+def _compiler_options() -> dict[str, str]:
+    """`_CPU_OPTIONS` on the CPU backend if this jaxlib knows them; none elsewhere."""
+    if jax.default_backend() != "cpu":
+        return {}
+    try:
+        jax.jit(jnp.sin, compiler_options=_CPU_OPTIONS).lower(jnp.ones(2)).compile()
+    except jax.errors.JaxRuntimeError:  # an option this jaxlib lacks: keep its defaults
+        return {}
+    return dict(_CPU_OPTIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +192,8 @@ def generate_ids(model: Transformer, params: Any, prompts: Sequence[Sequence[int
     if placement is not None:
         batch_size = _round_up(batch_size, placement.data_size)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    if _unstack(unstack):  # once for all batches, and without a copy where it can
+        params = unstack_layers(params)
     eos_ids = jnp.asarray(list(eos_token_ids) or [-2], jnp.int32)
     key = jax.random.key(seed)
     answers: list[list[int]] = [[] for _ in prompts]

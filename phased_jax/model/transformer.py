@@ -16,6 +16,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from phased_jax.model.config import ModelConfig
@@ -69,13 +70,31 @@ def unstack_layers(params: Any) -> dict:
 
     `Transformer` decodes with such params layer by layer (unrolled) instead of by the layer
     scan, which slices each layer's weights out of the stack, a copy on XLA's CPU backend, at
-    every step. The split copies the weights once (so they are held twice while it lives).
-    Only for `apply` with a per-layer cache (`KVCache.empty(per_layer=True)`); training and
-    `init` need the stacked params.
+    every step. Outside `jit`, a stack held whole in one CPU device's memory is split into
+    views of it, without a copy (fresh copies of every layer cost more than 0.1 s for a 58M
+    model, mostly in page faults); otherwise the split copies the weights once (so they are held
+    twice while it lives). Only for `apply` with a per-layer cache
+    (`KVCache.empty(per_layer=True)`); training and `init` need the stacked params.
     """
     stacked = nn.meta.unbox(params["layers"])
-    n = jax.tree.leaves(stacked)[0].shape[0]
-    return {**params, "layers": tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))}
+    leaves, treedef = jax.tree.flatten(stacked)
+    n = leaves[0].shape[0]
+    split = [_layer_views(a) or tuple(a[i] for i in range(n)) for a in leaves]
+    layers = tuple(jax.tree.unflatten(treedef, [s[i] for s in split]) for i in range(n))
+    return {**params, "layers": layers}
+
+
+def _layer_views(a: Any) -> tuple[Array, ...] | None:
+    """Arrays over each a[i]'s memory, if `a` is a concrete array on one CPU device, else None.
+
+    `device_put` of a host view aliases it on the CPU backend (a copy where it cannot, e.g. for
+    misaligned memory); the views keep `a`'s buffer alive.
+    """
+    if (isinstance(a, jax.core.Tracer) or not isinstance(a, jax.Array)
+            or len(a.devices()) != 1 or next(iter(a.devices())).platform != "cpu"):
+        return None
+    host = np.asarray(a)  # a view of the device buffer on the CPU backend
+    return tuple(jax.device_put(host[i], a.sharding) for i in range(a.shape[0]))
 
 
 def attention_mask(q_pos_BxL: Array, q_seg_BxL: Array, k_pos_BxS: Array, k_seg_BxS: Array,
@@ -254,7 +273,9 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, input_ids_BxL: Array, positions_BxL: Array | None = None,
                  segment_ids_BxL: Array | None = None, attention_mask_BxL: Array | None = None,
-                 cache: KVCache | None = None):
+                 cache: KVCache | None = None, last_only: bool = False):
+        """last_only: logits of the last position only, [batch, 1, vocab] (a prefill needs no
+        others, and the LM head over every prompt position is a large share of its work)."""
         cfg = self.cfg
         dtype, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         B, L = input_ids_BxL.shape
@@ -313,6 +334,8 @@ class Transformer(nn.Module):
                 (x_BxLxD, cache.k, cache.v), cos, sin, mask_BxLxS, cache_index,
                 jnp.arange(cfg.num_layers, dtype=jnp.int32))
 
+        if last_only:
+            x_BxLxD = x_BxLxD[:, -1:]
         x_BxLxD = RMSNorm(cfg.rms_norm_eps, dtype, pdt, name="final_norm")(x_BxLxD)
         head_DxV = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
                           nn.initializers.normal(cfg.initializer_range), pdt)

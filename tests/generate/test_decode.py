@@ -71,3 +71,21 @@ def test_top_p_keeps_only_the_nucleus():
     hot = np.asarray(sample_next(logits, jax.random.key(1), Sampling(1.0, 1.0)))
     assert set(hot.tolist()) == {0, 1, 2, 3}
     assert np.all(np.asarray(sample_next(logits, jax.random.key(0), Sampling())) == 0)
+
+
+def test_unstack_layers_views_and_copies_agree(tiny_hf):
+    """Outside jit the split is views of the stack (no copy); inside jit, slices: same values."""
+    import jax
+
+    from phased_jax.model.transformer import unstack_layers
+
+    _, params = load_hf(tiny_hf["llama"])
+    stacked = params["layers"]["attn"]["qkv"]
+    views = unstack_layers(params)["layers"]
+    copies = jax.jit(unstack_layers)(params)["layers"]
+    assert len(views) == len(copies) == stacked.shape[0]
+    for i, (v, c) in enumerate(zip(views, copies, strict=True)):
+        assert np.array_equal(np.asarray(v["attn"]["qkv"]), np.asarray(stacked[i]))
+        assert np.array_equal(np.asarray(c["attn"]["qkv"]), np.asarray(stacked[i]))
+    assert views[1]["attn"]["qkv"].unsafe_buffer_pointer() == (
+        stacked.unsafe_buffer_pointer() + stacked[0].nbytes)  # aliases the stack's memory
