@@ -2,8 +2,9 @@
 
 Stages: build the graded-task data and a tokenizer -> train phased (3 phases, a boundary
 checkpoint after each) and one-off on the same examples and epochs -> export both to HF ->
-generate answers on the held-out split -> exact-match accuracy by difficulty and the paper's
-win/tie/lose table from an offline judge -> report.md and PNG plots.
+generate answers on the held-out split (also from the phased model at each phase boundary) ->
+exact-match accuracy by difficulty and the paper's win/tie/lose table from an offline judge ->
+report.md and PNG plots.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+MAX_NEW_TOKENS = 12  # answers are at most 8 characters and EOS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,35 +50,62 @@ class Stages:
         return time.time() - self._t0
 
 
-def build_data(out: Path, sizes: dict[str, int], vocab: int) -> dict:
+def build_data(out: Path, sizes: dict[str, int]) -> dict:
+    """The graded data and a character tokenizer plus one token per fixed prompt phrase."""
     from phased_jax.data.tokenizer import build_tokenizer
-    from phased_jax.demo.tasks import build_dataset, read_jsonl, texts_for_tokenizer
+    from phased_jax.demo.config import BYTE_VOCAB, TOKENIZER_VOCAB
+    from phased_jax.demo.tasks import build_dataset, prompt_phrases, read_jsonl, texts_for_tokenizer
 
     info = build_dataset(out / "data", **sizes, seed=0)
-    build_tokenizer(texts_for_tokenizer(read_jsonl(info["train"])), vocab, out / "tokenizer")
+    tok = build_tokenizer(texts_for_tokenizer(read_jsonl(info["train"])), BYTE_VOCAB,
+                          out / "tokenizer")
+    tok.add_tokens(prompt_phrases())
+    tok.save_pretrained(str(out / "tokenizer"))
+    assert len(tok) == TOKENIZER_VOCAB, (len(tok), TOKENIZER_VOCAB)  # configs/demo.py's model
     print(f"train {info['train_phase_counts']} per phase, test {info['test_phase_counts']}; "
-          f"tokenizer of {vocab} tokens in {out / 'tokenizer'}")
+          f"tokenizer of {len(tok)} tokens in {out / 'tokenizer'}")
     return info
 
 
-def answer(hf_dir: Path, test_path: Path, answers_path: Path, max_new_tokens: int) -> None:
-    """Greedy answers of an exported model, in the format `phased-judge` reads."""
+def answer(model_dir: Path, tokenizer_dir: Path, test_path: Path, answers_path: Path,
+           max_new_tokens: int) -> None:
+    """Greedy answers of an HF export or a phase checkpoint, in the format `phased-judge` reads."""
     from phased_jax import hf
     from phased_jax.data.tokens import load_tokenizer
     from phased_jax.demo.tasks import read_jsonl
     from phased_jax.generate.decode import generate
     from phased_jax.generate.testsets import write_jsonl_atomic
 
-    model, params = hf.load(hf_dir, dtype="float32")
-    tokenizer = load_tokenizer(str(hf_dir))
+    if (model_dir / "config.json").is_file():
+        model, params = hf.load(model_dir, dtype="float32")
+    else:  # a phase-boundary checkpoint (Orbax params + model_config.json)
+        from phased_jax.hf.orbax_params import load_params
+        from phased_jax.model import Transformer
+
+        cfg, params = load_params(model_dir)
+        model = Transformer(cfg)
+    tokenizer = load_tokenizer(str(tokenizer_dir))
     items = read_jsonl(test_path)
     outputs = generate(model, params, tokenizer,
                        [{"instruction": r["instruction"], "input": r["input"]} for r in items],
-                       template="authors", max_new_tokens=max_new_tokens, max_length=96,
-                       batch_size=64)
+                       template="authors", max_new_tokens=max_new_tokens, max_length=48,
+                       batch_size=100)
     write_jsonl_atomic(answers_path, [
         {"test_set": r.get("test_set", "demo"), "id": r["id"], "instruction": r["instruction"],
          "input": r["input"], "output": o} for r, o in zip(items, outputs, strict=True)])
+
+
+def answer_phases(phases_dir: Path, tokenizer_dir: Path, test_path: Path, out: Path,
+                  final_answers: Path) -> dict[str, Path]:
+    """Answers of the phased model at each phase boundary (the last is the final model's)."""
+    dirs = sorted(p for p in phases_dir.iterdir() if p.is_dir())
+    answers = {}
+    for k, d in enumerate(dirs, 1):
+        path = final_answers if k == len(dirs) else out / f"answers_phased_after_phase{k}.jsonl"
+        if k < len(dirs):
+            answer(d, tokenizer_dir, test_path, path, MAX_NEW_TOKENS)
+        answers[f"after phase {k}"] = path
+    return answers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_compilation_cache_dir", str((out / "jax_cache").absolute()))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-    from phased_jax.demo.config import DATA_SIZES, TOKENIZER_VOCAB, demo_config
+    from phased_jax.demo.config import DATA_SIZES, demo_config
     from phased_jax.demo.judge import accuracy, pairwise
     from phased_jax.demo.report import write_report
     from phased_jax.train.runner import run
@@ -103,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         sizes, epochs = {"n_train": 240, "n_test": 24}, 1
     stages = Stages()
-    info = stages.run("build data and tokenizer", build_data, out, sizes, TOKENIZER_VOCAB)
+    info = stages.run("build data and tokenizer", build_data, out, sizes)
 
     runs: dict[str, dict] = {}
     for name, order in (("phased", "1,2,3"), ("oneoff", "oneoff")):
@@ -118,35 +147,40 @@ def main(argv: list[str] | None = None) -> int:
     test_path = Path(info["test"])
     for name, r in runs.items():
         r["answers"] = str(out / f"answers_{name}.jsonl")
-        stages.run(f"generate {name}", answer, Path(r["hf_dir"]), test_path, Path(r["answers"]),
-                   16)
+        stages.run(f"generate {name}", answer, Path(r["hf_dir"]), out / "tokenizer", test_path,
+                   Path(r["answers"]), MAX_NEW_TOKENS)
+    phase_answers = stages.run("generate phased after each phase", answer_phases,
+                               Path(runs["phased"]["output_dir"]) / "phases", out / "tokenizer",
+                               test_path, out, Path(runs["phased"]["answers"]))
 
     acc = {name: accuracy(r["answers"], test_path) for name, r in runs.items()}
+    acc_phases = {k: accuracy(p, test_path) for k, p in phase_answers.items()}
     cmp = pairwise(runs["phased"]["answers"], runs["oneoff"]["answers"], test_path)
     timings = dict(stages.seconds)
     report = write_report(out, runs=runs, test_path=test_path, timings=timings,
-                          train_path=info["train"],
+                          train_path=info["train"], phase_answers=phase_answers,
                           extra={"accuracy": acc, "winrate": cmp, "total_seconds": stages.total})
-    print_summary(out, runs, acc, cmp, stages, report)
+    print_summary(out, runs, acc, acc_phases, cmp, stages, report)
     return 0
 
 
-def print_summary(out: Path, runs: dict, acc: dict, cmp: dict, stages: Stages,
+def print_summary(out: Path, runs: dict, acc: dict, acc_phases: dict, cmp: dict, stages: Stages,
                   report: Path) -> None:
     print("\n== results: exact-match accuracy on the held-out split ==")
     bands = list(next(iter(acc.values()))["by_band"])
-    print(f"  {'':<8}" + "".join(f"{b:>10}" for b in bands) + f"{'all':>10}")
-    for name, a in acc.items():
+    print(f"  {'':<22}" + "".join(f"{b:>10}" for b in bands) + f"{'all':>10}")
+    rows = {**acc, **{f"phased {k}": a for k, a in acc_phases.items()}}
+    for name, a in rows.items():
         cells = [a["by_band"][b]["accuracy"] for b in bands] + [a["all"]["accuracy"]]
-        print(f"  {name:<8}" + "".join(f"{x:>10.1%}" for x in cells))
+        print(f"  {name:<22}" + "".join(f"{x:>10.1%}" for x in cells))
     print("phased vs one-off, offline judge (win / tie / lose, WinRate points):")
     for band, c in cmp["by_set"].items():
         print(f"  {band:<8} {c['win']:>4} / {c['tie']:>4} / {c['lose']:>4}   "
               f"{c['winrate']:+.2f}")
     print("\n== timings ==")
     for stage, s in stages.seconds.items():
-        print(f"  {stage:<28} {s:6.1f}s")
-    print(f"  {'total':<28} {stages.total:6.1f}s")
+        print(f"  {stage:<34} {s:6.1f}s")
+    print(f"  {'total':<34} {stages.total:6.1f}s")
     phased = Path(runs["phased"]["output_dir"])
     print(f"\nreport:       {report}\nplots:        {out}/*.png")
     print(f"checkpoints:  {phased}/checkpoints (phase ends kept), {phased}/phases/*")

@@ -1,20 +1,24 @@
-"""The demo's bundled data: generated string and arithmetic tasks of graded difficulty.
+"""The demo's bundled data: generated word instructions of graded difficulty.
 
 Real instruction data and a GPT-4 difficulty rater do not fit in a CPU demo, so the demo makes
-its own: twelve task families on short pseudo-words and small numbers, sized for a tiny
-Transformer, each with a difficulty score that plays the part of GPT-4's rating. A score is a per-family base plus a small
-length/size term, so scores are fractional (1.1, 2.6, 4.25, ...) like the paper's, and the
-families are set so that the paper's thresholds [1, 1.5) / [1.5, 3.5) / [3.5, 5] cut the
-training set in about the paper's proportions (Table 1: 58% / 28% / 13%).
+its own, sized for a tiny Transformer. Each instruction is a chain of one to three operations
+on a pseudo-word ("Reverse the word, then uppercase, then move the first letter to the end."),
+led by its family's operation (`reverse`, `rotate`, `uppercase`). Hard items compose the easy
+ones: a phase-3 chain is phase-1 steps applied in sequence, so the curriculum has something to
+build on, and every family has easy and hard items, so it appears in every phase.
 
-The hard (phase-3) families are compositions of the easy ones, so a curriculum has something
-to build on: reverse-then-uppercase uses reverse and uppercase, (a+b)*c uses addition,
-sort-then-reverse uses sort and reverse, and summing a list is repeated addition under the
-same instruction ("Add the numbers.") as the one- and two-digit sums.
+The score (the stand-in for GPT-4's 1-5 rating) is a formula of the work plus a rater's noise:
+1 + 0.9 per extra step + 0.2 per letter beyond three + a little for the harder steps, plus
+Gaussian noise (sd 1.0). Scores are fractional (1.15, 2.6, 4.05, ...). The noise matters: like
+GPT-4's ratings, it makes the phases overlap (phase 1 is mostly single steps but holds some
+chains; phase 3 is mostly three-step chains but holds some single steps), as the paper's
+phases do. Items are drawn per phase and family until the paper's thresholds
+[1, 1.5) / [1.5, 3.5) / [3.5, 5] hold the paper's proportions (Table 1: 58% / 28% / 13%).
 
-Words are pronounceable pseudo-words (consonant/vowel syllables), so there are enough distinct
-inputs to keep the test split disjoint from the training split and every answer is computed,
-never memorised from a list. Answers are at most 12 characters, so exact match is meaningful.
+Words are pronounceable pseudo-words (strictly alternating consonants and vowels), so there are
+enough distinct inputs to keep the test split disjoint from train, no input can contain an
+instruction phrase (each is one token, see `prompt_phrases`), and every answer is computed,
+never memorised from a list. Answers are at most 8 characters, so exact match is meaningful.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import string
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +35,7 @@ from typing import Any
 THRESHOLDS = (1.5, 3.5)  # the paper's phase boundaries on the 1-5 difficulty scale
 PAPER_PHASE_SIZES = (30.3, 14.7, 6.8)  # Alpaca 52K per phase, thousands (paper Table 1)
 TEST_SET = "demo"
-DEFAULT_N_TRAIN = 3000
+DEFAULT_N_TRAIN = 18000
 DEFAULT_N_TEST = 300
 
 CONSONANTS = "bdfgklmnprstvz"
@@ -55,112 +58,67 @@ def pseudo_word(rng: random.Random, n: int) -> str:
     )
 
 
-def distinct_letters(rng: random.Random, n: int) -> str:
-    return "".join(rng.sample(string.ascii_lowercase, n))
+# --- word operations and their chains ---------------------------------------------------
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    lead: str  # the instruction's first step
+    then: str  # a later step
+    cost: float  # extra difficulty of the step over uppercasing, per use
+    apply: Callable[[str], str]
 
 
-# --- phase 1: one step ------------------------------------------------------------------
-
-def copy_word(rng: random.Random) -> Example:
-    w = pseudo_word(rng, rng.randint(3, 6))
-    return "Copy the word.", w, w, 1.0 + 0.1 * (len(w) - 3)
-
-
-def uppercase_word(rng: random.Random) -> Example:
-    w = pseudo_word(rng, rng.randint(3, 6))
-    return "Uppercase the word.", w, w.upper(), 1.1 + 0.1 * (len(w) - 3)
-
-
-def first_letter(rng: random.Random) -> Example:
-    w = pseudo_word(rng, rng.randint(3, 7))
-    return "Give the first letter.", w, w[0], 1.0 + 0.05 * (len(w) - 3)
+OPS = {
+    "reverse": Op("reverse", "Reverse the word", ", then reverse", 0.05, lambda w: w[::-1]),
+    "rotate": Op("rotate", "Move the first letter to the end", ", then move the first letter to "
+                 "the end", 0.1, lambda w: w[1:] + w[0]),
+    "uppercase": Op("uppercase", "Uppercase the word", ", then uppercase", 0.0, str.upper),
+}
+WORD_LENGTHS = (3, 4, 5, 6, 7, 8)
+PER_LETTER, PER_STEP = 0.2, 0.9  # difficulty of one more letter, one more step
+RATER_NOISE = 1.0  # standard deviation of the rating around the work formula
 
 
-def add_small(rng: random.Random) -> Example:
-    """A number of 1-3 digits plus a digit: one step, harder with more digits and a carry."""
-    digits = rng.choices((1, 2, 3), weights=(3, 4, 3))[0]
-    a, b = rng.randint(10 ** (digits - 1), 10 ** digits - 1), rng.randint(1, 9)
-    carry = a % 10 + b >= 10
-    return ("Add the numbers.", f"{a} {b}", str(a + b),
-            1.0 + 0.1 * (digits - 1) + 0.25 * carry)
+def chain_instruction(ops: Sequence[str]) -> str:
+    return OPS[ops[0]].lead + "".join(OPS[o].then for o in ops[1:]) + "."
 
 
-# --- phase 2: one harder step -----------------------------------------------------------
-
-def reverse_word(rng: random.Random) -> Example:
-    w = pseudo_word(rng, rng.randint(3, 6))
-    return "Reverse the word.", w, w[::-1], 1.9 + 0.2 * (len(w) - 3)
-
-
-def add_two_digit(rng: random.Random) -> Example:
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
-    carry = a % 10 + b % 10 >= 10
-    return "Add the numbers.", f"{a} {b}", str(a + b), 2.25 + 0.25 * carry + 0.25 * (a + b >= 100)
+def rated(work: float, rng: random.Random) -> float:
+    """A 1-5 rating of an item of the given work: the formula plus a rater's noise, so the
+    phases overlap as noisy GPT-4 ratings make them overlap."""
+    return min(5.0, max(1.0, work + rng.gauss(0.0, RATER_NOISE)))
 
 
-def count_letter(rng: random.Random) -> Example:
-    """Counts 0-3 equally often, so answering the commonest count scores only a quarter."""
-    want = rng.randint(0, 3)
-    while True:
-        w = pseudo_word(rng, rng.randint(4, 8))
-        letters = [c for c in string.ascii_lowercase if w.count(c) == want]
-        if letters:
-            letter = rng.choice(letters)
-            return f"Count the letter {letter}.", w, str(want), 2.4 + 0.1 * (len(w) - 4)
+def chain_item(ops: Sequence[str], word: str) -> Example:
+    """The chain applied in order, and the work formula of the module docstring."""
+    out = word
+    for o in ops:
+        out = OPS[o].apply(out)
+    work = (1.0 + PER_LETTER * (len(word) - 3) + PER_STEP * (len(ops) - 1)
+            + sum(OPS[o].cost for o in ops))
+    return chain_instruction(ops), word, out, work
 
 
-def sort_letters(rng: random.Random) -> Example:
-    s = distinct_letters(rng, rng.randint(3, 4))
-    return "Sort the letters.", s, "".join(sorted(s)), 3.0 + 0.25 * (len(s) - 3)
-
-
-# --- phase 3: compositions of the easy steps --------------------------------------------
-
-def reverse_uppercase(rng: random.Random) -> Example:
-    w = pseudo_word(rng, rng.randint(3, 6))
-    return ("Reverse the word, then uppercase it.", w, w[::-1].upper(),
-            3.6 + 0.15 * (len(w) - 3))
-
-
-def add_multiply(rng: random.Random) -> Example:
-    a, b, c = rng.randint(1, 15), rng.randint(1, 15), rng.randint(2, 9)
-    r = (a + b) * c
-    return ("Add the first two, multiply by the third.", f"{a} {b} {c}", str(r),
-            4.0 + 0.25 * (a + b >= 10) + 0.25 * (r >= 100))
-
-
-def sort_reverse(rng: random.Random) -> Example:
-    s = distinct_letters(rng, rng.randint(3, 5))
-    return ("Sort the letters, then reverse them.", s, "".join(sorted(s, reverse=True)),
-            4.0 + 0.25 * (len(s) - 3))
-
-
-def sum_list(rng: random.Random) -> Example:
-    xs = [rng.randint(1, 30) for _ in range(rng.randint(3, 4))]
-    return ("Add the numbers.", " ".join(map(str, xs)), str(sum(xs)),
-            3.75 + 0.5 * (len(xs) - 3) + 0.25 * (sum(xs) >= 50))
+def word_family(lead: str) -> Callable[[random.Random], Example]:
+    """Chains of one to three distinct operations led by `lead`, on a 3-8 letter word."""
+    def make(rng: random.Random) -> Example:
+        ops = [lead] + rng.sample([o for o in OPS if o != lead], rng.randint(0, 2))
+        instruction, word, out, work = chain_item(ops, pseudo_word(rng, rng.choice(WORD_LENGTHS)))
+        return instruction, word, out, rated(work, rng)
+    return make
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
-    phase: int
-    make: Callable[[random.Random], Example]
+    make: Callable[[random.Random], Example]  # an item of any difficulty; phases filter
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("copy", 1, copy_word),
-    Family("uppercase", 1, uppercase_word),
-    Family("first_letter", 1, first_letter),
-    Family("add_small", 1, add_small),
-    Family("reverse", 2, reverse_word),
-    Family("add_two_digit", 2, add_two_digit),
-    Family("count_letter", 2, count_letter),
-    Family("sort", 2, sort_letters),
-    Family("reverse_uppercase", 3, reverse_uppercase),
-    Family("add_multiply", 3, add_multiply),
-    Family("sort_reverse", 3, sort_reverse),
-    Family("sum_list", 3, sum_list),
+    Family("reverse", word_family("reverse")),
+    Family("rotate", word_family("rotate")),
+    Family("uppercase", word_family("uppercase")),
 )
 FAMILY_BY_NAME = {f.name: f for f in FAMILIES}
 
@@ -175,38 +133,40 @@ def _split(total: int, weights: Iterable[float]) -> list[int]:
     return counts
 
 
-def family_counts(n: int, phase_weights: Iterable[float],
-                  families: Sequence[Family] = FAMILIES) -> dict[str, int]:
-    """Items per family: `n` split over phases by `phase_weights`, then evenly over families."""
-    out: dict[str, int] = {}
+def phase_counts(n: int, phase_weights: Iterable[float],
+                 families: Sequence[Family] = FAMILIES) -> dict[tuple[str, int], int]:
+    """Items per (family, phase): `n` split over phases by `phase_weights`, then evenly over
+    the families."""
+    out: dict[tuple[str, int], int] = {}
     for phase, n_phase in enumerate(_split(n, phase_weights), 1):
-        fams = [f for f in families if f.phase == phase]
-        out.update({f.name: k for f, k in zip(fams, _split(n_phase, [1] * len(fams)), strict=True)})
+        for f, k in zip(families, _split(n_phase, [1] * len(families)), strict=True):
+            out[f.name, phase] = k
     return out
 
 
-def _generate(family: Family, n: int, rng: random.Random, taken: set[tuple[str, str]],
-              split: str) -> list[dict[str, Any]]:
-    """`n` records of one family whose (instruction, input) is not in `taken` (updated)."""
+def _generate(family: Family, phase: int, n: int, rng: random.Random,
+              taken: set[tuple[str, str]], split: str) -> list[dict[str, Any]]:
+    """`n` records of one family and phase whose (instruction, input) is not in `taken`."""
     records = []
     tries = 0
     while len(records) < n:
         tries += 1
-        if tries > 200 * n + 1000:
-            raise ValueError(f"task family {family.name!r} has too few distinct inputs for "
-                             f"{n} items; ask for a smaller data set")
+        if tries > 500 * n + 5000:
+            raise ValueError(f"task family {family.name!r} has too few distinct phase-{phase} "
+                             f"inputs for {n} items; ask for a smaller data set")
         instruction, inp, output, score = family.make(rng)
-        if (instruction, inp) in taken:
+        score = round(score, 3)  # as written, so the file's phases are the ones drawn
+        if phase_of(score) != phase or (instruction, inp) in taken:
             continue
+        if not 1.0 <= score <= 5.0:
+            raise AssertionError(f"{family.name}: score {score} outside [1, 5]")
         taken.add((instruction, inp))
-        if phase_of(score) != family.phase or not 1.0 <= score <= 5.0:
-            raise AssertionError(f"{family.name}: score {score} outside phase {family.phase}")
         records.append({
-            "id": f"{split}-{family.name}-{len(records):05d}",
+            "id": f"{split}-{family.name}-{phase}{len(records):05d}",
             "instruction": instruction,
             "input": inp,
             "output": output,
-            "score": round(score, 3),
+            "score": score,
             "task": family.name,
         })
     return records
@@ -235,17 +195,15 @@ def phase_stats(records: Iterable[Mapping[str, Any]]) -> list[dict[str, float]]:
 
 
 def select_families(names: Sequence[str] | None) -> tuple[Family, ...]:
-    """The named families (all when None); every phase needs at least one."""
+    """The named families (all when None), in their usual order."""
     if names is None:
         return FAMILIES
     unknown = sorted(set(names) - FAMILY_BY_NAME.keys())
     if unknown:
         raise ValueError(f"unknown task families {unknown}; choose from {sorted(FAMILY_BY_NAME)}")
-    chosen = tuple(f for f in FAMILIES if f.name in names)
-    empty = sorted({1, 2, 3} - {f.phase for f in chosen})
-    if empty:
-        raise ValueError(f"no task family chosen for phase(s) {empty}; each phase needs one")
-    return chosen
+    if not names:
+        raise ValueError("choose at least one task family")
+    return tuple(f for f in FAMILIES if f.name in names)
 
 
 def build_dataset(out_dir: str | Path, n_train: int = DEFAULT_N_TRAIN,
@@ -253,12 +211,11 @@ def build_dataset(out_dir: str | Path, n_train: int = DEFAULT_N_TRAIN,
                   families: Sequence[str] | None = None) -> dict[str, Any]:
     """Write `train.jsonl` and `test.jsonl` (scored JSONL) under `out_dir`; same seed, same bytes.
 
-    Train is split over phases in the paper's Table 1 proportions, then evenly over each
-    phase's families. Test is split evenly over all the families (so each difficulty
-    band gets a third), because the per-band win rates need enough hard items to mean
-    something. Test inputs never occur in train. Records carry `task` (the family) besides the
-    scored-JSONL fields; test records also carry `test_set` = "demo". `families` picks a subset
-    (at least one per phase): fewer skills are learnt in fewer steps on a slow machine.
+    Train is split over phases in the paper's Table 1 proportions, then evenly over the
+    families. Test is split evenly over phases and families (so each difficulty band gets a
+    third), because the per-band win rates need enough hard items to mean something. Test
+    inputs never occur in train. Records carry `task` (the family) besides the scored-JSONL
+    fields; test records also carry `test_set` = "demo". `families` picks a subset.
 
     Returns {"train", "test": paths, "train_phase_counts", "test_phase_counts": [n1, n2, n3],
     "train_phases": phase_stats(train), "families": [names]}.
@@ -268,12 +225,13 @@ def build_dataset(out_dir: str | Path, n_train: int = DEFAULT_N_TRAIN,
     rng = random.Random(seed)
     taken: set[tuple[str, str]] = set()
     fams = select_families(families)
-    test_counts = family_counts(n_test, [1, 1, 1], fams)
-    train_counts = family_counts(n_train, PAPER_PHASE_SIZES, fams)
+    test_counts = phase_counts(n_test, [1, 1, 1], fams)
+    train_counts = phase_counts(n_train, PAPER_PHASE_SIZES, fams)
     # Test first, so its inputs are reserved before train is drawn.
-    test = [dict(r, test_set=TEST_SET) for f in fams
-            for r in _generate(f, test_counts[f.name], rng, taken, "test")]
-    train = [r for f in fams for r in _generate(f, train_counts[f.name], rng, taken, "train")]
+    test = [dict(r, test_set=TEST_SET) for p in (1, 2, 3) for f in fams
+            for r in _generate(f, p, test_counts[f.name, p], rng, taken, "test")]
+    train = [r for p in (1, 2, 3) for f in fams
+             for r in _generate(f, p, train_counts[f.name, p], rng, taken, "train")]
     rng.shuffle(train)  # the phase pipeline re-stratifies; a mixed file reads like real data
     paths = {"train": out / "train.jsonl", "test": out / "test.jsonl"}
     _write_jsonl_atomic(paths["train"], train)
@@ -291,15 +249,21 @@ def build_dataset(out_dir: str | Path, n_train: int = DEFAULT_N_TRAIN,
 def texts_for_tokenizer(records: Iterable[Mapping[str, Any]],
                         template: str = "User: {instruction}\n{input}\nAssistant: {output}"
                         ) -> list[str]:
-    """Strings to train the demo tokenizer on: each record rendered with the prompt's words.
-
-    Rendering with the template's words (the authors' "User: ... Assistant: " by default) lets
-    BPE spend its merges on those and the formulaic instructions, which repeat in every
-    example; with a small vocabulary (320) the words and numbers of inputs and answers stay
-    one character per token, which is what the tasks (reverse, sort, count) need.
-    """
+    """Strings to train a tokenizer on: each record rendered with the prompt's words."""
     return [template.format(instruction=r["instruction"], input=r.get("input", ""),
                             output=r["output"]) for r in records]
+
+
+def prompt_phrases() -> list[str]:
+    """The template's and instructions' fixed phrases, each to be one token in the demo.
+
+    At one token per character the prompt words would be most of every sequence (and of the
+    compute); as whole-phrase tokens an example is under 25 tokens. Inputs and answers stay one
+    character per token, which is what reversing and sorting need. No phrase can occur inside
+    an input: inputs are lowercase alternating consonant-vowel words or digits.
+    """
+    return (["User: ", "Assistant: "]
+            + [o.lead for o in OPS.values()] + [o.then for o in OPS.values()])
 
 
 def iter_jsonl(path: str | Path, error: type[Exception] = ValueError

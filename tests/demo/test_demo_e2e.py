@@ -55,12 +55,20 @@ def test_answers_report_and_plots(demo_out):
         answers = [json.loads(x) for x in (out / f"answers_{run}.jsonl").read_text().splitlines()]
         assert [a["id"] for a in answers] == test_ids
         assert all(set(a) >= {"test_set", "id", "instruction", "input", "output"} for a in answers)
+    for k in (1, 2):  # the phased model at the inner phase boundaries answers too
+        answers = (out / f"answers_phased_after_phase{k}.jsonl").read_text().splitlines()
+        assert [json.loads(x)["id"] for x in answers] == test_ids
     report = (out / "report.md").read_text()
-    for heading in ("WinRate (points)", "win / tie / lose", "phase 1 [1, 1.5)", "phase 3 [3.5, 5]"):
+    for heading in ("WinRate (points)", "win / tie / lose", "phase 1 [1, 1.5)", "phase 3 [3.5, 5]",
+                    "after phase 1", "after phase 3"):
         assert heading in report
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["accuracy_after_phase"]) == ["after phase 1", "after phase 2",
+                                                     "after phase 3"]
     for png in ("loss.png", "accuracy.png", "winrate.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
     assert "report:" in stdout and "phased-jax train --config configs/demo.py" in stdout
-    for stage in ("build data and tokenizer", "train phased", "train oneoff", "generate phased"):
+    for stage in ("build data and tokenizer", "train phased", "train oneoff", "generate phased",
+                  "generate phased after each phase"):
         assert stage in stdout
