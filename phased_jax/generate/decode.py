@@ -72,8 +72,8 @@ def _decode(model: Transformer, max_new: int, sampling: Sampling, unstack: bool,
             ids_BxP: Array, seg_BxP: Array, budget_B: Array, eos_ids: Array, key: Array) -> Array:
     """Tokens [batch, max_new]; a row's entries past its EOS or budget are pad (-1)."""
     B, P = ids_BxP.shape
-    if unstack and not isinstance(params["layers"], tuple):  # once, outside the loop: no
-        params = unstack_layers(params)  # per-step slicing of weights out of the stack
+    if unstack and not isinstance(params["layers"], tuple):  # not split by the caller yet:
+        params = unstack_layers(params)  # once, outside the loop (a copy, under jit)
     lens_B = jnp.sum(seg_BxP, axis=-1)
     pos_BxP = jnp.maximum(jnp.cumsum(seg_BxP, axis=-1) - 1, 0)
     cache = KVCache.empty(model.cfg, B, P + max_new, per_layer=unstack)
@@ -126,8 +126,8 @@ def _unstack(unstack: bool | None) -> bool:
 
 
 # XLA's CPU backend gives dots to YNNPACK by default. A decode step's matmuls have only `batch`
-# rows, and for those Eigen's (the option's empty list) were 1.25-1.35x faster a step at batch 8
-# and level at batch 1 (benchmarks/generate.py); tokens are unchanged.
+# rows, and for those Eigen's (the option's empty list) were 1.2-1.4x faster a step at batch 8
+# and level at batch 1 (58M Llama of benchmarks/generate.py, 2 cores); tokens are unchanged.
 _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
