@@ -23,9 +23,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from phased_tools.records import iter_jsonl  # noqa: E402
 
 from phased_jax.demo import judge  # noqa: E402
-from phased_jax.demo.tasks import THRESHOLDS, iter_jsonl, phase_stats, read_jsonl  # noqa: E402
+from phased_jax.demo.tasks import THRESHOLDS, phase_stats, read_jsonl  # noqa: E402
 
 SETS = (*judge.BANDS, "all")
 

@@ -27,10 +27,12 @@ import json
 import os
 import random
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from phased_tools.records import iter_jsonl
 
 THRESHOLDS = (1.5, 3.5)  # the paper's phase boundaries on the 1-5 difficulty scale
 PAPER_PHASE_SIZES = (30.3, 14.7, 6.8)  # Alpaca 52K per phase, thousands (paper Table 1)
@@ -266,22 +268,6 @@ def prompt_phrases() -> list[str]:
             + [o.lead for o in OPS.values()] + [o.then for o in OPS.values()])
 
 
-def iter_jsonl(path: str | Path, error: type[Exception] = ValueError
-               ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) of each non-blank line; raises `error` naming file:line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise error(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise error(f"{path}:{lineno}: expected a JSON object")
-            yield lineno, obj
-
-
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """All objects of a JSONL file (blank lines skipped); errors name file:line."""
-    return [obj for _, obj in iter_jsonl(path)]
+    return [obj for _, obj in iter_jsonl(path, ValueError)]

@@ -234,11 +234,11 @@ class Stats:
     first_sent: float | None = None  # monotonic time of the first request on the wire
     last_answer: float | None = None  # ... and of the last answer, the window --rpm governs
 
-    def sending_rate(self) -> float | None:
-        """Requests a minute between the first request and the last answer (None if too few)."""
+    def sending_window(self) -> float | None:
+        """Seconds from the first request to the last answer (None before there are both)."""
         if self.first_sent is None or self.last_answer is None or self.last_answer <= self.first_sent:
             return None
-        return self.requests / (self.last_answer - self.first_sent) * 60
+        return self.last_answer - self.first_sent
 
     def cost(self, prices: tuple[float, float] | None) -> float | None:
         if prices is None:
@@ -534,6 +534,47 @@ async def run_jobs(
     return [r for r in results if r is not None]
 
 
+@dataclass
+class Answered:
+    """Every job's result, what the run cost, and its wall time in seconds."""
+
+    results: list[JobResult]
+    stats: Stats
+    wall: float
+
+
+def answer_jobs(prog: str, desc: str, jobs: Sequence[Job], cfg: ClientConfig, api_key: str) -> Answered | int:
+    """Answer `jobs` through the cache with a progress bar labelled `desc`.
+
+    A fatal error or Ctrl-C is reported under `prog` and gives its exit status instead (1 or
+    130); answers received by then are in the cache either way.
+    """
+    stats = Stats()
+    t0 = time.monotonic()
+    try:
+        results = asyncio.run(_answer_jobs(desc, jobs, cfg, api_key, stats))
+    except FatalError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; answers so far are cached, run again to resume", file=sys.stderr)
+        return 130
+    return Answered(results, stats, time.monotonic() - t0)
+
+
+async def _answer_jobs(desc: str, jobs: Sequence[Job], cfg: ClientConfig, api_key: str, stats: Stats
+                       ) -> list[JobResult]:
+    cache = AnswerCache(cfg.cache_path)
+    asker = Asker(cfg, cache, api_key, stats)
+    progress = Progress(len(jobs), cfg.progress, stats, cfg.prices(), desc)
+    try:
+        return await run_jobs(jobs, asker, reask=cfg.reask, progress=progress)
+    finally:
+        progress.close()
+        await asker.close()
+        cache.close()
+
+
 def api_key_or_exit(cfg: ClientConfig) -> str:
     """The key from $OPENAI_API_KEY only; a local server (--base-url) may do without one."""
     key = os.environ.get("OPENAI_API_KEY", "")
@@ -563,9 +604,9 @@ def format_summary(stats: Stats, cfg: ClientConfig, counts: dict[str, int], wall
     )
     lines.append(f"tokens {stats.prompt_tokens:,} in + {stats.completion_tokens:,} out = {price_note}")
     line = f"wall {wall:.1f} s"
-    rate = stats.sending_rate()
-    if rate is not None and stats.first_sent is not None and stats.last_answer is not None:
-        window = stats.last_answer - stats.first_sent
+    window = stats.sending_window()
+    if window is not None:
+        rate = stats.requests / window * 60
         line += f"; {rate:,.0f} requests/min over the {window:.1f} s from first request to last answer"
     lines.append(line)
     return "\n".join(lines)

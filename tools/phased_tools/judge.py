@@ -9,22 +9,15 @@ Writes OUTDIR/winrate.{md,csv,json,png} and OUTDIR/judgments.jsonl (every raw re
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from phased_tools.cache import AnswerCache
 from phased_tools.client import (
-    Asker,
-    ClientConfig,
-    FatalError,
     Job,
     JobResult,
-    Progress,
-    Stats,
     add_client_args,
+    answer_jobs,
     api_key_or_exit,
     atomic_write_text,
     cached_count,
@@ -32,7 +25,6 @@ from phased_tools.client import (
     format_dry_run,
     format_summary,
     jsonl,
-    run_jobs,
 )
 from phased_tools.judge_prompt import REASK_TEXT, judge_messages, parse_pair, question
 from phased_tools.records import AnswerRow, InputError, load_answers
@@ -126,17 +118,10 @@ def main(argv: list[str] | None = None) -> int:
                              f"pairs ({len(systems)} system(s) x {len(keys)} questions, 2 orders each)"))
         return 0
     api_key = api_key_or_exit(cfg)
-    stats = Stats()
-    t0 = time.monotonic()
-    try:
-        results = asyncio.run(_run(jobs, cfg, api_key, stats))
-    except FatalError as e:
-        print(f"phased-judge: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("phased-judge: interrupted; answers so far are cached, run again to resume", file=sys.stderr)
-        return 130
-    wall = time.monotonic() - t0
+    done = answer_jobs("phased-judge", "judging", jobs, cfg, api_key)
+    if isinstance(done, int):
+        return done
+    results, stats = done.results, done.stats
 
     tallies: dict[str, dict[str, Tally]] = {}
     judgments: list[dict[str, Any]] = []
@@ -168,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = write_all(args.outdir, tallies, base_name, test_sets, unparseable, extra)
     counts = {"pairs": len(judgments), "judged": len(judgments) - len(unparseable),
               "unparseable": len(unparseable) - request_failures, "failed requests": request_failures}
-    print(format_summary(stats, cfg, counts, wall), file=sys.stderr)
+    print(format_summary(stats, cfg, counts, done.wall), file=sys.stderr)
     print((args.outdir / "winrate.md").read_text(encoding="utf-8"))
     print("wrote " + ", ".join(str(p) for p in paths + [args.outdir / "judgments.jsonl"]), file=sys.stderr)
     return 3 if request_failures else 0
@@ -181,18 +166,6 @@ def _order(r: JobResult, system_pos: int) -> dict[str, Any]:
     else:
         d["error"] = r.error
     return d
-
-
-async def _run(jobs: list[Job], cfg: ClientConfig, api_key: str, stats: Stats) -> list[JobResult]:
-    cache = AnswerCache(cfg.cache_path)
-    asker = Asker(cfg, cache, api_key, stats)
-    progress = Progress(len(jobs), cfg.progress, stats, cfg.prices(), "judging")
-    try:
-        return await run_jobs(jobs, asker, reask=cfg.reask, progress=progress)
-    finally:
-        progress.close()
-        await asker.close()
-        cache.close()
 
 
 if __name__ == "__main__":

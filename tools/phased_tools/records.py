@@ -15,6 +15,7 @@ and their lines reported, so the caller can warn. The phase pipeline treats them
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,8 @@ def _detect(path: Path, first: str) -> str:
     return "jsonl"
 
 
-def _iter_jsonl(path: Path):
+def iter_jsonl(path: str | Path, error: type[Exception] = InputError) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line; bad JSON raises `error` naming file:line."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -82,12 +84,12 @@ def _iter_jsonl(path: Path):
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(
+                raise error(
                     f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
                     "each line must be one JSON object"
                 ) from None
             if not isinstance(obj, dict):
-                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                raise error(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
 
 
@@ -104,6 +106,19 @@ def _text(path: Path, line: int, obj: dict[str, Any], name: str, required: bool)
     if not isinstance(v, str):
         raise InputError(f"{path}:{line}: field {name!r} must be a string, got {type(v).__name__}")
     return v
+
+
+def _named_record(path: Path, line: int, obj: dict[str, Any], fields: tuple[str, str, str]) -> Record:
+    """A record from an object with the instruction, input and output under `fields`."""
+    instruction, inp, output = fields
+    return Record(
+        _text(path, line, obj, instruction, True),
+        _text(path, line, obj, inp, False),
+        _text(path, line, obj, output, True),
+        obj,
+        line,
+        parse_score_text(obj.get("score")),
+    )
 
 
 def load_records(
@@ -142,18 +157,9 @@ def load_records(
         for i, obj in enumerate(data, 1):
             if not isinstance(obj, dict):
                 raise InputError(f"{path}: item {i} is not an object")
-            records.append(
-                Record(
-                    _text(path, i, obj, instruction_field, True),
-                    _text(path, i, obj, input_field, False),
-                    _text(path, i, obj, output_field, True),
-                    obj,
-                    i,
-                    parse_score_text(obj.get("score")),
-                )
-            )
+            records.append(_named_record(path, i, obj, (instruction_field, input_field, output_field)))
     elif fmt == "authors":
-        for lineno, obj in _iter_jsonl(path):
+        for lineno, obj in iter_jsonl(path):
             d = obj.get("data")
             if not (isinstance(d, list) and len(d) == 2 and all(isinstance(x, str) for x in d)):
                 raise InputError(
@@ -163,17 +169,8 @@ def load_records(
             instruction, _, inp = d[0].partition("\n")
             records.append(Record(instruction, inp, d[1], obj, lineno, parse_score_text(obj.get("score"))))
     else:
-        for lineno, obj in _iter_jsonl(path):
-            records.append(
-                Record(
-                    _text(path, lineno, obj, instruction_field, True),
-                    _text(path, lineno, obj, input_field, False),
-                    _text(path, lineno, obj, output_field, True),
-                    obj,
-                    lineno,
-                    parse_score_text(obj.get("score")),
-                )
-            )
+        for lineno, obj in iter_jsonl(path):
+            records.append(_named_record(path, lineno, obj, (instruction_field, input_field, output_field)))
     if not records:
         raise InputError(f"{path}: no records found")
     report.n = len(records)
@@ -199,7 +196,7 @@ def load_answers(path: str | Path) -> dict[tuple[str, str], AnswerRow]:
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     rows: dict[tuple[str, str], AnswerRow] = {}
-    for lineno, obj in _iter_jsonl(path):
+    for lineno, obj in iter_jsonl(path):
         for name in ("test_set", "id", "instruction", "output"):
             if name not in obj or obj[name] is None:
                 raise InputError(

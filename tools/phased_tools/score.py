@@ -10,27 +10,22 @@ status is 3. Both files are written atomically at the end; answers are cached as
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import re
 import sys
-import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from phased_tools.cache import AnswerCache
 from phased_tools.client import (
-    Asker,
-    FatalError,
     Job,
     JobResult,
     Messages,
     ParseError,
-    Progress,
     Stats,
     add_client_args,
+    answer_jobs,
     api_key_or_exit,
     atomic_write_text,
     cached_count,
@@ -38,7 +33,6 @@ from phased_tools.client import (
     format_dry_run,
     format_summary,
     jsonl,
-    run_jobs,
 )
 from phased_tools.records import FORMATS, InputError, Record, load_records
 
@@ -193,30 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     api_key = api_key_or_exit(cfg)
     scorer = {"model": cfg.model, "template": template.name, "template_sha256": template.sha256}
     jobs = [Job(m, parse_score, REASK_TEXT) for m in messages]
-    stats = Stats()
-    t0 = time.monotonic()
-    try:
-        results = asyncio.run(_run(jobs, cfg, api_key, stats))
-    except FatalError as e:
-        print(f"phased-score: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("phased-score: interrupted; answers so far are cached, run again to resume", file=sys.stderr)
-        return 130
-    wall = time.monotonic() - t0
-    return _finish(args, records, results, scorer, stats, cfg, wall)
-
-
-async def _run(jobs: list[Job], cfg: Any, api_key: str, stats: Stats) -> list[JobResult]:
-    cache = AnswerCache(cfg.cache_path)
-    asker = Asker(cfg, cache, api_key, stats)
-    progress = Progress(len(jobs), cfg.progress, stats, cfg.prices(), "scoring")
-    try:
-        return await run_jobs(jobs, asker, reask=cfg.reask, progress=progress)
-    finally:
-        progress.close()
-        await asker.close()
-        cache.close()
+    done = answer_jobs("phased-score", "scoring", jobs, cfg, api_key)
+    if isinstance(done, int):
+        return done
+    return _finish(args, records, done.results, scorer, done.stats, cfg, done.wall)
 
 
 def _finish(args: argparse.Namespace, records: list[Record], results: list[JobResult],
