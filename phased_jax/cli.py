@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from phased_jax.errors import PhasedError
+from phased_jax.errors import PhasedError, UsageError
 
 # name -> (module with `main(argv) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     try:
         return int(module.main(rest) or 0)
-    except PhasedError as e:
+    except UsageError as e:  # the command line or config file: one line, exit 2 (as argparse)
+        print(f"phased-jax {name}: error: {e}", file=sys.stderr)
+        return 2
+    except PhasedError as e:  # the data, checkpoints or devices: exit 1
         print(f"phased-jax {name}: error: {e}", file=sys.stderr)
         return 1
 

@@ -7,13 +7,16 @@ over 127.0.0.1 with gloo collectives: the multi-host code path, testable on a la
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import threading
+from typing import Any
 
 import jax
+import numpy as np
 
 ENV_COORDINATOR = "PHASED_COORDINATOR"
 ENV_NUM_PROCESSES = "PHASED_NUM_PROCESSES"
@@ -37,6 +40,30 @@ def initialize(auto: bool = False) -> None:
         )
     elif auto:
         jax.distributed.initialize()
+
+
+def from_process_0(value: Any, max_bytes: int = 65536) -> Any:
+    """Process 0's `value` (JSON-serialisable) on every process: one decision for all hosts.
+
+    Every process must call it at the same point; only process 0's argument is used.
+    """
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    raw = json.dumps(value).encode() if jax.process_index() == 0 else b""
+    if len(raw) > max_bytes:
+        raise ValueError(f"a value of {len(raw)} bytes is too large to broadcast")
+    data = multihost_utils.broadcast_one_to_all(np.frombuffer(raw.ljust(max_bytes, b" "), np.uint8))
+    return json.loads(bytes(np.asarray(data)).decode())
+
+
+def barrier(name: str) -> None:
+    """Wait until every process gets here (a no-op on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _free_port() -> int:

@@ -15,3 +15,8 @@ class CheckpointError(PhasedError):
 
 class DataError(PhasedError):
     """An input record or data file is malformed."""
+
+
+class UsageError(ConfigError):
+    """The command line or its config file is wrong before any data is read (bad path, unknown
+    field, invalid value): the CLI prints it on one line and exits 2, as argparse does."""

@@ -154,7 +154,7 @@ def check_batch(global_batch: int, grad_accum: int, mesh: Mesh | Mapping[str, in
     if micro % shards:
         raise ConfigError(f"micro-batch {micro} (global_batch {global_batch} / grad_accum "
                           f"{grad_accum}) does not divide over the {shards} batch shards of mesh "
-                          f"{mesh_axis_sizes(mesh)}; change global_batch, grad_accum or mesh.shape")
+                          f"{mesh_axis_sizes(mesh)}; change train.global_batch, train.grad_accum or mesh.shape")
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:

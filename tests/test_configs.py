@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from phased_jax.config import model_config
+from phased_jax.config import model_config, validate_config
 from phased_jax.data.phases import parse_order
 from phased_jax.model.flops import param_count
 from phased_jax.sharding import resolve_mesh_shape, rules_from_config
@@ -37,6 +37,7 @@ def test_configs_exist():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_loads_and_validates(path):
     c = load(path)
+    validate_config(c)  # what `--config` runs before any data is read
     cfg = model_config(c.model)  # raises on inconsistent shapes
     rules_from_config(c.mesh)
     resolve_mesh_shape(c.mesh.shape, c.mesh.dcn_shape, 256)  # e.g. a v5e-256 pod

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +35,13 @@ class Phase:
     @property
     def size(self) -> int:
         return len(self.records)
+
+    @property
+    def label(self) -> str:
+        """For messages: "stage 2", "stages 1+3", "oneoff", "random-1"."""
+        if not self.name[0].isdigit():
+            return self.name
+        return ("stages " if "+" in self.name else "stage ") + self.name
 
     @property
     def mean_score(self) -> float:
@@ -88,7 +96,8 @@ def parse_order(order: str, num_stages: int) -> list[tuple[int, ...]]:
                               "write e.g. '1,2,3', '2,1,3', '1+3', 'oneoff' or 'random'") from None
         for s in stages:
             if not 1 <= s <= num_stages:
-                raise ConfigError(f"data.order {order!r}: stage {s} outside 1..{num_stages}")
+                raise ConfigError(f"data.order {order!r}: stage {s} outside 1..{num_stages} "
+                                  f"(data.thresholds or data.quantiles make {num_stages} stages)")
             if s in used:
                 raise ConfigError(f"data.order {order!r}: stage {s} appears twice")
             used.add(s)
@@ -117,3 +126,51 @@ def config_phases(records: Sequence[Record], data_cfg, seed: int) -> list[Phase]
     """`build_phases` with the fields of a config's `data` section and the run's seed."""
     return build_phases(records, data_cfg.order, tuple(data_cfg.thresholds),
                         int(data_cfg.quantiles), seed)
+
+
+def _stage_text(stage: int, thresholds: Sequence[float], quantiles: int) -> str:
+    if quantiles:
+        return f"quantile stage {stage} of {quantiles}"
+    bounds = stage_bounds(thresholds)
+    lo, hi = bounds[stage - 1]
+    return f"[{lo:g}, {hi:g}]" if stage == len(bounds) else f"[{lo:g}, {hi:g})"
+
+
+def check_phases(phases: Sequence[Phase], records: Sequence[Record], data_cfg: Any) -> None:
+    """Raise a DataError if a phase has no records, naming it, its scores and the fix.
+
+    Why: an empty phase would otherwise fail only when it starts (a run of 0 steps), after the
+    phases before it have trained for hours. Called by `prepare` and `phased-jax stats` as soon
+    as the data is stratified, before tokenising.
+    """
+    empty = [(i, ph) for i, ph in enumerate(phases) if ph.size == 0]
+    if not empty:
+        return
+    thresholds, quantiles = tuple(data_cfg.thresholds), int(data_cfg.quantiles)
+    order = data_cfg.order.strip().replace(" ", "")
+
+    def describe(i: int, ph: Phase) -> str:
+        stages = "+".join(map(str, ph.stages))
+        scores = " + ".join(_stage_text(s, thresholds, quantiles) for s in ph.stages)
+        kind = "random stage" if order == "random" else "stage" + ("s" if len(ph.stages) > 1 else "")
+        what = scores if quantiles else f"scores {scores}"
+        if order == "random":
+            what = f"the size of score stage {stages}, {what}"
+        return f"phase {i + 1} ({kind} {stages}, {what})"
+
+    paths = ", ".join(map(str, data_cfg.paths))
+    message = f"{describe(*empty[0])} has no records in {paths}"
+    if len(empty) > 1:
+        message += ", nor " + ("have " if len(empty) > 2 else "has ") + ", ".join(
+            describe(i, ph) for i, ph in empty[1:])
+    scores = [r.score for r in records if r.score is not None]
+    span = f"; this data's scores span [{min(scores):g}, {max(scores):g}]" if scores else ""
+    if quantiles:
+        fix = f"use data.quantiles <= {len(records)} (one record per stage at least)"
+    else:
+        sizes = [len(s) for s in stratify(records, thresholds)] if order != "random" else []
+        kept = [p for p in ("+".join(str(s) for s in ph.stages if sizes[s - 1]) for ph in phases)
+                if p] if sizes else []
+        fix = (f'use data.order="{",".join(kept)}" or other data.thresholds' if kept
+               else "use other data.thresholds")
+    raise DataError(f"{message}{span}: {fix}")

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 
 from phased_jax.data.loader import PhaseLoader
-from phased_jax.data.phases import Phase, config_phases
+from phased_jax.data.phases import Phase, check_phases, config_phases
 from phased_jax.data.records import InvalidReport, Record, read_config_records, read_records
 from phased_jax.data.tokens import TokenizedExamples, TokenReport, load_tokenizer, tokenize_cached
-from phased_jax.errors import ConfigError
+from phased_jax.errors import ConfigError, DataError
 
 REPORT_NAME = "data_report.json"
 
@@ -74,30 +74,55 @@ def _split_eval(examples: TokenizedExamples, fraction: float, seed: int, index: 
     return examples.select(ids[np.sort(perm[n_eval:])]), examples.select(ids[np.sort(perm[:n_eval])])
 
 
+def _check_steps(data: PhaseData, tokenised: int, cfg: Any) -> None:
+    """Raise a DataError if a phase with records would run 0 steps, with the numbers.
+
+    Why: the runner would find out only when the phase starts, after the phases before it.
+    """
+    steps = data.loader(cfg).steps if len(data.examples) else 0
+    if steps:
+        return
+    ph, d, t = data.phase, cfg.data, cfg.train
+    held = len(data.eval_examples) if data.eval_examples is not None else 0
+    raise DataError(
+        f"phase {data.index + 1} ({ph.label}) has {ph.size} records but {len(data.examples)} "
+        f"training examples, so 0 steps (train.global_batch={t.global_batch}, "
+        f"train.epochs_per_phase={t.epochs_per_phase}): {ph.size - tokenised} skipped because "
+        f"the prompt fills data.max_length={d.max_length}, {held} held out by "
+        f"data.eval_fraction={d.eval_fraction}; raise data.max_length, lower "
+        "data.eval_fraction or change data.order/data.thresholds")
+
+
 def prepare(cfg: Any, tokenizer: Any = None, write_report: bool = True) -> PreparedData:
-    """Read, validate, stratify, order and tokenise `cfg.data`; write `<output_dir>/data_report.json`."""
+    """Read, validate, stratify, order and tokenise `cfg.data`; write `<output_dir>/data_report.json`.
+
+    Every phase must have records and steps (a DataError otherwise), so a run that cannot
+    finish fails here, before its first step, and not when a later phase starts.
+    """
     d = cfg.data
-    if tokenizer is None:
-        if not d.tokenizer:
-            raise ConfigError("data.tokenizer is empty: set it to a local HF tokenizer directory")
-        tokenizer = load_tokenizer(d.tokenizer)
+    if tokenizer is None and not d.tokenizer:
+        raise ConfigError("data.tokenizer is empty: set it to a local HF tokenizer directory")
     records, invalid = read_config_records(d)
     phases = config_phases(records, d, cfg.seed)
+    check_phases(phases, records, d)  # before loading a tokenizer or tokenising: in seconds
+    if tokenizer is None:
+        tokenizer = load_tokenizer(d.tokenizer)
     examples, tok_report, _ = tokenize_cached(records, d.template, tokenizer, d.max_length,
                                               cache_dir_of(cfg))
     out, notes = [], []
     for i, ph in enumerate(phases):
         ex = examples.select([r.id for r in ph.records])
-        ev = None
+        tokenised, ev = len(ex), None
         if d.eval_fraction > 0:
             ex, ev = _split_eval(ex, d.eval_fraction, cfg.seed, i)
-        if len(ex) == 0:
-            notes.append(f"warning: phase {i + 1} ({ph.name}) has no examples")
-        out.append(PhaseData(i, ph, ex, ev))
+        data = PhaseData(i, ph, ex, ev)
+        _check_steps(data, tokenised, cfg)
+        out.append(data)
     eval_examples = None
     if d.eval_path:
         eval_records, eval_invalid = read_records(d.eval_path, d.format, d.fields.to_dict(),
-                                                  d.on_invalid, d.get("hf_split", "train"))
+                                                  d.on_invalid, d.get("hf_split", "train"),
+                                                  d.get("max_record_bytes"))
         invalid.extend(eval_invalid)
         eval_examples, eval_tok, _ = tokenize_cached(eval_records, d.template, tokenizer,
                                                      d.max_length, cache_dir_of(cfg))

@@ -18,20 +18,27 @@ in an `InvalidReport` (counts by reason), which the caller prints and writes to 
 output directory. Nothing is dropped silently. A syntax error inside a JSON list is always an
 error: the rest of the list cannot be located.
 
+Files are read as bytes, JSONL line by line, so a bad byte or a huge line spoils only its own
+record: a line that is not UTF-8 (`not_utf8`), or longer than `data.max_record_bytes`
+(`too_long`, refused unread: tokenising one 50 MB line took 10 GB), is a bad record like the
+others. A file with a NUL byte in its first block is binary: one error naming it.
+
 A file is scored when its first record has a score field; then every record must have one.
 Unscored records (plain Alpaca) get `score=None` and can only be trained one-off.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from phased_jax.errors import DataError
 
@@ -158,8 +165,8 @@ def _to_record(obj: Any, fields: Mapping[str, str], fmt: str, default_id: str, s
     return Record(str(rid), instruction, input_, output, score, source)
 
 
-def _json_list_items(path: Path, text: str) -> Iterator[tuple[int, Any]]:
-    """(line, element) of a JSON list, so every element can be named by its line."""
+def _json_list_items(path: Path, text: str) -> Iterator[tuple[int, int, int, Any]]:
+    """(line, start, end, element) of a JSON list, so every element can be named by its line."""
     dec = json.JSONDecoder()
     ws = " \t\r\n"
     i, line, counted = 0, 1, 0
@@ -171,6 +178,9 @@ def _json_list_items(path: Path, text: str) -> Iterator[tuple[int, Any]]:
 
     def fail(pos: int, msg: str):
         ln = text.count("\n", 0, pos) + 1
+        bad = _NOT_UTF8.match(text, pos)  # a bad byte outside the strings breaks the list
+        if bad:
+            msg = f"not UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x})"
         return DataError(f"{path}:{ln}: {msg}; a JSON list must be valid as a whole "
                          "(fix the file or convert it to JSONL, where bad lines can be skipped)")
 
@@ -187,7 +197,7 @@ def _json_list_items(path: Path, text: str) -> Iterator[tuple[int, Any]]:
             obj, end = dec.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise fail(e.pos, f"malformed JSON ({e.msg})") from None
-        yield line, obj
+        yield line, i, end, obj
         i = skip(end)
         if text[i:i + 1] == ",":
             i = skip(i + 1)
@@ -197,24 +207,97 @@ def _json_list_items(path: Path, text: str) -> Iterator[tuple[int, Any]]:
             raise fail(i, "expected ',' or ']' in the JSON list")
 
 
-def _rows_of_file(path: Path) -> Iterator[tuple[str, Any]]:
-    """(source, parsed object or _Invalid) for each row of a JSON list or JSONL file."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        for line, obj in _json_list_items(path, text):
-            yield f"{path}:{line}", obj
-        return
-    for line, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
+# Bytes that are not UTF-8 decode (errors="surrogateescape") to U+DC80..U+DCFF, which valid
+# UTF-8 never yields: a record holding one is a bad record, not a crash of the whole file.
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+_BINARY_PROBE = 8192  # bytes read to tell text from a binary file (a NUL byte among them)
+_BOM = b"\xef\xbb\xbf"
+
+
+def _too_long(n: int, limit: int) -> _Invalid:
+    return _Invalid("too_long", f"record too long ({n} bytes > data.max_record_bytes={limit})")
+
+
+def _not_utf8(raw: bytes, e: UnicodeDecodeError) -> _Invalid:
+    return _Invalid("not_utf8", f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+
+
+def _rows_of_json_list(path: Path, data: bytes, limit: int) -> Iterator[tuple[str, Any]]:
+    text = data.decode("utf-8", errors="surrogateescape")
+    for line, start, end, obj in _json_list_items(path, text):
+        bad = _NOT_UTF8.search(text, start, end)
+        if bad:
+            obj = _Invalid("not_utf8", f"not UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x})")
+        elif (end - start) * 4 > limit:  # a char is at most 4 bytes: count only when it may matter
+            n = len(text[start:end].encode("utf-8", errors="surrogateescape"))
+            if n > limit:
+                obj = _too_long(n, limit)
+        yield f"{path}:{line}", obj
+
+
+def _rows_of_jsonl(path: Path, f: BinaryIO, limit: int) -> Iterator[tuple[str, Any]]:
+    """Line by line, never holding more than `limit` bytes of one line: a huge line is counted
+    and refused unread, and a bad byte spoils only its own line."""
+    line = 0
+    while True:
+        raw = f.readline(limit + 2)  # + room for the line's own "\r\n"
+        if not raw:
+            return
+        line += 1
+        source = f"{path}:{line}"
+        if len(raw) == limit + 2 and not raw.endswith(b"\n"):  # longer still: skip the rest
+            n, chunk = len(raw), raw
+            while not chunk.endswith(b"\n") and (chunk := f.readline(1 << 20)):
+                n += len(chunk)
+            n -= 2 if chunk.endswith(b"\r\n") else 1 if chunk.endswith(b"\n") else 0
+            yield source, _too_long(n, limit)
+            continue
+        body = raw.rstrip(b"\r\n")
+        if len(body) > limit:
+            yield source, _too_long(len(body), limit)
+            continue
+        if not body.strip():
             continue
         try:
-            yield f"{path}:{line}", json.loads(raw)
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield source, _not_utf8(body, e)
+            continue
+        try:
+            yield source, json.loads(text)
         except json.JSONDecodeError as e:
-            yield f"{path}:{line}", _Invalid("malformed", f"malformed JSON ({e.msg})")
+            yield source, _Invalid("malformed", f"malformed JSON ({e.msg})")
 
 
-def _rows_of_hf(name: str, split: str) -> Iterator[tuple[str, Any]]:
+def _rows_of_file(path: Path, limit: int) -> Iterator[tuple[str, Any]]:
+    """(source, parsed object or _Invalid) for each row of a JSON list or JSONL file."""
+    with open(path, "rb") as f:
+        head = f.read(_BINARY_PROBE)
+        nul = head.find(b"\0")
+        if nul >= 0:
+            raise DataError(f"{path}: a binary file (NUL byte at offset {nul}), "
+                            "not JSON or JSONL text; check data.paths (convert UTF-16 text to "
+                            "UTF-8)")
+        start = len(_BOM) if head.startswith(_BOM) else 0
+        f.seek(start)
+        if head[start:].lstrip().startswith(b"["):
+            yield from _rows_of_json_list(path, f.read(), limit)
+        else:
+            yield from _rows_of_jsonl(path, f, limit)
+
+
+def _text_bytes(obj: Any, limit: int) -> int:
+    """UTF-8 size of a parsed row's strings (top level and in lists), an HF row's length;
+    exact when it may exceed `limit`, else the character count (encoding every row is slow)."""
+    values = obj.values() if isinstance(obj, dict) else ()
+    strings = [s for v in values for s in (v if isinstance(v, list) else [v]) if isinstance(s, str)]
+    chars = sum(map(len, strings))
+    if chars * 4 <= limit:  # a character is at most 4 bytes
+        return chars
+    return sum(len(s.encode("utf-8", errors="surrogateescape")) for s in strings)
+
+
+def _rows_of_hf(name: str, split: str, limit: int) -> Iterator[tuple[str, Any]]:
     import datasets
 
     try:
@@ -231,7 +314,8 @@ def _rows_of_hf(name: str, split: str) -> Iterator[tuple[str, Any]]:
             raise DataError(f"{name}: no split {split!r}; it has {sorted(ds)}")
         ds = ds[split]
     for row, obj in enumerate(ds):
-        yield f"{name}[{split}]:{row}", obj
+        n = _text_bytes(obj, limit)
+        yield f"{name}[{split}]:{row}", _too_long(n, limit) if n > limit else obj
 
 
 def _expand(paths: Sequence[str], fmt: str) -> list[tuple[str, str]]:
@@ -257,10 +341,24 @@ def _expand(paths: Sequence[str], fmt: str) -> list[tuple[str, str]]:
     return out
 
 
+@functools.cache
+def _default_max_record_bytes() -> int:
+    from phased_jax.config import get_default_config  # the number lives in the config defaults
+
+    return int(get_default_config().data.max_record_bytes)
+
+
 def read_records(paths: str | Sequence[str], format: str = "auto",
                  fields: Mapping[str, str] | None = None, on_invalid: str = "error",
-                 hf_split: str = "train") -> tuple[list[Record], InvalidReport]:
-    """Read and validate every record of `paths`; see the module docstring for the rules."""
+                 hf_split: str = "train", max_record_bytes: int | None = None
+                 ) -> tuple[list[Record], InvalidReport]:
+    """Read and validate every record of `paths`; see the module docstring for the rules.
+
+    `max_record_bytes` (None: the config default `data.max_record_bytes`) bounds one record.
+    """
+    limit = _default_max_record_bytes() if max_record_bytes is None else int(max_record_bytes)
+    if limit < 1:
+        raise DataError(f"data.max_record_bytes must be >= 1, not {max_record_bytes}")
     if format not in FORMATS:
         raise DataError(f"unknown data.format {format!r}; choose one of {FORMATS}")
     if on_invalid not in ("error", "skip"):
@@ -273,8 +371,8 @@ def read_records(paths: str | Sequence[str], format: str = "auto",
     records: list[Record] = []
     seen: dict[str, str] = {}
     for name, kind in _expand(paths, format):
-        rows: Iterable[tuple[str, Any]] = (_rows_of_hf(name, hf_split) if kind == "hf"
-                                           else _rows_of_file(Path(name)))
+        rows: Iterable[tuple[str, Any]] = (_rows_of_hf(name, hf_split, limit) if kind == "hf"
+                                           else _rows_of_file(Path(name), limit))
         stem = Path(name).stem if kind == "file" else name
         scored: bool | None = True if format in ("scored", "authors") else None
         if format == "alpaca":
@@ -307,4 +405,4 @@ def read_config_records(data_cfg: Any) -> tuple[list[Record], InvalidReport]:
     """`read_records` with the fields of a config's `data` section."""
     fields = data_cfg.fields.to_dict() if hasattr(data_cfg.fields, "to_dict") else data_cfg.fields
     return read_records(tuple(data_cfg.paths), data_cfg.format, fields, data_cfg.on_invalid,
-                        data_cfg.get("hf_split", "train"))
+                        data_cfg.get("hf_split", "train"), data_cfg.get("max_record_bytes"))

@@ -3,7 +3,8 @@
 Prints, for the config's data, each difficulty stage (score range, size, mean difficulty, mean
 tokens) and then the phases in training order, plus what validation skipped. Token counts use
 the config's tokenizer (`data.tokenizer`) over instruction, input and output without the
-template; without a tokenizer they are whitespace-separated words, labelled as such.
+template; without a tokenizer they are whitespace-separated words, labelled as such. A phase
+with no records is an error (exit 1) after the table, as it is for `phased-jax train`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from phased_jax.config import parse_config_argv
-from phased_jax.data.phases import build_phases, stage_bounds, stratify
+from phased_jax.data.phases import build_phases, check_phases, config_phases, stage_bounds, stratify
 from phased_jax.data.records import Record, read_config_records
 from phased_jax.data.templates import user_text
 from phased_jax.data.tokens import load_tokenizer
@@ -86,4 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(invalid.summary())
     print()
     print(table(records, cfg, tokenizer, cfg.data.tokenizer))
+    # After the table, which shows where the data's scores lie: an empty phase fails here as
+    # it would in `train`, with the fix.
+    check_phases(config_phases(records, cfg.data, cfg.seed), records, cfg.data)
     return 0

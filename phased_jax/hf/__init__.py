@@ -7,6 +7,6 @@
 
 from phased_jax.hf.hf_config import config_from_hf, hf_config_from
 from phased_jax.hf.loader import load
-from phased_jax.hf.saver import save
+from phased_jax.hf.saver import export_complete, save
 
-__all__ = ["config_from_hf", "hf_config_from", "load", "save"]
+__all__ = ["config_from_hf", "export_complete", "hf_config_from", "load", "save"]

@@ -2,13 +2,13 @@
 
 The direction follows from SRC (config.json: HF -> Orbax; model_config.json: Orbax -> HF) unless
 `--to` says. Tokenizer files travel along: HF -> Orbax copies them to DST/tokenizer/, and
-Orbax -> HF writes them from --tokenizer or, by default, SRC/tokenizer/.
+Orbax -> HF writes them from --tokenizer or, by default, SRC/tokenizer/. Either way DST appears
+complete or not at all, and `--overwrite` removes the old DST only once the new one is complete.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 import jax
@@ -56,12 +56,9 @@ def detect_direction(src: Path) -> str:
 
 def hf_to_orbax(args: argparse.Namespace) -> None:
     model, params = load(args.src, dtype=args.dtype, allow_pickle=args.allow_pickle)
-    save_params(args.dst, model.cfg, params, overwrite=args.overwrite)
     tokenizer_files = [args.src / f for f in TOKENIZER_FILES if (args.src / f).is_file()]
-    if tokenizer_files:
-        (args.dst / TOKENIZER_DIR).mkdir(exist_ok=True)
-        for f in tokenizer_files:
-            shutil.copy2(f, args.dst / TOKENIZER_DIR / f.name)
+    save_params(args.dst, model.cfg, params, overwrite=args.overwrite,
+                extra_files={f"{TOKENIZER_DIR}/{f.name}": f for f in tokenizer_files})
     n = sum(x.size for x in jax.tree.leaves(params))
     print(f"wrote {args.dst}: {model.cfg.architecture}, {n / 1e6:.1f}M params "
           f"({model.cfg.param_dtype}), {len(tokenizer_files)} tokenizer files")

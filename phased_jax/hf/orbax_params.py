@@ -1,46 +1,116 @@
 """A params-only Orbax checkpoint that training starts from: `DIR/params/` + `DIR/model_config.json`.
 
-`model_config.json` is written last, after Orbax has finalised `params/`, so its presence marks
-a complete checkpoint. Restoring goes through an abstract target built from the config, so params
-land directly in the caller's shardings (any mesh), never gathered on one host.
+Everything is written into a temp dir beside DIR and renamed in when complete (`model_config.json`
+last, so its presence marks a complete checkpoint); an old DIR is removed only after that.
+Restoring goes through an abstract target built from the config, so params land directly in the
+caller's shardings (any mesh), never gathered on one host.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import orbax.checkpoint as ocp
 
 from phased_jax.errors import CheckpointError
-from phased_jax.hf import mapping
+from phased_jax.hf import fileio, mapping
 from phased_jax.model.config import ModelConfig
 
 PARAMS_ITEM = "params"
 CONFIG_FILE = "model_config.json"
 
 
+def params_nbytes(params: Any) -> int:
+    """Bytes of every leaf of `params` (what a save needs on disk, before compression)."""
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(params))
+
+
 def save_params(directory: str | Path, cfg: ModelConfig, params: dict, *,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, extra_files: Mapping[str, Path] | None = None) -> Path:
     """Save `params` (a plain pytree of arrays, possibly sharded) and `cfg` under `directory`.
 
-    Call on every process in a multi-host job; Orbax coordinates the write.
+    Call on every process in a multi-host job; Orbax coordinates the array writes, process 0
+    moves the files. All of it is written into a temp dir beside `directory` (with the
+    `extra_files`, relative name -> source file) and renamed in when complete, so `directory`
+    holds the old output or the new one, never a mix, and a full disk loses neither: safe to
+    call again over a partial or stale `directory` with `overwrite=True`.
     """
     directory = Path(directory).absolute()
-    if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise CheckpointError(f"{directory}: already exists and is not empty; choose another "
-                              "output or pass overwrite (CLI: --overwrite)")
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_FILE).unlink(missing_ok=True)  # absent until the params are complete
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory / PARAMS_ITEM, params, force=overwrite)
-    checkpointer.wait_until_finished()
-    checkpointer.close()
-    if jax.process_index() == 0:
-        (directory / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    first = jax.process_index() == 0
+    token = fileio.shared_token()
+    tmp = fileio.temp_path(directory, token)
+    needed = params_nbytes(params)
+    error: BaseException | None = None
+    if first:  # one process prepares; every process learns whether it could
+        try:
+            fileio.clean_leftovers(directory)
+            fileio.check_target(directory, overwrite)
+            fileio.make_temp_dir(directory, token)
+        except Exception as e:
+            error = e
+    replacing = directory.exists()
+    if not fileio.all_processes_ok(error is None):
+        _raise(error, directory, needed, replacing, "could not prepare")
+    try:
+        with fileio.quiet_disk_full_noise():
+            checkpointer = ocp.StandardCheckpointer()
+            try:
+                checkpointer.save(tmp / PARAMS_ITEM, params)
+                checkpointer.wait_until_finished()
+            finally:
+                checkpointer.close()
+        if first:  # written last: its presence marks complete params
+            for name, source in (extra_files or {}).items():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, tmp / name)
+            (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    except Exception as e:
+        error = e
+    ok = fileio.all_processes_ok(error is None)
+    if ok and first:
+        try:
+            fileio.publish(tmp, directory)
+        except Exception as e:
+            error = e
+        ok = error is None
+    if not fileio.all_processes_ok(ok):
+        if first:
+            fileio.discard(tmp)
+        _raise(error, directory, needed, replacing, "could not write")
     return directory
+
+
+def _raise(error: BaseException | None, directory: Path, needed: int, replacing: bool,
+           what: str) -> NoReturn:
+    """The error of a failed multi-process step, the same decision on every process."""
+    if error is None:  # this process did its part; another failed and reports why
+        raise CheckpointError(f"{directory}: another process {what} it (see its error); "
+                              "nothing was written")
+    if (err := fileio.disk_full_error(error, directory, needed, replacing)) is not None:
+        raise err from error
+    raise error
+
+
+def params_complete(directory: str | Path) -> bool:
+    """Whether `directory` holds a complete params checkpoint (cheap: a few stats and one small
+    JSON read), e.g. to decide at resume whether a phase's `phases/` params must be written.
+
+    `model_config.json` is written last inside the temp dir and the whole dir renamed in, so it
+    and Orbax's finalised `params/` (metadata plus array data) prove completeness.
+    """
+    directory = Path(directory)
+    try:
+        ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+    except Exception:  # unreadable, torn or not a config: not complete, whatever the cause
+        return False
+    params = directory / PARAMS_ITEM
+    return ((params / "_METADATA").is_file()
+            and any((params / n).exists() for n in ("manifest.ocdbt", "d")))
 
 
 def read_model_config(directory: str | Path) -> ModelConfig:

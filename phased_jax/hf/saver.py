@@ -1,26 +1,32 @@
 """(model, params) -> an HF directory transformers loads, written one layer's tensors at a time.
 
-Params may be jax Arrays sharded over many devices: each layer's slice is gathered to the host
-on its own (`jax.device_get` of one slice), converted and written, so the host never holds more
-than a layer beyond what the params themselves occupy.
+Params may be jax Arrays sharded over many devices and processes: each leaf's layer slice is
+gathered on its own (to every process, as `process_allgather` of that slice), converted and
+written by process 0, so no host holds more than a layer beyond what the params themselves
+occupy. In a multi-process run every process calls `save` and takes part in each gather.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import shutil
+import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from phased_jax.errors import CheckpointError
 from phased_jax.hf import mapping
+from phased_jax.hf.fileio import all_processes_ok, atomic_directory
 from phased_jax.hf.hf_config import generation_config_from, hf_config_from
-from phased_jax.hf.writer import TensorSpec, atomic_directory, parse_size, write_shards
+from phased_jax.hf.writer import TensorSpec, parse_size, write_shards
 from phased_jax.model.config import ModelConfig
 from phased_jax.model.transformer import Transformer
 
@@ -34,13 +40,28 @@ def _take_layer(x: jax.Array, i: jax.Array) -> jax.Array:
     return jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _take_layer_static(x: jax.Array, i: int) -> jax.Array:
+    return x[i]
+
+
 def _host(x: Any, layer: int | None = None) -> np.ndarray:
-    """One leaf (or one layer of it) as a numpy array, gathered from wherever it lives."""
-    if isinstance(x, jax.Array):
-        x = x if layer is None else _take_layer(x, np.int32(layer))
-        return np.asarray(jax.device_get(x))
-    x = np.asarray(x)
-    return x if layer is None else x[layer]
+    """One leaf (or one layer of it) as a numpy array on this host, gathered from wherever it
+    lives. A collective when `x` spans processes: every process must call it, in the same order.
+    """
+    if not isinstance(x, jax.Array):
+        x = np.asarray(x)
+        return x if layer is None else x[layer]
+    if layer is not None:
+        if x.sharding.shard_shape(x.shape)[0] != x.shape[0]:
+            # Layers sharded: a dynamic index would all-gather the whole leaf first; a static
+            # one moves only the slice (one compile per layer, only in this rare layout).
+            x = _take_layer_static(x, layer)
+        else:
+            x = _take_layer(x, np.int32(layer))
+    if not x.is_fully_addressable:
+        return multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
 
 
 def _check_params(params: dict, cfg: ModelConfig) -> None:
@@ -56,21 +77,32 @@ def _check_params(params: dict, cfg: ModelConfig) -> None:
                                   f"expected {list(want)} for this model config")
 
 
+def _slices(cfg: ModelConfig, params: dict) -> Iterator[tuple[mapping.Rule, int | None]]:
+    """(rule, layer) in checkpoint order: embeddings, layer 0..L-1, final norm and head."""
+    for rule in mapping.EMBED_RULES:
+        yield rule, None
+    for i in range(cfg.num_layers):
+        for rule in mapping.LAYER_RULES:
+            yield rule, i
+    for rule in mapping.FINAL_RULES:
+        yield rule, None
+
+
 def hf_tensors(cfg: ModelConfig, params: dict, dtype: np.dtype | None = None
                ) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, array) in checkpoint order, converting one leaf slice at a time."""
-    def convert(rule: mapping.Rule, layer: int | None) -> Iterator[tuple[str, np.ndarray]]:
+    for rule, layer in _slices(cfg, params):
         host = _host(mapping.get_path(params, rule.path), layer)
         for name, t in zip(rule.hf_names(layer), rule.to_hf(cfg, host), strict=True):
             yield name, (t if dtype is None else t.astype(dtype, copy=False))
 
-    for rule in mapping.EMBED_RULES:
-        yield from convert(rule, None)
-    for i in range(cfg.num_layers):
-        for rule in mapping.LAYER_RULES:
-            yield from convert(rule, i)
-    for rule in mapping.FINAL_RULES:
-        yield from convert(rule, None)
+
+def _gather_only(cfg: ModelConfig, params: dict) -> Iterator[None]:
+    """The gathers of `hf_tensors` without the conversion: what a process that writes nothing
+    does so that process 0's gathers complete."""
+    for rule, layer in _slices(cfg, params):
+        _host(mapping.get_path(params, rule.path), layer)
+        yield None
 
 
 def _save_tokenizer(tokenizer: Any, directory: Path) -> None:
@@ -92,7 +124,11 @@ def save(path: str | Path, model: Transformer | ModelConfig, params: dict,
 
     `tokenizer`: a transformers tokenizer or a directory holding tokenizer files. `dtype`: the
     tensors' dtype on disk (default: the params'). Shards above `max_shard_size` (bytes or
-    '5GB'), with an index. The directory appears atomically (written beside it, then renamed).
+    '5GB'), with an index. The directory appears atomically (written beside it, then renamed;
+    an old one is removed only after that). A full disk is one CheckpointError line.
+
+    Multi-process: call it on every process with the same arguments; each takes part in
+    gathering one leaf slice at a time, only process 0 writes, and all raise if it fails.
     """
     cfg = model.cfg if isinstance(model, Transformer) else model
     params = nn.meta.unbox(params)
@@ -105,12 +141,66 @@ def save(path: str | Path, model: Transformer | ModelConfig, params: dict,
         specs.append(TensorSpec(name, shape, out_dtype or np.dtype(cfg.param_dtype)))
     # Leaves may not all be in cfg.param_dtype (e.g. a user cast); on disk they all match specs.
     hf_cfg = hf_config_from(cfg, dtype=specs[0].dtype.name)
-    with atomic_directory(Path(path), overwrite=overwrite) as tmp:
-        write_shards(tmp, specs, hf_tensors(cfg, params, specs[0].dtype),
-                     parse_size(max_shard_size))
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
-        (tmp / "generation_config.json").write_text(
-            json.dumps(generation_config_from(cfg), indent=2) + "\n")
-        if tokenizer is not None:
-            _save_tokenizer(tokenizer, tmp)
+    target = Path(path).absolute()
+    writer = jax.process_index() == 0
+    error: BaseException | None = None
+    output = contextlib.ExitStack()
+    if writer:  # refuse (or clean up) before anyone gathers a tensor
+        try:
+            tmp = output.enter_context(atomic_directory(
+                target, overwrite=overwrite, needed_bytes=sum(s.nbytes for s in specs)))
+        except Exception as e:
+            error = e
+    if not all_processes_ok(error is None):
+        _fail(error, target)
+    if writer:
+        tensors = hf_tensors(cfg, params, specs[0].dtype)
+        try:
+            with output:
+                write_shards(tmp, specs, tensors, parse_size(max_shard_size))
+                (tmp / "config.json").write_text(
+                    json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+                (tmp / "generation_config.json").write_text(
+                    json.dumps(generation_config_from(cfg), indent=2) + "\n")
+                if tokenizer is not None:
+                    _save_tokenizer(tokenizer, tmp)
+        except Exception as e:
+            error = e
+    else:
+        tensors = _gather_only(cfg, params)
+    if jax.process_count() > 1:  # the rest of the gathers, so none waits forever on process 0
+        for _ in tensors:
+            pass
+    if not all_processes_ok(error is None):
+        _fail(error, target)
     return Path(path)
+
+
+def _fail(error: BaseException | None, target: Path) -> NoReturn:
+    if error is None:
+        raise CheckpointError(f"{target}: process 0 could not write the export (see its error); "
+                              "nothing was written")
+    raise error
+
+
+def export_complete(path: str | Path) -> bool:
+    """Whether `path` holds a complete export (cheap: reads config.json, the index and each
+    shard's 8-byte header length, then compares file sizes), e.g. before redoing it at resume.
+    """
+    directory = Path(path)
+    try:
+        json.loads((directory / "config.json").read_text())
+        index = directory / "model.safetensors.index.json"
+        files = (sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                 if index.is_file() else ["model.safetensors"])
+        for name in files:
+            with open(directory / name, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                      default=0)
+            if (directory / name).stat().st_size != 8 + n + end:
+                return False
+    except Exception:  # missing, torn or not ours: not a complete export
+        return False
+    return True

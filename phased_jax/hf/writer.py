@@ -1,4 +1,4 @@
-"""Write safetensors shards tensor by tensor, and publish a directory atomically.
+"""Write safetensors shards tensor by tensor (published atomically by `fileio.atomic_directory`).
 
 `safetensors.numpy.save_file` wants a whole shard's tensors in memory (and copies each to bytes).
 The format is simple enough to stream instead: the header needs only names, dtypes and shapes,
@@ -7,14 +7,10 @@ which we know before any tensor is converted, so each tensor is written as soon 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import re
-import shutil
 import struct
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +18,7 @@ import ml_dtypes
 import numpy as np
 
 from phased_jax.errors import CheckpointError
+from phased_jax.hf.fileio import atomic_directory  # noqa: F401  (its home before fileio.py)
 
 SAFETENSORS_DTYPES = {
     np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
@@ -101,30 +98,3 @@ def write_shards(directory: Path, specs: list[TensorSpec],
                                 for s in shard}}
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return [directory / f for f in names]
-
-
-@contextlib.contextmanager
-def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temp dir beside `target`; on success it replaces `target` by rename.
-
-    Readers never see a half-written checkpoint: the directory appears complete or not at all.
-    """
-    target = Path(target).absolute()
-    if target.exists() and not (target.is_dir() and not any(target.iterdir())) and not overwrite:
-        raise CheckpointError(f"{target}: already exists and is not empty; choose another "
-                              "output or pass overwrite (CLI: --overwrite)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.rename(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

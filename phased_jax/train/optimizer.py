@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -14,20 +15,28 @@ from phased_jax.errors import ConfigError
 NO_DECAY_NAMES = ("scale",)  # RMSNorm gains; the model has no biases
 
 
-def lr_at(train_cfg: ConfigDict, step: Any, num_steps: Any) -> jax.Array:
-    """The LR at `step` of a run of `num_steps` steps; both may be traced arrays.
+def warmup_steps(train_cfg: ConfigDict, num_steps: int) -> int:
+    """ceil(warmup_ratio * num_steps) on the host in float64, as transformers' Trainer counts it
+    (float32 on device is one step off for e.g. ratio 0.15 at 100 steps)."""
+    return math.ceil(float(train_cfg.warmup_ratio) * int(num_steps))
 
-    Linear warmup over ceil(warmup_ratio * num_steps), then cosine/linear decay to the end, as
-    Hugging Face's `get_cosine_schedule_with_warmup`: 0 at step 0, `min_lr_ratio * lr` at
-    `num_steps`. Because the run length is an argument, not a constant baked into the step,
-    one compiled step serves every phase.
+
+def lr_at(train_cfg: ConfigDict, step: Any, num_steps: Any, warmup: Any = None) -> jax.Array:
+    """The LR at `step` of a run of `num_steps` steps with `warmup` warmup steps (arrays or ints).
+
+    Linear warmup, then cosine/linear decay to the end, as Hugging Face's
+    `get_cosine_schedule_with_warmup`: 0 at step 0, `min_lr_ratio * lr` at `num_steps`. Because
+    the run length is an argument, not a constant baked into the step, one compiled step serves
+    every phase. `warmup=None` computes it from `num_steps`, which must then be a host int.
     """
     lr, kind = float(train_cfg.lr), train_cfg.schedule
     if kind not in ("cosine", "linear", "constant"):
         raise ConfigError(f"config.train.schedule {kind!r} is not cosine, linear or constant")
+    if warmup is None:
+        warmup = warmup_steps(train_cfg, num_steps)
     step = jnp.asarray(step, jnp.float32)
     n = jnp.maximum(jnp.asarray(num_steps, jnp.float32), 1.0)
-    warmup = jnp.ceil(jnp.float32(float(train_cfg.warmup_ratio)) * n)
+    warmup = jnp.asarray(warmup, jnp.float32)
     end = lr * float(train_cfg.min_lr_ratio)
     if kind == "constant":
         decayed = jnp.float32(lr)

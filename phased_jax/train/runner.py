@@ -15,24 +15,27 @@ Files under `output_dir`: `checkpoints/<global step>/` (Orbax; phase ends kept f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
 from phased_jax import distributed
 from phased_jax.checkpoint import RunCheckpoints
-from phased_jax.config import model_config, parse_config_argv
-from phased_jax.errors import ConfigError
+from phased_jax.config import model_config, parse_config_argv, validate_config
+from phased_jax.errors import CheckpointError, ConfigError, PhasedError
+from phased_jax.train.runlog import RunLog
 
 # Test hook: SIGKILL this process right after the given global step (and its checkpoint save
 # has started), as a preempted host would die. Used by tests/train/test_runner.py.
@@ -92,46 +95,6 @@ class Position:
     state: Any = None  # the restored train state, when resuming mid-phase or at a phase end
 
 
-class RunLog:
-    """`logs/phase_log.jsonl`: one line per step run and per phase event, on process 0.
-
-    On resume, lines past the restored step are dropped (they were undone), so the log shows
-    every step of the finished run exactly once.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.enabled = jax.process_index() == 0
-        if self.enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = None
-
-    def rewind(self, global_step: int) -> None:
-        """Drop step lines after `global_step` here and in the metrics file beside it."""
-        if not self.enabled:
-            return
-        for path in (self.path, self.path.with_name("metrics.jsonl")):
-            if not path.exists():
-                continue
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", -1) <= global_step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
-
-    def write(self, **event: Any) -> None:
-        if not self.enabled:
-            return
-        if self._file is None:
-            self._file = open(self.path, "a")  # noqa: SIM115 (closed in close())
-        self._file.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-
-
 def _say(message: str) -> None:
     if jax.process_index() == 0:
         print(message, flush=True)
@@ -167,12 +130,11 @@ def _initial_params(config: ConfigDict, trainer: Any) -> Any:
 
 def run(config: ConfigDict) -> dict[str, Any]:
     """Train every phase of `config` (resuming if checkpoints exist); returns a summary."""
-    from phased_jax.data.loader import PhaseLoader
     from phased_jax.data.pipeline import prepare
-    from phased_jax.hf.orbax_params import save_params
     from phased_jax.train.metrics import make_writer
     from phased_jax.train.state import Trainer
 
+    validate_config(config)  # again: the demo and tests call run() without the command line
     t_start = time.time()
     out = Path(config.output_dir)
     trainer = Trainer(config)
@@ -187,23 +149,27 @@ def run(config: ConfigDict) -> dict[str, Any]:
     sched_steps = (lambda k: total_steps) if carry else (lambda k: steps[k])
 
     ckpt_dir = config.checkpoint.dir or str(out / "checkpoints")
-    ckpts = RunCheckpoints(str(Path(ckpt_dir).absolute()), keep=int(config.checkpoint.keep),
-                           phase_end_steps=starts[1:], async_save=bool(config.checkpoint.async_save))
+    cc = config.checkpoint
+    ckpts = RunCheckpoints(str(Path(ckpt_dir).absolute()), keep=int(cc.keep),
+                           phase_end_steps=starts[1:], async_save=bool(cc.async_save),
+                           restore_retries=int(cc.get("restore_retries", 3)),
+                           retry_backoff_s=float(cc.get("retry_backoff_s", 1.0)))
     log = RunLog(out / "logs" / "phase_log.jsonl")
 
     pos = Position()
-    restored = ckpts.restore_latest(trainer.abstract_state())
+    restored = ckpts.restore_latest(trainer.abstract_state(), config.to_json())
     if restored is not None:
         state, meta = restored
         k = _check_resume(meta, data.phases, steps)
         pos = Position(k, loaders[k].start_step(meta["data"]), state)
-        global_step = starts[pos.phase] + pos.step
-        log.rewind(global_step)
+    global_step = starts[pos.phase] + pos.step
+    log.rewind(global_step)  # drops undone steps and torn lines, so appends start whole
+    logged = {(e.get("event"), e.get("phase")) for e in log.events()}
+    logged = {tuple(x) for x in distributed.from_process_0(sorted(logged, key=str))}
+    if restored is not None:
         log.write(event="resume", phase=pos.phase + 1, step_in_phase=pos.step, step=global_step)
         _say(f"resuming phase {pos.phase + 1} at step {pos.step}/{steps[pos.phase]} "
              f"(global step {global_step}) from {ckpt_dir}")
-        if pos.step >= steps[pos.phase]:  # a phase end: the next phase starts from its state
-            pos = Position(pos.phase + 1, 0, pos.state)
     params = None if pos.state is not None else _initial_params(config, trainer)
 
     hf_dir = config.export.hf_dir or str(out / "hf")
@@ -214,22 +180,26 @@ def run(config: ConfigDict) -> dict[str, Any]:
         reads = open(out / "logs" / f"reads-process{pidx}.jsonl", "a")  # noqa: SIM115
     for k in range(pos.phase, len(data.phases)):
         phase, loader = data.phases[k], loaders[k]
-        if pos.state is not None and (pos.step > 0 or carry):
+        name = phase.phase.name
+        label = f"phase{k + 1}-" + (f"stage{name}" if name[0].isdigit() else name)
+        first = pos.step
+        if pos.state is not None and first >= steps[k]:
+            state = pos.state  # resumed at this phase's end: only what the phase owes is left
+        elif pos.state is not None and (first > 0 or carry):
             state = pos.state  # mid-phase (or carried): optimizer state and step count continue
             if carry:
-                state = state.replace(num_steps=jnp.asarray(total_steps, jnp.int32))
+                state = trainer.with_run_length(state, total_steps)
         else:
             start_params = pos.state.params if pos.state is not None else params
             state = trainer.init_state(sched_steps(k), params=start_params)
-        first, pos = pos.step, Position()
-        name = phase.phase.name
-        label = f"phase{k + 1}-" + (f"stage{name}" if name[0].isdigit() else name)
-        log.write(event="phase_start", phase=k + 1, name=phase.phase.name, steps=steps[k],
-                  from_step=first, examples=len(phase.examples))
-        _say(f"phase {k + 1}/{len(data.phases)} ({phase.phase.name}): {len(phase.examples)} "
-             f"examples, {steps[k]} steps, starting at step {first}")
-        writer = make_writer(trainer, out / "logs", steps[k] - first, prefix=label,
-                             step_offset=starts[k])
+        pos = Position()
+        if first < steps[k]:
+            log.write(event="phase_start", phase=k + 1, name=name, steps=steps[k],
+                      from_step=first, examples=len(phase.examples))
+            _say(f"phase {k + 1}/{len(data.phases)} ({name}): {len(phase.examples)} "
+                 f"examples, {steps[k]} steps, starting at step {first}")
+            writer = make_writer(trainer, out / "logs", steps[k] - first, prefix=label,
+                                 step_offset=starts[k])
         for s in range(first, steps[k]):
             state, metrics = trainer.step(state, trainer.shard_batch(loader.batch(s)))
             writer.write(s + 1, metrics)
@@ -241,22 +211,17 @@ def run(config: ConfigDict) -> dict[str, Any]:
             done = s + 1 == steps[k]
             if done or (config.checkpoint.every_steps > 0
                         and (s + 1) % config.checkpoint.every_steps == 0):
-                ckpts.save(starts[k] + s + 1, state, _meta(config, k, s + 1, loader, phase, done))
+                with _storage(ckpt_dir):
+                    ckpts.save(starts[k] + s + 1, state,
+                               _meta(config, k, s + 1, loader, phase, done))
             if starts[k] + s + 1 == fault_step:  # test hook: die like a preempted host
                 os.kill(os.getpid(), signal.SIGKILL)
-        writer.close()
-        eval_examples = phase.eval_examples if phase.eval_examples is not None else data.eval_examples
-        if eval_examples is not None and len(eval_examples):
-            ev = PhaseLoader(eval_examples, trainer.global_batch, 1, int(config.seed), k, pidx,
-                             pcount, packing=bool(config.data.packing), shuffle=False)
-            loss = _eval_loss(trainer, state.params, ev)
-            log.write(event="eval", phase=k + 1, step=starts[k + 1], eval_loss=loss)
-            _say(f"phase {k + 1} eval loss {loss:.4f}")
-        if config.checkpoint.get("phase_params", True):
-            save_params(out / "phases" / label, trainer.model_cfg, state.params, overwrite=True)
-        log.write(event="phase_end", phase=k + 1, name=phase.phase.name, step=starts[k + 1])
+        if first < steps[k]:
+            writer.close()
+        _finish_phase(config, trainer, data, k, label, state, starts, logged, log, out)
         pos = Position(k + 1, 0, state)
-    ckpts.close()
+    with _storage(ckpt_dir):
+        ckpts.close()
     if reads is not None:
         reads.close()
 
@@ -264,28 +229,95 @@ def run(config: ConfigDict) -> dict[str, Any]:
     if final is None:  # nothing left to run: the last checkpoint is the final model
         raise ConfigError("no phase to run: the config's data produced no phases")
     if config.export.at_end:
-        from phased_jax import hf
-        from phased_jax.model import Transformer
-
-        export_cfg = trainer.model_cfg.replace(param_dtype=config.export.dtype,
-                                               dtype=config.export.dtype)
-        params = final.params
-        if jax.process_count() > 1:  # every process takes part in the gather; process 0 writes
-            from jax.experimental import multihost_utils
-
-            params = jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True),
-                                  params)
-        if jax.process_index() == 0:
-            hf.save(hf_dir, Transformer(export_cfg), params, tokenizer=data.tokenizer,
-                    overwrite=True)
-            _say(f"exported the final model to {hf_dir}")
-    log.write(event="done", step=total_steps)
+        if ("done", None) in logged and _hf_complete(Path(hf_dir)):
+            _say(f"the run was already complete; its final model is in {hf_dir}")
+        else:
+            _export(config, trainer, final.params, data.tokenizer, hf_dir)
+    if ("done", None) not in logged:
+        log.write(event="done", step=total_steps)
     log.close()
     summary = {"phases": [p.phase.name for p in data.phases], "steps": steps,
                "phase_end_steps": starts[1:], "output_dir": str(out), "hf_dir": hf_dir,
                "seconds": time.time() - t_start}
     _say(f"done: {total_steps} steps in {summary['seconds']:.0f}s; outputs in {out}")
     return summary
+
+
+def _finish_phase(config: ConfigDict, trainer: Any, data: Any, k: int, label: str, state: Any,
+                  starts: list[int], logged: set, log: RunLog, out: Path) -> None:
+    """What phase k owes at its end, each part done unless a resumed run finds it done:
+    its eval loss, its `phases/<label>` params, its `phase_end` line."""
+    from phased_jax.data.loader import PhaseLoader
+    from phased_jax.hf.orbax_params import save_params
+
+    phase = data.phases[k]
+    eval_examples = phase.eval_examples if phase.eval_examples is not None else data.eval_examples
+    if eval_examples is not None and len(eval_examples) and ("eval", k + 1) not in logged:
+        ev = PhaseLoader(eval_examples, trainer.global_batch, 1, int(config.seed), k,
+                         jax.process_index(), jax.process_count(),
+                         packing=bool(config.data.packing), shuffle=False)
+        loss = _eval_loss(trainer, state.params, ev)
+        log.write(event="eval", phase=k + 1, step=starts[k + 1], eval_loss=loss)
+        _say(f"phase {k + 1} eval loss {loss:.4f}")
+    target = out / "phases" / label
+    if config.checkpoint.get("phase_params", True) and not distributed.from_process_0(
+            ("phase_end", k + 1) in logged and _params_complete(target)):
+        with _storage(str(target)):
+            save_params(target, trainer.model_cfg, state.params, overwrite=True)
+    if ("phase_end", k + 1) not in logged:
+        log.write(event="phase_end", phase=k + 1, name=phase.phase.name, step=starts[k + 1])
+
+
+def _params_complete(path: Path) -> bool:
+    return (path / "model_config.json").is_file() and any(path.glob("*/_METADATA")) or (
+        (path / "model_config.json").is_file() and (path / "_METADATA").is_file())
+
+
+def _hf_complete(path: Path) -> bool:
+    return (path / "config.json").is_file() and (
+        (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file())
+
+
+def _export(config: ConfigDict, trainer: Any, params: Any, tokenizer: Any, hf_dir: str) -> None:
+    from phased_jax import hf
+    from phased_jax.model import Transformer
+
+    export_cfg = trainer.model_cfg.replace(param_dtype=config.export.dtype,
+                                           dtype=config.export.dtype)
+    if jax.process_count() > 1:  # every process takes part in the gather; process 0 writes
+        from jax.experimental import multihost_utils
+
+        params = jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), params)
+    if jax.process_index() == 0:
+        with _storage(hf_dir):
+            hf.save(hf_dir, Transformer(export_cfg), params, tokenizer=tokenizer, overwrite=True)
+        _say(f"exported the final model to {hf_dir}")
+
+
+@contextlib.contextmanager
+def _storage(path: str) -> Iterator[None]:
+    """Turn a full disk under `path` into one clear line (the run resumes once there is space)."""
+    try:
+        yield
+    except PhasedError:
+        raise
+    except Exception as e:
+        if not _is_disk_full(e):
+            raise
+        raise CheckpointError(f"no space left on the device holding {path}: free space (or "
+                              "point output_dir/checkpoint.dir elsewhere) and rerun the same "
+                              "command; it resumes from the last complete checkpoint") from None
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    e: BaseException | None = error
+    seen = []
+    while e is not None and e not in seen:
+        seen.append(e)
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _meta(config: ConfigDict, k: int, step: int, loader: Any, phase: Any, done: bool) -> dict:

@@ -30,21 +30,23 @@ from phased_jax.model.flops import flops_per_token
 class TrainState:
     """Step counter, parameters, optimizer state and the length of the run (phase) it is in.
 
-    `num_steps` is an array, not a constant: the LR schedule reads it at run time, so every
-    phase runs the same compiled step. `tx` (AdamW without its LR scaling) and `lr_fn`
-    (step, num_steps) -> LR are static and shared by all phases.
+    `num_steps` and `warmup_steps` are arrays, not constants: the LR schedule reads them at run
+    time, so every phase runs the same compiled step (both are counted on the host). `tx` (AdamW
+    without its LR scaling) and `lr_fn` (step, num_steps, warmup) -> LR are static and shared
+    by all phases.
     """
 
     step: jax.Array
     params: Any
     opt_state: Any
     num_steps: jax.Array
+    warmup_steps: jax.Array
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
     lr_fn: Any = flax.struct.field(pytree_node=False)
 
     def schedule(self, step: Any) -> jax.Array:
         """The LR at `step` of this run."""
-        return self.lr_fn(step, self.num_steps)
+        return self.lr_fn(step, self.num_steps, self.warmup_steps)
 
 
 def training_model_config(config: ConfigDict) -> ModelConfig:
@@ -104,11 +106,12 @@ class Trainer:
             lambda x: self.param_shardings if is_params(x) else replicated, opt_abstract,
             is_leaf=is_params)
         return TrainState(step=replicated, params=self.param_shardings, opt_state=opt_shardings,
-                          num_steps=replicated, tx=self.tx, lr_fn=self.lr_fn)
+                          num_steps=replicated, warmup_steps=replicated, tx=self.tx,
+                          lr_fn=self.lr_fn)
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with shardings: the restore target for Orbax (any mesh)."""
-        shapes = jax.eval_shape(self._fresh, jax.random.key(0), jnp.int32(1))
+        shapes = jax.eval_shape(self._fresh, jax.random.key(0), jnp.int32(1), jnp.int32(0))
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, self.state_shardings())
 
@@ -116,16 +119,25 @@ class Trainer:
         dtype = jnp.dtype(self.model_cfg.param_dtype)
         return jax.tree.map(lambda p: p.astype(dtype), params)
 
-    def _fresh(self, rng: jax.Array, num_steps: jax.Array) -> TrainState:
+    def _fresh(self, rng: jax.Array, num_steps: jax.Array, warmup: jax.Array) -> TrainState:
         params = _unbox(self.model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"])
-        return self._from_params(params, num_steps)
+        return self._from_params(params, num_steps, warmup)
 
-    def _from_params(self, params: Any, num_steps: jax.Array) -> TrainState:
+    def _from_params(self, params: Any, num_steps: jax.Array, warmup: jax.Array) -> TrainState:
         params = self._cast(params)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=self.tx.init(params),
-                          num_steps=jnp.asarray(num_steps, jnp.int32), tx=self.tx,
+                          num_steps=jnp.asarray(num_steps, jnp.int32),
+                          warmup_steps=jnp.asarray(warmup, jnp.int32), tx=self.tx,
                           lr_fn=self.lr_fn)
+
+    def with_run_length(self, state: TrainState, num_steps: int) -> TrainState:
+        """`state` continuing as a run of `num_steps` steps (`train.carry_optimizer`)."""
+        from phased_jax.train.optimizer import warmup_steps
+
+        return state.replace(num_steps=jnp.asarray(num_steps, jnp.int32),
+                             warmup_steps=jnp.asarray(warmup_steps(self.config.train, num_steps),
+                                                      jnp.int32))
 
     def init_state(self, num_steps: int, params: Any = None, rng: jax.Array | None = None
                    ) -> TrainState:
@@ -137,15 +149,18 @@ class Trainer:
         """
         if num_steps < 1:
             raise ConfigError(f"a run needs at least one step, got num_steps={num_steps}")
+        from phased_jax.train.optimizer import warmup_steps
+
         shardings = self.state_shardings()
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        n = jnp.int32(num_steps)
+        n, w = jnp.int32(num_steps), jnp.int32(warmup_steps(self.config.train, num_steps))
         if params is None:
             rng = jax.random.key(int(self.config.seed)) if rng is None else rng
-            return jax.jit(self._fresh, out_shardings=shardings)(rng, n)
+            return jax.jit(self._fresh, out_shardings=shardings)(rng, n, w)
         params = jax.device_put(params, self.param_shardings)
-        return jax.jit(self._from_params, in_shardings=(self.param_shardings, replicated),
-                       out_shardings=shardings)(params, n)
+        return jax.jit(self._from_params,
+                       in_shardings=(self.param_shardings, replicated, replicated),
+                       out_shardings=shardings)(params, n, w)
 
     # -- batches and steps -----------------------------------------------------------------------
     def shard_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -187,14 +202,11 @@ class Trainer:
             return self._steps["grads"](params, batch)
 
     def eval_loss(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        """Summed CE and token count of a batch (sum over batches, then divide, for eval loss)."""
+        """Summed CE and token count of a batch, in `grad_accum` micro-batches (for eval loss)."""
         if "eval" not in self._steps:
-            from phased_jax.train.step import make_loss_fn
-
-            def fn(params, batch):
-                with nn.logical_axis_rules(self.rules):
-                    _, (ce_sum, _) = make_loss_fn(self.model, 0.0)(params, batch)
-                return {"ce_sum": ce_sum, "loss_tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32))}
+            from phased_jax.train.step import eval_sums
+            fn = functools.partial(eval_sums, model=self.model, rules=self.rules,
+                                   grad_accum=self.grad_accum)
             self._steps["eval"] = jax.jit(fn, in_shardings=(self.param_shardings, self.batch_sharding))
         with jax.set_mesh(self.mesh):
             return self._steps["eval"](params, batch)

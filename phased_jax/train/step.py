@@ -92,6 +92,23 @@ def compute_grads(params: Any, batch: Batch, *, model: nn.Module, rules: Any,
     return grads, {"loss": ce_sum / denom, "z_loss": z_sum / denom, "loss_tokens": n_tokens}
 
 
+def eval_sums(params: Any, batch: Batch, *, model: nn.Module, rules: Any, grad_accum: int = 1
+              ) -> dict[str, jax.Array]:
+    """Summed CE and response-token count of a batch, in `grad_accum` micro-batches like training
+    (so eval fits wherever training fits); sum over batches, then divide."""
+    loss_fn = make_loss_fn(model, 0.0)
+    with nn.logical_axis_rules(rules):
+        tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+        if grad_accum == 1:
+            _, (ce_sum, _) = loss_fn(params, batch)
+        else:
+            def body(acc, micro):
+                return acc + loss_fn(params, micro)[1][0], None
+            ce_sum, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                                     _split_micro(batch, grad_accum))
+    return {"ce_sum": ce_sum, "loss_tokens": tokens}
+
+
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module, rules: Any,
                grad_accum: int = 1, z_loss: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on the global batch (jit this; see `Trainer.step`)."""

@@ -51,8 +51,14 @@ def test_stats_cli_on_stage3(stage3, tmp_path, capsys, tokenizer_dir):
     cfg = write_config(tmp_path, stage3)
     assert cli_main(["stats", "--config", str(cfg)]) == 1
     assert "en-alpaca52k-stage3.jsonl:2161: empty output" in capsys.readouterr().err
-    assert cli_main(["stats", "--config", str(cfg), "--config.data.on_invalid=skip",
-                     f"--config.data.tokenizer={tokenizer_dir}"]) == 0
+    args = ["stats", "--config", str(cfg), "--config.data.on_invalid=skip",
+            f"--config.data.tokenizer={tokenizer_dir}"]
+    assert cli_main(args) == 1  # the default order 1,2,3: phases 1 and 2 are empty
+    out, err = capsys.readouterr()
+    assert "[3.5, 5]" in out  # the table first, showing where the scores lie
+    assert "phase 1 (stage 1, scores [1, 1.5)) has no records" in err
+    assert 'use data.order="3"' in err and len(err.strip().splitlines()) == 1
+    assert cli_main([*args, "--config.data.order=3"]) == 0
     out = capsys.readouterr().out
     assert "read 6889 records, skipped 9 (empty_output: 9)" in out
     stage_row = next(line for line in out.splitlines() if line.startswith("3 ") and "[3.5, 5]" in line)
@@ -74,7 +80,7 @@ def test_stats_orders_help_and_words(tmp_path, capsys):
     sizes = [p.size for p in build_phases(recs, "2,1+3")]
     assert f"{sizes[0]:,}" in lines[2]
     assert cli_main(["stats", "--help"]) == 0 and "--config" in capsys.readouterr().out
-    assert cli_main(["stats", "--config", str(cfg), "--config.data.order=1,5"]) == 1
+    assert cli_main(["stats", "--config", str(cfg), "--config.data.order=1,5"]) == 2  # usage
     assert "stage 5 outside" in capsys.readouterr().err
 
 

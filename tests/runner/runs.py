@@ -24,19 +24,28 @@ def get_config():
     c.train.global_batch = 8
     c.train.epochs_per_phase = 1
     c.train.lr = 1e-3
-    c.train.log_every = 100
+    # Adam with a large eps: an update is then proportional to its gradient, so runs that differ
+    # only in float reduction order (other meshes, processes) differ by float noise, not by
+    # +-lr steps on entries whose gradient is noise (eps=1e-8 turns noise into a full step).
+    c.train.eps = 1e-3
+    c.train.log_every = 1
+    c.train.compute_dtype = "float32"  # float32 noise, not bfloat16 rounding, between meshes
     c.train.peak_flops = 1e11
     c.checkpoint.every_steps = 2
     c.checkpoint.keep = 2
     c.export.dtype = "float32"
+{extra}
     return c
 '''
 
 
 
-def write_config(exp: dict, out: Path, name: str = "cfg.py") -> Path:
+def write_config(exp: dict, out: Path, name: str = "cfg.py", extra: str = "") -> Path:
+    """The tiny experiment's config file for output dir `out`; `extra`: more `c.x = y` lines."""
     path = out.parent / f"{out.name}_{name}"
-    path.write_text(CONFIG.format(out=out, vocab=exp["vocab"], data=exp["data"], tok=exp["tok"]))
+    lines = "".join(f"    {line.strip()}\n" for line in extra.splitlines() if line.strip())
+    path.write_text(CONFIG.format(out=out, vocab=exp["vocab"], data=exp["data"], tok=exp["tok"],
+                                  extra=lines.rstrip("\n")))
     return path
 
 
@@ -65,6 +74,12 @@ def final_params(out: Path) -> dict:
     _, params = load_params(last)
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
+
+
+def metrics(out: Path) -> dict[int, dict]:
+    """metrics.jsonl by global step (the config logs every step)."""
+    lines = (out / "logs" / "metrics.jsonl").read_text().splitlines()
+    return {e["step"]: e for e in map(json.loads, lines)}
 
 
 def step_lines(out: Path) -> list[int]:

@@ -17,7 +17,12 @@ from fake_openai import FakeOpenAI  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO / ".." / "shared" / "data"
 STAGE3 = SHARED_DATA / "alpaca-scored" / "en-alpaca52k-stage3.jsonl"
-FAST = ["--no-progress", "--timeout", "0.5", "--initial-backoff", "0.02", "--max-backoff", "0.1"]
+# Short backoffs keep retries quick; the request time-out is generous so that a loaded machine
+# never turns a slow answer into an extra attempt (tests count attempts). Tests of hung requests
+# pass --timeout HANG_TIMEOUT: the fake server holds those until it stops, so only the client's
+# clock matters, and a spurious time-out there costs a retry, never a failure.
+FAST = ["--no-progress", "--timeout", "60", "--initial-backoff", "0.02", "--max-backoff", "0.1"]
+HANG_TIMEOUT = "1"
 
 
 @pytest.fixture

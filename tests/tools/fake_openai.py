@@ -8,6 +8,10 @@ or a re-ask (longer conversation) then succeeds.
 Difficulty prompts get `"<score>\\n<explanation>"` with score in {1, 1.5, ..., 5}. Judge prompts
 (user message starting with `[Question]`) get `"<s1> <s2>"`; an answer containing `<<a,b>>`
 scores `a` when shown as Assistant 1 and `b` when shown as Assistant 2.
+
+No test depends on this server's clock: a hung request waits until `stop()` (or `hang_s`, if
+given) and `hold_after=N` parks every request after the first N until `release_held()`, so a
+test can stop a client mid-run at a known point however slow the machine is (`wait_held`).
 """
 
 from __future__ import annotations
@@ -66,12 +70,19 @@ class FakeOpenAI:
     latency: float = 0.0
     fault_rate: float = 0.0
     faults: tuple[str, ...] = FAULT_KINDS
-    hang_s: float = 2.0
+    hang_s: float | None = None  # None: a hung request waits until stop()
+    hold_after: int | None = None  # park every request after the first N until release_held()
     retry_after: str | None = "0.05"
     retry_after_ms: str | None = None
     log: list[dict[str, Any]] = field(default_factory=list)
     _attempts: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stopping: threading.Event = field(default_factory=threading.Event)
+    _released: threading.Event = field(default_factory=threading.Event)
+    _changed: threading.Condition = field(default_factory=threading.Condition)
+    _received: int = 0
+    _in_flight: int = 0
+    _held: int = 0
 
     def __enter__(self) -> FakeOpenAI:
         self.start()
@@ -98,11 +109,14 @@ class FakeOpenAI:
             allow_reuse_address = True
 
         self._server = Server(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # A short poll interval: shutdown() waits for one, and every test stops a server.
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
         self._thread.start()
         return self.base_url
 
     def stop(self) -> None:
+        self._stopping.set()
+        self._released.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -128,6 +142,22 @@ class FakeOpenAI:
             return False
 
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        with self._changed:
+            self._received += 1
+            self._in_flight += 1
+            hold = self.hold_after is not None and self._received > self.hold_after
+            self._held += hold
+            self._changed.notify_all()
+        try:
+            if hold:
+                self._released.wait()
+            self._handle_one(h)
+        finally:
+            with self._changed:
+                self._in_flight -= 1
+                self._changed.notify_all()
+
+    def _handle_one(self, h: BaseHTTPRequestHandler) -> None:
         t_in = time.time()
         length = int(h.headers.get("Content-Length", "0"))
         raw = h.rfile.read(length)
@@ -176,7 +206,7 @@ class FakeOpenAI:
             entry.update(status=0, answered=False, t_out=None)
             with self._lock:
                 self.log.append(entry)  # logged now: the client gives up long before we wake
-            time.sleep(self.hang_s)
+            self._stopping.wait(self.hang_s)
             h.close_connection = True
             return
         elif fault == "malformed":
@@ -221,6 +251,22 @@ class FakeOpenAI:
     def reset_log(self) -> None:
         with self._lock:
             self.log.clear()
+
+    def wait_held(self, n: int = 1, timeout: float = 60.0) -> None:
+        """Block until `n` requests are parked by `hold_after` (TimeoutError after `timeout` s)."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._held >= n, timeout):
+                raise TimeoutError(f"fake server: {self._held} of {n} requests parked after {timeout:g} s")
+
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        """Block until no request is being handled (TimeoutError after `timeout` s)."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._in_flight == 0, timeout):
+                raise TimeoutError(f"fake server: {self._in_flight} requests in flight after {timeout:g} s")
+
+    def release_held(self) -> None:
+        """Let every parked request (and any later one) through."""
+        self._released.set()
 
 
 if __name__ == "__main__":  # manual use: python tests/tools/fake_openai.py

@@ -8,10 +8,9 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from conftest import FAST, read_jsonl, write_alpaca
+from conftest import FAST, HANG_TIMEOUT, read_jsonl, write_alpaca
 from fake_openai import item_hash
 from phased_tools.score import main as score_main
 
@@ -20,56 +19,67 @@ def cli(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", f"phased_tools.{module}", *args]
 
 
-def cached_items(cache: Path) -> set[int]:
-    """Items (by the server's hash of the first user message) with an answer in the cache."""
-    if not cache.exists():
-        return set()
+def cached_requests(cache: Path) -> set[tuple[int, int]]:
+    """(item, number of messages) of every request with an answer in the cache.
+
+    The item is the server's hash of the first user message; the message count tells a first
+    request from its re-asks.
+    """
     db = sqlite3.connect(f"file:{cache}?mode=ro", uri=True)
     try:
         rows = db.execute("SELECT request FROM answers").fetchall()
-    except sqlite3.OperationalError:
-        return set()
     finally:
         db.close()
     out = set()
     for (req,) in rows:
         msgs = json.loads(req)["messages"]
-        out.add(item_hash(next(m["content"] for m in msgs if m["role"] == "user")))
+        out.add((item_hash(next(m["content"] for m in msgs if m["role"] == "user")), len(msgs)))
     return out
 
 
+def requests_seen(entries: list[dict]) -> set[tuple[int, int]]:
+    return {(e["item"], e["n_messages"]) for e in entries if "item" in e}
+
+
 def test_sigkill_then_resume_resends_nothing_answered(server, tmp_path: Path) -> None:
-    n, conc = 400, 8
+    n, conc, served = 400, 8, 150
     inp = write_alpaca(tmp_path / "in.json", n)
     cache, out = tmp_path / "cache.sqlite", tmp_path / "out.jsonl"
-    srv = server(latency=0.03, fault_rate=0.1, faults=("500", "unparseable"))
+    # The server parks every request after the first `served`: once all `conc` workers wait
+    # there, every answer they received is committed and the run cannot finish, so the kill
+    # lands mid-run at a known point on any machine.
+    srv = server(fault_rate=0.1, faults=("500", "unparseable"), hold_after=served)
     args = cli("score", str(inp), "-o", str(out), "--base-url", srv.base_url, "--cache", str(cache),
                "--concurrency", str(conc), *FAST)
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while len(cached_items(cache)) < 120 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        srv.wait_held(conc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    srv.release_held()
+    srv.wait_idle()
     before = srv.entries()
-    have = cached_items(cache)  # what the killed run had stored
-    assert 120 <= len(have) < n, "the kill should land mid-run"
+    have = cached_requests(cache)  # what the killed run had stored
+    items = {i for i, _ in have}
+    assert served * 2 // 3 <= len(items) < n
     assert not out.exists()  # the output is only written, atomically, at the end
-    answered_before = {e["item"] for e in before if e.get("answered")}
+    answered_before = requests_seen([e for e in before if e.get("answered")])
 
     srv.reset_log()
     subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     after = srv.entries()
-    resent = {e["item"] for e in after}
-    assert not (resent & have), "an item answered and stored before the kill was asked again"
+    resent = requests_seen(after)
+    assert not (resent & have), "a request answered and stored before the kill was sent again"
     # answered by the server but lost in flight at the kill: at most the requests in flight
     assert len(resent & answered_before) <= conc
-    assert len(resent) == n - len(have)
+    every = {i for i, _ in requests_seen(before)} | {i for i, _ in resent}
+    assert len(every) == n and every - items <= {i for i, _ in resent}
 
     # the result equals an uninterrupted run's
     ref = tmp_path / "ref.jsonl"
-    srv2 = server(latency=0.0)
+    srv2 = server()
     assert score_main([str(inp), "-o", str(ref), "--base-url", srv2.base_url,
                        "--cache", str(tmp_path / "ref.sqlite"), "--concurrency", "32", *FAST]) == 0
     assert read_jsonl(out) == read_jsonl(ref)
@@ -88,9 +98,9 @@ def test_api_key_never_written_anywhere(server, tmp_path: Path, secret: str) -> 
         logs.extend([p.stdout, p.stderr])
         return p.returncode
 
-    srv = server(fault_rate=0.3, hang_s=0.6)
+    srv = server(fault_rate=0.3)  # a hung request waits until the server stops
     assert go(*cli("score", str(inp), "-o", str(work / "out.jsonl"), "--base-url", srv.base_url,
-                   "--cache", str(cache), *FAST, "--timeout", "0.3")) == 0
+                   "--cache", str(cache), *FAST, "--timeout", HANG_TIMEOUT)) == 0
     # judge: answers files made from the scored output
     rows = read_jsonl(work / "out.jsonl")
     for name, suffix in (("a", " A"), ("b", " B")):
@@ -98,7 +108,8 @@ def test_api_key_never_written_anywhere(server, tmp_path: Path, secret: str) -> 
             json.dumps({"test_set": "t", "id": str(i), "instruction": r["instruction"], "input": r["input"],
                         "output": r["output"] + suffix}) + "\n" for i, r in enumerate(rows)))
     assert go(*cli("judge", "--system", str(work / "a.jsonl"), "--baseline", str(work / "b.jsonl"),
-                   "-o", str(work / "judged"), "--base-url", srv.base_url, "--cache", str(cache), *FAST)) == 0
+                   "-o", str(work / "judged"), "--base-url", srv.base_url, "--cache", str(cache), *FAST,
+                   "--timeout", HANG_TIMEOUT)) == 0
     # a server that rejects the key and echoes it back in its error message
     bad = server(api_key="sk-something-else")
     other = write_alpaca(work / "other.json", 3, prefix="Other")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 from pathlib import Path
 
@@ -131,4 +132,29 @@ def test_dry_run(server, tmp_path: Path, capsys) -> None:
     srv = server()
     assert run(tmp_path, srv, "--system", str(sys_file), "--baseline", str(base_file), "--dry-run") == 0
     assert "requests:          22 (0 already cached, 22 to send" in capsys.readouterr().out
+    assert srv.entries() == []
+
+
+def test_bad_answer_files_and_outdir_are_refused_before_any_request(server, tmp_path: Path, capsys) -> None:
+    sys_file, base_file = make_files(tmp_path)
+    srv = server()
+    lines = sys_file.read_bytes().splitlines(keepends=True)
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b"".join(lines[:3]) + lines[3].replace(b"Answer", b"R\xe9ponse") + b"".join(lines[4:]))
+    assert run(tmp_path, srv, "--system", str(latin1), "--baseline", str(base_file)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"phased-judge: error: {latin1}:4: not UTF-8 (byte 0xe9") and err.count("\n") == 1
+    blob = tmp_path / "answers.jsonl.gz"
+    blob.write_bytes(gzip.compress(sys_file.read_bytes()))
+    assert run(tmp_path, srv, "--system", str(blob), "--baseline", str(base_file)) == 2
+    assert capsys.readouterr().err == f"phased-judge: error: {blob}: gzip-compressed; decompress it first (gunzip)\n"
+    assert run(tmp_path, srv, "--system", str(sys_file), "--baseline", str(base_file), "--max-record-bytes", "50") == 2
+    assert f"{base_file}:1: record too long" in capsys.readouterr().err
+    (tmp_path / "out").write_text("a file, not a folder")
+    assert run(tmp_path, srv, "--system", str(sys_file), "--baseline", str(base_file)) == 2
+    assert f"-o: {tmp_path / 'out'} exists and is not a folder" in capsys.readouterr().err
+    (tmp_path / "out").unlink()
+    (tmp_path / "out" / "winrate.md").mkdir(parents=True)
+    assert run(tmp_path, srv, "--system", str(sys_file), "--baseline", str(base_file)) == 2
+    assert f"-o: {tmp_path / 'out' / 'winrate.md'} is a folder" in capsys.readouterr().err
     assert srv.entries() == []

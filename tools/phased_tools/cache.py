@@ -10,6 +10,10 @@ answer waiting, writes them in one transaction with one fsync, then releases the
 300 answers/s that is a few commits a second instead of 300, which is most of the client's
 per-request CPU that the cache costs, and it is no less durable: no waiter goes on before its
 row is on disk.
+
+Opening is safe when many runs start at once on a new cache: switching a new file to WAL and
+creating the table need a lock that SQLite's busy handler does not always wait for, so both are
+retried with backoff (and skipped when another run has already done them).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
+import random
 import sqlite3
 import threading
 import time
@@ -50,6 +55,34 @@ def request_key(model: str, messages: list[dict[str, str]], params: dict[str, An
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+_OPEN_TIMEOUT_S = 60.0
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+
+
+class CacheError(RuntimeError):
+    """The cache cannot be opened (not a database, no permission, locked for a minute)."""
+
+
+def _is_busy(e: sqlite3.OperationalError) -> bool:
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    return "locked" in str(e) or "busy" in str(e)
+
+
+def _retry_busy(fn: Any, deadline: float) -> Any:
+    """fn() again with jittered backoff while SQLite answers busy/locked, until `deadline`."""
+    delay = 0.002
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as e:
+            if not _is_busy(e) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 0.25)
+
+
 _INSERT = "INSERT OR IGNORE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 
 
@@ -66,21 +99,40 @@ class CachedAnswer:
 class AnswerCache:
     """SQLite WAL store of replies; safe to share between processes and concurrent runs."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, timeout: float = _OPEN_TIMEOUT_S) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db, self._wdb = _retry_busy(lambda: self._connect(timeout), time.monotonic() + timeout)
+        except (sqlite3.Error, OSError) as e:
+            raise CacheError(
+                f"cannot open the answer cache {self.path}: {e}; pass another --cache "
+                "(or delete this file if it is not an answer cache)"
+            ) from None
+        self._wlock = threading.Lock()
+
+    def _connect(self, timeout: float) -> tuple[sqlite3.Connection, sqlite3.Connection]:
         # isolation_level=None: autocommit, every INSERT is its own durable transaction.
         # Two connections: reads on the caller's thread never wait behind a writer's fsync
         # (WAL lets them run side by side); writes may come from a worker thread.
-        self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(_SCHEMA)
-        self._wdb = sqlite3.connect(
-            str(self.path), isolation_level=None, timeout=30.0, check_same_thread=False
-        )
-        self._wdb.execute("PRAGMA synchronous=FULL")
-        self._wlock = threading.Lock()
+        db = wdb = None
+        try:
+            db = sqlite3.connect(str(self.path), isolation_level=None, timeout=timeout)
+            # WAL is a property of the file: only the first run needs to switch it, and the
+            # switch takes an exclusive lock the busy timeout does not wait for (hence the retry).
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'answers'").fetchone() is None:
+                db.execute(_SCHEMA)
+            wdb = sqlite3.connect(str(self.path), isolation_level=None, timeout=timeout, check_same_thread=False)
+            wdb.execute("PRAGMA synchronous=FULL")
+            return db, wdb
+        except BaseException:
+            for c in (db, wdb):
+                if c is not None:
+                    c.close()
+            raise
 
     def get(self, key: str) -> CachedAnswer | None:
         """The stored answer for `key`, or None if it was never paid for."""

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import email.utils
 import json
 import math
 import os
 import random
+import secrets
 import sqlite3
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phased_tools.cache import AnswerCache, CachedAnswer, GroupCommitter, request_key
+from phased_tools.cache import AnswerCache, CachedAnswer, CacheError, GroupCommitter, request_key
 
 Messages = list[dict[str, str]]
 
@@ -564,7 +567,10 @@ def answer_jobs(prog: str, desc: str, jobs: Sequence[Job], cfg: ClientConfig, ap
 
 async def _answer_jobs(desc: str, jobs: Sequence[Job], cfg: ClientConfig, api_key: str, stats: Stats
                        ) -> list[JobResult]:
-    cache = AnswerCache(cfg.cache_path)
+    try:
+        cache = AnswerCache(cfg.cache_path)
+    except CacheError as e:
+        raise FatalError(str(e)) from None
     asker = Asker(cfg, cache, api_key, stats)
     progress = Progress(len(jobs), cfg.progress, stats, cfg.prices(), desc)
     try:
@@ -642,7 +648,11 @@ def cached_count(cfg: ClientConfig, requests: list[Messages]) -> int:
     """How many of `requests` already have an answer (opens the cache read-only if it exists)."""
     if not cfg.cache_path.exists():
         return 0
-    cache = AnswerCache(cfg.cache_path)
+    try:
+        cache = AnswerCache(cfg.cache_path)
+    except CacheError as e:
+        print(f"warning: {e}; counting every request as not cached", file=sys.stderr)
+        return 0
     try:
         keys = cache.keys()
         return sum(request_key(cfg.model, m, cfg.params()) in keys for m in requests)
@@ -650,28 +660,64 @@ def cached_count(cfg: ClientConfig, requests: list[Messages]) -> int:
         cache.close()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temp file in the same folder, fsync, then rename."""
+def output_problem(path: Path, *, folder: bool = False) -> str | None:
+    """Why `path` (a file, or with `folder` a folder the run fills) cannot be written, or None.
+
+    Checked before the first request is sent: finding out after paying for every answer is the
+    failure this prevents. A missing parent is not created: it is more often a typo.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    if folder:
+        if path.exists() and not path.is_dir():
+            return f"{path} exists and is not a folder; give a folder for the outputs"
+        where = path if path.is_dir() else path.parent
+    else:
+        if path.is_dir():
+            return f"{path} is a folder; give a file path, e.g. {path / 'scored.jsonl'}"
+        if path.exists() and not path.is_file():
+            return f"{path} exists and is not a regular file; give a file path"
+        where = path.parent
+    if not where.is_dir():
+        return f"folder {where} does not exist; create it first (mkdir -p {where}) or give another path"
+    try:  # the only reliable test (root, read-only mounts, ACLs): make a file there
+        fd, probe = tempfile.mkstemp(prefix=".phased-write-test.", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"cannot write in {where} ({e.strerror})"
+    return None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Binary twin of atomic_write_text (for the PNG)."""
+    """Write `data` beside `path`, fsync, rename it over `path`, fsync the folder.
+
+    The file appears whole or not at all, and no temporary file is left on any error.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with open(fd, "wb", closefd=True) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # the rename itself durable (not possible on every OS)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """UTF-8 twin of atomic_write_bytes."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def jsonl(rows: Sequence[dict[str, Any]]) -> str:

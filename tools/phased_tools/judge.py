@@ -25,11 +25,20 @@ from phased_tools.client import (
     format_dry_run,
     format_summary,
     jsonl,
+    output_problem,
 )
 from phased_tools.judge_prompt import REASK_TEXT, judge_messages, parse_pair, question
-from phased_tools.records import AnswerRow, InputError, load_answers
+from phased_tools.records import (
+    DEFAULT_MAX_RECORD_BYTES,
+    AnswerRow,
+    InputError,
+    load_answers,
+    positive_bytes,
+)
 from phased_tools.report import write_all
 from phased_tools.winrate import Tally, combine, judgment_outcome
+
+OUTPUT_FILES = ("judgments.jsonl", "winrate.md", "winrate.csv", "winrate.json", "winrate.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="several systems at once, each against the baseline")
     p.add_argument("--baseline", required=True, metavar="[NAME=]B.jsonl", help="the baseline's answers")
     p.add_argument("-o", "--outdir", type=Path, required=True, help="folder for the tables and judgments")
+    p.add_argument("--max-record-bytes", type=positive_bytes, default=DEFAULT_MAX_RECORD_BYTES,
+                   help="refuse an answer line longer than this (default: %(default)s)")
     add_client_args(p, reask_default=0)
     return p
 
@@ -91,13 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     base_name, base_path = _named(args.baseline)
     try:
-        baseline = load_answers(base_path)
+        baseline = load_answers(base_path, args.max_record_bytes)
         systems: dict[str, dict[tuple[str, str], AnswerRow]] = {}
         for spec in specs:
             name, path = _named(spec)
             if name in systems or name == base_name:
                 raise InputError(f"{path}: system name {name!r} used twice; name it with NAME=PATH")
-            rows = load_answers(path)
+            rows = load_answers(path, args.max_record_bytes)
             match(baseline, rows, base_path, path)
             systems[name] = rows
     except InputError as e:
@@ -117,6 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         print(format_dry_run(len(keys) * len(systems), msgs, cached_count(cfg, msgs), cfg,
                              f"pairs ({len(systems)} system(s) x {len(keys)} questions, 2 orders each)"))
         return 0
+    problem = output_problem(args.outdir, folder=True)
+    if problem is None and args.outdir.is_dir():
+        for name in OUTPUT_FILES:
+            if problem := output_problem(args.outdir / name):
+                break
+    if problem:  # before the first request: a run must never pay for answers it cannot write
+        print(f"phased-judge: error: -o: {problem}", file=sys.stderr)
+        return 2
     api_key = api_key_or_exit(cfg)
     done = answer_jobs("phased-judge", "judging", jobs, cfg, api_key)
     if isinstance(done, int):
@@ -148,9 +167,14 @@ def main(argv: list[str] | None = None) -> int:
                 "outcome": outcome, "error": error,
                 "system_first": _order(r1, system_pos=0), "baseline_first": _order(r2, system_pos=1),
             })
-    atomic_write_text(args.outdir / "judgments.jsonl", jsonl(judgments))
     extra = {"judge": {"model": cfg.model, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}}
-    paths = write_all(args.outdir, tallies, base_name, test_sets, unparseable, extra)
+    try:
+        atomic_write_text(args.outdir / "judgments.jsonl", jsonl(judgments))
+        paths = write_all(args.outdir, tallies, base_name, test_sets, unparseable, extra)
+    except OSError as e:
+        print(f"phased-judge: error: cannot write {e.filename or args.outdir} ({e.strerror}); every "
+              "judgment is cached, so fix that and run again: nothing is sent twice", file=sys.stderr)
+        return 1
     counts = {"pairs": len(judgments), "judged": len(judgments) - len(unparseable),
               "unparseable": len(unparseable) - request_failures, "failed requests": request_failures}
     print(format_summary(stats, cfg, counts, done.wall), file=sys.stderr)

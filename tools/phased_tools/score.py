@@ -33,8 +33,17 @@ from phased_tools.client import (
     format_dry_run,
     format_summary,
     jsonl,
+    output_problem,
 )
-from phased_tools.records import FORMATS, InputError, Record, load_records
+from phased_tools.records import (
+    DEFAULT_MAX_RECORD_BYTES,
+    FORMATS,
+    InputError,
+    Record,
+    load_records,
+    positive_bytes,
+    read_text,
+)
 
 REASK_TEXT = (
     "Your reply did not start with a line containing only the score. Please answer again: "
@@ -74,10 +83,7 @@ def load_template(path: str | Path | None = None) -> Template:
         name = "difficulty"
     else:
         path = Path(path)
-        try:
-            text = path.read_text("utf-8")
-        except OSError as e:
-            raise InputError(f"{path}: cannot read template ({e.strerror})") from None
+        text = read_text(path)
         name = path.stem
     sections: dict[str, list[str]] = {}
     current: str | None = None
@@ -141,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", type=Path, default=None, help="prompt template file (default: the packaged difficulty.txt)")
     p.add_argument("--failed", type=Path, default=None, help="where failed items go (default: OUTPUT.failed.jsonl)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N records")
+    p.add_argument("--max-record-bytes", type=positive_bytes, default=DEFAULT_MAX_RECORD_BYTES,
+                   help="refuse an input record longer than this (default: %(default)s)")
     add_client_args(p, reask_default=2)
     return p
 
@@ -165,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             instruction_field=args.instruction_field,
             input_field=args.input_field,
             output_field=args.output_field,
+            max_record_bytes=args.max_record_bytes,
         )
     except InputError as e:
         print(f"phased-score: error: {e}", file=sys.stderr)
@@ -184,16 +193,22 @@ def main(argv: list[str] | None = None) -> int:
         print(format_dry_run(len(records), messages, cached_count(cfg, messages), cfg,
                              f"records from {args.input} ({report.format})"))
         return 0
+    failed_path = args.failed or args.output.with_name(args.output.name + ".failed.jsonl")
+    for flag, path in (("-o", args.output), ("--failed", failed_path)):
+        problem = output_problem(path)
+        if problem:  # before the first request: a run must never pay for answers it cannot write
+            print(f"phased-score: error: {flag}: {problem}", file=sys.stderr)
+            return 2
     api_key = api_key_or_exit(cfg)
     scorer = {"model": cfg.model, "template": template.name, "template_sha256": template.sha256}
     jobs = [Job(m, parse_score, REASK_TEXT) for m in messages]
     done = answer_jobs("phased-score", "scoring", jobs, cfg, api_key)
     if isinstance(done, int):
         return done
-    return _finish(args, records, done.results, scorer, done.stats, cfg, done.wall)
+    return _finish(args, failed_path, records, done.results, scorer, done.stats, cfg, done.wall)
 
 
-def _finish(args: argparse.Namespace, records: list[Record], results: list[JobResult],
+def _finish(args: argparse.Namespace, failed_path: Path, records: list[Record], results: list[JobResult],
             scorer: dict[str, str], stats: Stats, cfg: Any, wall: float) -> int:
     out_rows, failed_rows = [], []
     for rec, res in zip(records, results, strict=True):
@@ -210,12 +225,16 @@ def _finish(args: argparse.Namespace, records: list[Record], results: list[JobRe
                     "record": rec.raw,
                 }
             )
-    atomic_write_text(args.output, jsonl(out_rows))
-    failed_path = args.failed or args.output.with_name(args.output.name + ".failed.jsonl")
-    if failed_rows:
-        atomic_write_text(failed_path, jsonl(failed_rows))
-    elif failed_path.exists():
-        failed_path.unlink()  # stale from an earlier run
+    try:
+        atomic_write_text(args.output, jsonl(out_rows))
+        if failed_rows:
+            atomic_write_text(failed_path, jsonl(failed_rows))
+        elif failed_path.exists():
+            failed_path.unlink()  # stale from an earlier run
+    except OSError as e:
+        print(f"phased-score: error: cannot write {e.filename or args.output} ({e.strerror}); every answer "
+              "is cached, so fix that and run again: nothing is sent twice", file=sys.stderr)
+        return 1
     cached = sum(1 for r in results if r.ok and r.from_cache)
     counts = {"scored": len(out_rows), "failed": len(failed_rows), "cached": cached}
     print(format_summary(stats, cfg, counts, wall), file=sys.stderr)

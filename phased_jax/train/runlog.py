@@ -1,0 +1,83 @@
+"""`logs/phase_log.jsonl`: one line per step run and per phase event, written by process 0.
+
+The log is also how a resumed run knows what a finished phase still owes (its eval, its
+`phases/` params, its `phase_end` line). A kill can tear the last line; readers skip torn lines
+(and say how many), and `rewind` rewrites the file whole, so appends always start on a new line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+
+def read_events(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The JSON objects of a JSONL log, and the number of torn (unparseable) lines skipped."""
+    if not path.exists():
+        return [], 0
+    events, torn = [], 0
+    for line in path.read_bytes().splitlines():
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            torn += 1
+            continue
+        if isinstance(event, dict):
+            events.append(event)
+        else:
+            torn += 1
+    return events, torn
+
+
+class RunLog:
+    """The run's event log; on resume, lines past the restored step are dropped (they were
+    undone), so the log shows every step of the finished run exactly once."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = None
+
+    def rewind(self, global_step: int) -> None:
+        """Drop step lines after `global_step` and torn lines, here and in `metrics.jsonl`."""
+        if not self.enabled:
+            return
+        for path in (self.path, self.path.with_name("metrics.jsonl")):
+            if not path.exists():
+                continue
+            events, torn = read_events(path)
+            if torn:
+                print(f"note: skipped {torn} torn line(s) in {path} (a kill mid-write)", flush=True)
+            kept = [e for e in events if e.get("step", -1) <= global_step]
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w") as f:
+                f.write("".join(json.dumps(e) + "\n" for e in kept))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+
+    def events(self) -> list[dict[str, Any]]:
+        return read_events(self.path)[0] if self.enabled else []
+
+    def write(self, **event: Any) -> None:
+        """Append one whole line (one write call, flushed)."""
+        if not self.enabled:
+            return
+        if self._file is None:
+            self._file = open(self.path, "a")  # noqa: SIM115 (closed in close())
+        self._file.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,203 @@
+"""A config mistake is found before any data is read: `validate_config` names the field, and
+every command-line or config-file mistake is one line on stderr with exit status 2."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from phased_jax.cli import main as cli_main
+from phased_jax.config import get_default_config, validate_config
+from phased_jax.errors import ConfigError
+
+GOOD = '''
+from phased_jax.config import get_default_config
+
+def get_config():
+    c = get_default_config()
+    c.data.paths = ("data.jsonl",)
+    c.output_dir = {out!r}
+    return c
+'''
+
+
+def valid():
+    c = get_default_config()
+    c.data.paths = ("data.jsonl",)
+    return c
+
+
+def test_default_config_with_data_is_valid():
+    validate_config(valid())
+    with pytest.raises(ConfigError, match=r"data\.paths=\(\) is invalid"):
+        validate_config(get_default_config())  # no data to train on
+
+
+INVALID = [  # (field, value, what the message must also say)
+    ("data.thresholds", (0.5, 9.0), r"increase strictly and lie in \(1, 5\]"),
+    ("data.thresholds", (3.5, 1.5), "increase strictly"),
+    ("data.thresholds", (1.5, 1.5), "increase strictly"),
+    ("data.thresholds", (1.0, 3.5), r"lie in \(1, 5\]"),
+    ("data.thresholds", ("a",), "tuple of scores"),
+    ("train.lr", 0.0, "> 0"),
+    ("train.lr", -1e-5, "> 0"),
+    ("train.warmup_ratio", 1.5, r"in \[0, 1\]"),
+    ("train.warmup_ratio", -0.1, r"in \[0, 1\]"),
+    ("train.epochs_per_phase", 0, ">= 1"),
+    ("train.grad_accum", 0, ">= 1"),
+    ("train.global_batch", 0, ">= 1"),
+    ("train.max_steps_per_phase", 0, "-1 for no cap"),
+    ("data.max_length", 1, ">= 2"),
+    ("data.max_record_bytes", 0, ">= 1"),
+    ("data.eval_fraction", 1.0, r"in \[0, 1\)"),
+    ("data.quantiles", -1, ">= 0"),
+    ("data.template", "chatml", "'authors', 'alpaca', 'chat'"),
+    ("data.format", "csv", "'auto', 'alpaca', 'authors', 'scored', 'jsonl', 'hf'"),
+    ("data.on_invalid", "ignore", "'error', 'skip'"),
+    ("train.schedule", "cos", "'cosine', 'linear', 'constant'"),
+    ("train.compute_dtype", "fp8", "'bfloat16'"),
+    ("export.dtype", "int8", "'float32'"),
+    ("checkpoint.keep", 0, ">= 1"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "why"), INVALID,
+                         ids=[f"{f}={v!r}" for f, v, _ in INVALID])
+def test_invalid_field_is_named_with_its_value(field, value, why):
+    c = valid()
+    section, name = field.split(".")
+    c[section][name] = value
+    with pytest.raises(ConfigError) as e:
+        validate_config(c)
+    msg = str(e.value)
+    assert msg.startswith(f"{field}={value!r} is invalid")
+    assert f"--config.{field}=" in msg  # what to do
+    assert re.search(why, msg), msg
+
+
+@pytest.mark.parametrize(("order", "why"), [
+    ("1,,3", r"'' is not a stage like '2' or '1\+3'"),
+    ("1,4", r"stage 4 outside 1\.\.3 \(data\.thresholds or data\.quantiles make 3 stages\)"),
+    ("1,1", "stage 1 appears twice"),
+    ("first", "'first' is not a stage.*'oneoff' or 'random'"),
+])
+def test_order_syntax(order, why):
+    c = valid()
+    c.data.order = order
+    with pytest.raises(ConfigError, match=rf"^data\.order '{order}': {why}"):
+        validate_config(c)
+
+
+def test_batch_must_divide_into_micro_batches():
+    c = valid()
+    c.train.global_batch, c.train.grad_accum = 10, 3
+    with pytest.raises(ConfigError, match=r"train\.global_batch=10 is not divisible by "
+                                          r"train\.grad_accum=3"):
+        validate_config(c)
+
+
+def test_model_section_is_checked():
+    c = valid()
+    c.model.remat_policy = "everything"
+    with pytest.raises(ConfigError, match=r"config\.model: .*remat_policy 'everything'"):
+        validate_config(c)
+
+
+@pytest.fixture
+def good(tmp_path):
+    path = tmp_path / "good.py"
+    path.write_text(GOOD.format(out=str(tmp_path / "run")))
+    return path
+
+
+def usage_error(capsys, argv: list[str], command: str = "train") -> str:
+    """Run `phased-jax COMMAND ARGV`; assert exit 2 and one line on stderr; return it."""
+    assert cli_main([command, *argv]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"phased-jax {command}: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err and not out
+    return err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    err = usage_error(capsys, ["--config", str(tmp_path / "nope.py")])
+    assert f"--config {tmp_path / 'nope.py'}: no such file" in err
+
+
+def test_config_is_a_directory(tmp_path, capsys):
+    err = usage_error(capsys, ["--config", str(tmp_path)], "stats")
+    assert f"--config {tmp_path}: is a directory" in err
+
+
+def test_config_without_get_config(tmp_path, capsys):
+    path = tmp_path / "c.py"
+    path.write_text("LR = 1e-5\n")
+    assert "defines no get_config()" in usage_error(capsys, ["--config", str(path)])
+
+
+def test_config_that_raises_on_import(tmp_path, capsys):
+    path = tmp_path / "c.py"
+    path.write_text("import os\n\nPATHS = os.environ['NO_SUCH_VARIABLE_HOPEFULLY']\n")
+    err = usage_error(capsys, ["--config", str(path)])
+    assert f"--config {path}:3: importing it failed: KeyError: 'NO_SUCH_VARIABLE_HOPEFULLY'" in err
+
+
+def test_config_with_a_syntax_error(tmp_path, capsys):
+    path = tmp_path / "c.py"
+    path.write_text("def get_config(:\n    pass\n")
+    err = usage_error(capsys, ["--config", str(path)], "stats")
+    assert f"--config {path}: importing it failed: SyntaxError" in err and "line 1" in err
+
+
+def test_get_config_with_a_bad_value_type(tmp_path, capsys):
+    path = tmp_path / "c.py"
+    path.write_text("from phased_jax.config import get_default_config\n\ndef get_config():\n"
+                    "    c = get_default_config()\n    c.train.lr = 'fast'\n    return c\n")
+    err = usage_error(capsys, ["--config", str(path)])
+    assert f"--config {path}:5: get_config() failed: TypeError" in err
+
+
+def test_unknown_override_suggests_the_field(good, capsys):
+    err = usage_error(capsys, ["--config", str(good), "--config.train.lrr=1"])
+    assert "--config.train.lrr=1: the config has no field 'train.lrr'" in err
+    assert "did you mean 'train.lr'?" in err
+    err = usage_error(capsys, ["--config", str(good), "--config.dat.order=3"], "stats")
+    assert "did you mean 'data.order'?" in err
+    err = usage_error(capsys, ["--config", str(good), "--config.zzz=1"])
+    assert "the config's sections are checkpoint, data" in err
+
+
+def test_override_with_a_bad_value_type(good, capsys):
+    err = usage_error(capsys, ["--config", str(good), "--config.train.lr=fast"])
+    assert "--config.train.lr=fast" in err and "could not convert" in err
+    err = usage_error(capsys, ["--config", str(good), "--config.train.global_batch=1.5"])
+    assert "--config.train.global_batch=1.5" in err
+
+
+def test_override_with_an_invalid_value(good, capsys):
+    err = usage_error(capsys, ["--config", str(good), "--config.data.thresholds=(0.5,9)"], "stats")
+    assert "data.thresholds=(0.5, 9" in err and "increase strictly" in err
+    err = usage_error(capsys, ["--config", str(good), "--config.train.warmup_ratio=2"])
+    assert "train.warmup_ratio=2.0 is invalid" in err
+
+
+def test_missing_config_flag_and_unknown_flag(good, capsys):
+    assert "--config is required" in usage_error(capsys, [])
+    assert "Unknown command line flag 'bogus'" in usage_error(
+        capsys, ["--config", str(good), "--bogus"])
+
+
+def test_bad_data_still_exits_1(good, capsys):
+    assert cli_main(["stats", "--config", str(good)]) == 1  # data.jsonl does not exist
+    assert "data.jsonl" in capsys.readouterr().err
+
+
+def test_required_field_missing_is_named():
+    c = valid()
+    del c.train["lr"]
+    with pytest.raises(ConfigError, match=r"the config has no field train\.lr"):
+        validate_config(c)
+    c = valid()
+    del c.train["z_loss"]  # optional fields are checked only where present
+    validate_config(c)
