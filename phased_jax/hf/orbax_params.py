@@ -17,8 +17,9 @@ from typing import Any, NoReturn
 import jax
 import orbax.checkpoint as ocp
 
+from phased_jax import fileio
 from phased_jax.errors import CheckpointError
-from phased_jax.hf import fileio, mapping
+from phased_jax.hf import mapping
 from phased_jax.model.config import ModelConfig
 
 PARAMS_ITEM = "params"

@@ -23,8 +23,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from phased_jax.errors import CheckpointError
+from phased_jax.fileio import all_processes_ok, atomic_directory
 from phased_jax.hf import mapping
-from phased_jax.hf.fileio import all_processes_ok, atomic_directory
 from phased_jax.hf.hf_config import generation_config_from, hf_config_from
 from phased_jax.hf.writer import TensorSpec, parse_size, write_shards
 from phased_jax.model.config import ModelConfig
@@ -77,7 +77,7 @@ def _check_params(params: dict, cfg: ModelConfig) -> None:
                                   f"expected {list(want)} for this model config")
 
 
-def _slices(cfg: ModelConfig, params: dict) -> Iterator[tuple[mapping.Rule, int | None]]:
+def _slices(cfg: ModelConfig) -> Iterator[tuple[mapping.Rule, int | None]]:
     """(rule, layer) in checkpoint order: embeddings, layer 0..L-1, final norm and head."""
     for rule in mapping.EMBED_RULES:
         yield rule, None
@@ -91,7 +91,7 @@ def _slices(cfg: ModelConfig, params: dict) -> Iterator[tuple[mapping.Rule, int 
 def hf_tensors(cfg: ModelConfig, params: dict, dtype: np.dtype | None = None
                ) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, array) in checkpoint order, converting one leaf slice at a time."""
-    for rule, layer in _slices(cfg, params):
+    for rule, layer in _slices(cfg):
         host = _host(mapping.get_path(params, rule.path), layer)
         for name, t in zip(rule.hf_names(layer), rule.to_hf(cfg, host), strict=True):
             yield name, (t if dtype is None else t.astype(dtype, copy=False))
@@ -100,7 +100,7 @@ def hf_tensors(cfg: ModelConfig, params: dict, dtype: np.dtype | None = None
 def _gather_only(cfg: ModelConfig, params: dict) -> Iterator[None]:
     """The gathers of `hf_tensors` without the conversion: what a process that writes nothing
     does so that process 0's gathers complete."""
-    for rule, layer in _slices(cfg, params):
+    for rule, layer in _slices(cfg):
         _host(mapping.get_path(params, rule.path), layer)
         yield None
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
 import os
 import signal
@@ -31,10 +30,10 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from phased_jax import distributed
+from phased_jax import distributed, fileio
 from phased_jax.checkpoint import RunCheckpoints
 from phased_jax.config import model_config, parse_config_argv, validate_config
-from phased_jax.errors import CheckpointError, ConfigError, PhasedError
+from phased_jax.errors import CheckpointError, ConfigError
 from phased_jax.train.runlog import RunLog
 
 # Test hook: SIGKILL this process right after the given global step (and its checkpoint save
@@ -229,7 +228,9 @@ def run(config: ConfigDict) -> dict[str, Any]:
     if final is None:  # nothing left to run: the last checkpoint is the final model
         raise ConfigError("no phase to run: the config's data produced no phases")
     if config.export.at_end:
-        if ("done", None) in logged and _hf_complete(Path(hf_dir)):
+        from phased_jax.hf import export_complete
+
+        if ("done", None) in logged and distributed.from_process_0(export_complete(hf_dir)):
             _say(f"the run was already complete; its final model is in {hf_dir}")
         else:
             _export(config, trainer, final.params, data.tokenizer, hf_dir)
@@ -248,7 +249,7 @@ def _finish_phase(config: ConfigDict, trainer: Any, data: Any, k: int, label: st
     """What phase k owes at its end, each part done unless a resumed run finds it done:
     its eval loss, its `phases/<label>` params, its `phase_end` line."""
     from phased_jax.data.loader import PhaseLoader
-    from phased_jax.hf.orbax_params import save_params
+    from phased_jax.hf.orbax_params import params_complete, save_params
 
     phase = data.phases[k]
     eval_examples = phase.eval_examples if phase.eval_examples is not None else data.eval_examples
@@ -261,63 +262,37 @@ def _finish_phase(config: ConfigDict, trainer: Any, data: Any, k: int, label: st
         _say(f"phase {k + 1} eval loss {loss:.4f}")
     target = out / "phases" / label
     if config.checkpoint.get("phase_params", True) and not distributed.from_process_0(
-            ("phase_end", k + 1) in logged and _params_complete(target)):
+            ("phase_end", k + 1) in logged and params_complete(target)):
         with _storage(str(target)):
             save_params(target, trainer.model_cfg, state.params, overwrite=True)
     if ("phase_end", k + 1) not in logged:
         log.write(event="phase_end", phase=k + 1, name=phase.phase.name, step=starts[k + 1])
 
 
-def _params_complete(path: Path) -> bool:
-    return (path / "model_config.json").is_file() and any(path.glob("*/_METADATA")) or (
-        (path / "model_config.json").is_file() and (path / "_METADATA").is_file())
-
-
-def _hf_complete(path: Path) -> bool:
-    return (path / "config.json").is_file() and (
-        (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file())
-
-
 def _export(config: ConfigDict, trainer: Any, params: Any, tokenizer: Any, hf_dir: str) -> None:
+    """Every process takes part (one layer slice gathered at a time); process 0 writes."""
     from phased_jax import hf
     from phased_jax.model import Transformer
 
     export_cfg = trainer.model_cfg.replace(param_dtype=config.export.dtype,
                                            dtype=config.export.dtype)
-    if jax.process_count() > 1:  # every process takes part in the gather; process 0 writes
-        from jax.experimental import multihost_utils
-
-        params = jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), params)
-    if jax.process_index() == 0:
-        with _storage(hf_dir):
-            hf.save(hf_dir, Transformer(export_cfg), params, tokenizer=tokenizer, overwrite=True)
-        _say(f"exported the final model to {hf_dir}")
+    hf.save(hf_dir, Transformer(export_cfg), params, tokenizer=tokenizer, overwrite=True)
+    _say(f"exported the final model to {hf_dir}")
 
 
 @contextlib.contextmanager
-def _storage(path: str) -> Iterator[None]:
-    """Turn a full disk under `path` into one clear line (the run resumes once there is space)."""
+def _storage(path: str, needed_bytes: int | None = None) -> Iterator[None]:
+    """A full disk under `path` becomes one clear line (the run resumes once there is space),
+    without the echoes Orbax's writer threads print for it."""
     try:
-        yield
-    except PhasedError:
-        raise
+        with fileio.quiet_disk_full_noise():
+            yield
     except Exception as e:
-        if not _is_disk_full(e):
+        error = fileio.disk_full_error(e, path, needed_bytes)
+        if error is None:
             raise
-        raise CheckpointError(f"no space left on the device holding {path}: free space (or "
-                              "point output_dir/checkpoint.dir elsewhere) and rerun the same "
-                              "command; it resumes from the last complete checkpoint") from None
-
-
-def _is_disk_full(error: BaseException) -> bool:
-    e: BaseException | None = error
-    seen = []
-    while e is not None and e not in seen:
-        seen.append(e)
-        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
+        raise CheckpointError(f"{error}; then rerun the same command: it resumes from the last "
+                              "complete checkpoint") from None
 
 
 def _meta(config: ConfigDict, k: int, step: int, loader: Any, phase: Any, done: bool) -> dict:

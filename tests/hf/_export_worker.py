@@ -2,8 +2,9 @@
 
 Builds the sharded params of tests/hf/export_model.py, measures this process's peak RSS growth
 while `hf.save` streams them out, then (as a control showing the measurement can see a whole
-model) while gathering them all the old way, and checks a refused save fails on every process.
-Exports to OUT/export/hf/; writes what it saw to OUT/result-<process>.json.
+model) while gathering them all the old way, checks a refused save fails on every process, and
+saves Orbax params twice (the second over the first). Exports to OUT/export/hf/ and
+OUT/export/params/; writes what it saw to OUT/result-<process>.json.
 """
 
 from __future__ import annotations
@@ -91,11 +92,17 @@ def main(out: Path) -> None:
     except CheckpointError as e:
         refused = str(e)
 
+    from phased_jax.hf.orbax_params import params_complete, save_params
+
+    for _ in range(2):  # Orbax params too: a fresh directory, then overwritten in place
+        save_params(out / "export" / "params", CFG, params, overwrite=True)
+    complete = params_complete(out / "export" / "params")
+
     result = {"process": jax.process_index(), "processes": jax.process_count(),
               "model_bytes": model_bytes(), "local_bytes": local,
               "export_growth": export.growth, "control_growth": control.growth,
               "hwm_reset": export.hwm_reset, "seconds": seconds, "refused": refused,
-              "opened": len(opened)}
+              "opened": len(opened), "params_complete": complete}
     (out / f"result-{jax.process_index()}.json").write_text(json.dumps(result))
     print(json.dumps(result), flush=True)
 

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 import phased_jax.hf as hf
+from phased_jax import fileio
 from phased_jax.errors import CheckpointError
-from phased_jax.hf import fileio, orbax_params
+from phased_jax.hf import orbax_params
 from phased_jax.hf.orbax_params import load_params, params_complete, save_params
 
 

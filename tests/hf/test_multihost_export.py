@@ -14,6 +14,8 @@ from pathlib import Path
 
 from phased_jax import distributed
 
+from .helpers import assert_same_tensors, read_safetensors_dir
+
 WORKER = Path(__file__).with_name("_export_worker.py")
 
 
@@ -48,7 +50,8 @@ def test_two_process_export_streams_and_matches_one_process(tmp_path, capsys, mo
     assert [r["opened"] for r in results] == [2, 0]  # only process 0 ever writes
     assert "already exists" in results[0]["refused"]
     assert "process 0 could not write" in results[1]["refused"]
-    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["hf"]  # no temps left
+    assert all(r["params_complete"] for r in results)
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["hf", "params"]  # no temps
 
     reference = hf.save(tmp_path / "single" / "hf", CFG, make_params(None),
                         max_shard_size="40MB")
@@ -57,3 +60,9 @@ def test_two_process_export_streams_and_matches_one_process(tmp_path, capsys, mo
     assert sorted(pod) == sorted(one)
     for name in one:
         assert pod[name] == one[name], name
+
+    from phased_jax.hf.orbax_params import load_params
+
+    cfg, restored = load_params(tmp_path / "export" / "params")
+    assert cfg == CFG
+    assert_same_tensors(dict(hf.saver.hf_tensors(cfg, restored)), read_safetensors_dir(reference))

@@ -21,3 +21,13 @@ def tiny_experiment(tmp_path_factory) -> dict:
     return {"data": str(info["train"]), "tok": str(root / "tok"), "vocab": len(tok),
             "root": root}
 
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_experiment, tmp_path_factory):
+    """The uninterrupted run every resumed one must end equal to."""
+    from tests.runner.runs import train, write_config
+
+    out = tmp_path_factory.mktemp("reference") / "run"
+    train(write_config(tiny_experiment, out))
+    return out

@@ -63,17 +63,21 @@ def train(config: Path, *args: str, devices: int = 8, env: dict | None = None,
     return proc
 
 
-def final_params(out: Path) -> dict:
-    """The last phase's params (float32, host numpy), by path."""
+def phase_params(directory: Path) -> dict:
+    """A `phases/` directory's params (host numpy), by path."""
     import jax
     import numpy as np
 
     from phased_jax.hf.orbax_params import load_params
 
-    last = sorted((out / "phases").iterdir())[-1]
-    _, params = load_params(last)
+    _, params = load_params(directory)
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
+
+
+def final_params(out: Path) -> dict:
+    """The last phase's params (float32, host numpy), by path."""
+    return phase_params(sorted((out / "phases").iterdir())[-1])
 
 
 def metrics(out: Path) -> dict[int, dict]:

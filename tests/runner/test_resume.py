@@ -8,17 +8,10 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.runner.runs import final_params, step_lines, train, write_config
+from tests.runner.runs import final_params, metrics, step_lines, train, write_config
 
 pytestmark = pytest.mark.slow
 PHASE_ENDS = (15, 23, 27)  # 116 / 58 / 26 examples at batch 8, one epoch each
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_experiment, tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference") / "run"
-    train(write_config(tiny_experiment, out))
-    return out
 
 
 def test_reference_run_layout(reference):
@@ -31,14 +24,26 @@ def test_reference_run_layout(reference):
     assert (reference / "hf" / "model.safetensors").is_file()
 
 
-def _assert_close_params(a: dict, b: dict, lr: float = 1e-3) -> None:
-    """Equal up to float reduction order. Adam divides by sqrt(v), so an entry whose gradient
-    is float noise can move a whole LR step either way: bound each entry by 2 LR steps and the
-    whole tensor's relative difference by 1e-3."""
+def _assert_same_up_to_reduction_order(out, reference, lr: float = 1e-3) -> None:
+    """Runs that differ only in float32 reduction order (other meshes, other processes).
+
+    The test config uses float32 compute and Adam with eps=1e-3, so an update is proportional
+    to its gradient and float noise stays noise. Per-step loss and gradient norm: rtol 1e-5
+    (float32 noise is ~1e-7). Params: each step moves an entry by at most ~lr (Adam's update is
+    normalised), so after T steps a noise-level difference is far below 1e-4 * lr * T; one
+    lr-sized wrong step (a wrong batch, a lost update) is 10^4 times that.
+    """
+    mine, ref = metrics(out), metrics(reference)
+    assert sorted(mine) == sorted(ref) == list(range(1, PHASE_ENDS[-1] + 1))
+    for step in ref:
+        for key in ("loss", "grad_norm"):
+            np.testing.assert_allclose(mine[step][key], ref[step][key], rtol=1e-5,
+                                       err_msg=f"{key} at step {step}")
+    a, b = final_params(out), final_params(reference)
     assert a.keys() == b.keys()
     for k in a:
-        assert np.abs(a[k] - b[k]).max() <= 2 * lr, k
-        assert np.linalg.norm(a[k] - b[k]) <= 1e-3 * np.linalg.norm(b[k]), k
+        np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-4 * lr * PHASE_ENDS[-1],
+                                   err_msg=k)
 
 
 def _assert_same_params(a: dict, b: dict) -> None:
@@ -70,7 +75,7 @@ def test_truncated_latest_checkpoint_falls_back(tiny_experiment, reference, tmp_
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     shutil.rmtree(out / "phases" / "phase3-stage3")
     resumed = train(cfg)
-    assert "does not restore" in resumed.stdout
+    assert "is corrupt" in resumed.stdout
     assert (out / "checkpoints" / f"{PHASE_ENDS[-1]}.corrupt").exists()
     events = [json.loads(x) for x in (out / "logs" / "phase_log.jsonl").read_text().splitlines()]
     resume = [e for e in events if e["event"] == "resume"][-1]
@@ -86,7 +91,7 @@ def test_restore_onto_fewer_devices(tiny_experiment, reference, tmp_path):
     resumed = train(cfg, devices=4)
     assert "resuming phase 2" in resumed.stdout
     assert step_lines(out) == list(range(1, PHASE_ENDS[-1] + 1))
-    _assert_close_params(final_params(out), final_params(reference))
+    _assert_same_up_to_reduction_order(out, reference)
 
 
 def test_local_pod_matches_one_process(tiny_experiment, reference, tmp_path):
@@ -94,7 +99,7 @@ def test_local_pod_matches_one_process(tiny_experiment, reference, tmp_path):
     out = tmp_path / "run"
     proc = train(write_config(tiny_experiment, out), "--local-pod", "2", "--local-devices", "4")
     assert "[process 1]" in proc.stdout
-    _assert_close_params(final_params(out), final_params(reference))
+    _assert_same_up_to_reduction_order(out, reference)
     reads = [[json.loads(x) for x in (out / "logs" / f"reads-process{p}.jsonl").read_text()
               .splitlines()] for p in range(2)]
     ref = [json.loads(x) for x in (reference / "logs" / "reads-process0.jsonl").read_text()

@@ -215,9 +215,9 @@ def disk_full_error(exc: BaseException, path: str | Path, needed_bytes: int | No
     Use as `if (err := disk_full_error(e, path, n)) is not None: raise err from e`. The line
     names the path, the bytes the output needs (when known) and what is free now (after the
     caller removed its partial output). `replacing`: an old output stays until the new one is
-    complete, so both must fit.
+    complete, so both must fit. A CheckpointError `exc` already says what it means: None.
     """
-    if not is_disk_full(exc):
+    if isinstance(exc, CheckpointError) or not is_disk_full(exc):
         return None
     _Quiet.reported = True
     path = Path(path)

@@ -1,0 +1,178 @@
+"""A run never loses its state: changed flags, kills at any moment, torn logs, a full disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.runner.runs import REPO, final_params, phase_params, step_lines, train, write_config
+
+pytestmark = pytest.mark.slow
+PHASE_ENDS = (15, 23, 27)
+PHASES = ("phase1-stage1", "phase2-stage2", "phase3-stage3")
+
+
+def _snapshot(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _assert_complete_and_equal(out: Path, reference: Path) -> None:
+    """Every step once, every phases/ directory present and bitwise the reference's."""
+    assert step_lines(out) == list(range(1, PHASE_ENDS[-1] + 1)), "no step twice, none skipped"
+    assert sorted(p.name for p in (out / "phases").iterdir()) == list(PHASES), "no temp dirs"
+    for name in PHASES:
+        mine, ref = phase_params(out / "phases" / name), phase_params(reference / "phases" / name)
+        for k in ref:
+            np.testing.assert_array_equal(mine[k], ref[k], err_msg=f"{name} {k}")
+    events = [json.loads(x) for x in (out / "logs" / "phase_log.jsonl").read_text().splitlines()]
+    ends = [e["phase"] for e in events if e["event"] == "phase_end"]
+    assert ends == [1, 2, 3], "each phase's phase_end line exactly once"
+    assert not [p for p in (out / "checkpoints").iterdir() if "tmp" in p.name]
+
+
+@pytest.mark.parametrize("flag", ["--config.model.num_layers=3", "--config.train.clip_norm=0"])
+def test_changed_flag_is_a_clear_error_and_touches_nothing(tiny_experiment, reference, tmp_path,
+                                                           flag):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    before = _snapshot(out / "checkpoints") | _snapshot(out / "phases") | _snapshot(out / "hf")
+    proc = train(write_config(tiny_experiment, out), flag, check=False)
+    assert proc.returncode == 1
+    field = flag.split("=")[0].removeprefix("--config.")
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and field in errors[0] and "nothing was moved" in errors[0]
+    assert "Traceback" not in proc.stderr
+    after = _snapshot(out / "checkpoints") | _snapshot(out / "phases") | _snapshot(out / "hf")
+    assert after == before, "checkpoints, phases/ and hf/ untouched byte for byte"
+
+
+def test_kill_right_after_a_phase_end_commit_completes_that_phase(tiny_experiment, tmp_path):
+    """Sync saves make the kill land after the phase-1 end checkpoint commits, before its
+    phases/ params, eval and phase_end line: the rerun must write them before phase 2."""
+    out = tmp_path / "run"
+    cfg = write_config(tiny_experiment, out, extra="c.checkpoint.async_save = False\n"
+                                                   "c.data.eval_fraction = 0.05")
+    killed = train(cfg, env={"PHASED_FAULT_AFTER_STEP": str(PHASE_ENDS[0])}, check=False)
+    assert killed.returncode == -9
+    assert (out / "checkpoints" / str(PHASE_ENDS[0])).is_dir()
+    assert not (out / "phases").exists()
+    resumed = train(cfg)
+    assert "resuming phase 1 at step 15/15" in resumed.stdout
+    assert resumed.stdout.index("phase 1 eval loss") < resumed.stdout.index("phase 2/3")
+    events = [json.loads(x) for x in (out / "logs" / "phase_log.jsonl").read_text().splitlines()]
+    assert [e["phase"] for e in events if e["event"] == "eval"] == [1, 2, 3]
+    assert [e["phase"] for e in events if e["event"] == "phase_end"] == [1, 2, 3]
+    assert sorted(p.name for p in (out / "phases").iterdir()) == list(PHASES)
+
+
+def test_torn_log_lines_do_not_stop_a_resume(tiny_experiment, reference, tmp_path):
+    out = tmp_path / "run"
+    cfg = write_config(tiny_experiment, out)
+    assert train(cfg, env={"PHASED_FAULT_AFTER_STEP": "19"}, check=False).returncode == -9
+    for name in ("phase_log.jsonl", "metrics.jsonl"):
+        with open(out / "logs" / name, "a") as f:
+            f.write('{"event": "step", "phase": 2, "st')  # a kill mid-write
+    resumed = train(cfg)
+    assert "torn line" in resumed.stdout
+    _assert_complete_and_equal(out, reference)
+    np.testing.assert_array_equal(final_params(out)["['embed']"],
+                                  final_params(reference)["['embed']"])
+
+
+def _watch(proc: subprocess.Popen, out: Path, until, deadline_s: float = 300) -> bool:
+    """Poll until `until(out)` holds (then SIGKILL `proc`); False if `proc` ended first."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            return False
+        if until(out):
+            proc.kill()
+            proc.wait()
+            return True
+        time.sleep(0.002)
+    raise AssertionError("the run neither reached the kill moment nor ended")
+
+
+def _saving(out: Path) -> bool:
+    ckpts = out / "checkpoints"
+    return ckpts.is_dir() and any("tmp" in p.name for p in ckpts.iterdir())
+
+
+def _logged_step(out: Path) -> int:
+    try:
+        lines = (out / "logs" / "phase_log.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = [json.loads(x).get("step", 0) for x in lines[-3:] if x.endswith("}")]
+    return max(steps, default=0)
+
+
+def test_sigkill_at_five_moments_then_rerun_is_exact(tiny_experiment, reference, tmp_path):
+    """Killed from outside five times: during an async save, right after a phase-end commit,
+    and at three random steps (seeded); each rerun resumes; the end is bitwise the reference."""
+    out = tmp_path / "run"
+    cfg = write_config(tiny_experiment, out)
+    rng = random.Random(10)
+    later = sorted(rng.sample(range(PHASE_ENDS[0] + 2, PHASE_ENDS[-1]), 3))
+    moments = [("during an async save", _saving),
+               ("after the phase-1 end commit",
+                lambda o: (o / "checkpoints" / str(PHASE_ENDS[0]) / "commit_success.txt").exists())]
+    moments += [(f"at step {s} + {d:.2f}s", lambda o, s=s, d=d: _logged_step(o) >= s
+                 and (time.sleep(d) or True)) for s, d in zip(later, [rng.random() * 0.3
+                                                                     for _ in later], strict=True)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    command = [sys.executable, "-m", "phased_jax.cli", "train", "--config", str(cfg)]
+    for what, until in moments:
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        assert _watch(proc, out, until), f"the run ended before the kill {what}"
+        assert proc.returncode == -9
+    train(cfg)
+    _assert_complete_and_equal(out, reference)
+    mine, ref = final_params(out), final_params(reference)
+    for k in ref:
+        np.testing.assert_array_equal(mine[k], ref[k], err_msg=k)
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                              capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def test_full_disk_is_one_clear_line_then_a_clean_resume(tiny_experiment, reference, tmp_path):
+    mnt = tmp_path / "small"
+    if not _mount_tmpfs(mnt, "6m"):
+        pytest.skip("needs `mount -t tmpfs` (root in a container that allows it) for a full disk")
+    try:
+        out = mnt / "run"
+        cfg = write_config(tiny_experiment, out)
+        full = train(cfg, check=False)
+        assert full.returncode == 1, full.stderr[-3000:]
+        errors = [line for line in full.stderr.splitlines() if line.strip()]
+        assert "no space left" in errors[-1].lower() and str(mnt) in errors[-1]
+        assert "Traceback" not in full.stderr
+        assert not [p for p in (out / "phases").glob("*") if "tmp" in p.name] \
+            if (out / "phases").exists() else True
+        subprocess.run(["mount", "-o", "remount,size=256m", str(mnt)], check=True)
+        resumed = train(cfg)
+        assert "resuming phase" in resumed.stdout
+        _assert_complete_and_equal(out, reference)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
