@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from phased_jax import distributed
+from phased_jax import distributed, fileio
 from phased_jax.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,7 @@ class RunCheckpoints:
                 raise
             except Exception as e:  # noqa: BLE001 - classified below, after the retries
                 error = e
+                fileio.quiet_failed_read_echoes()
             if not _all_agree(error is None):
                 error = error or CheckpointError("another process could not read it")
                 continue

@@ -240,6 +240,15 @@ class _Quiet:
     depth = 0
     reported = False
     installed = False
+    failed_read = False
+
+
+def quiet_failed_read_echoes() -> None:
+    """After a restore failed (and was reported), drop what its unfinished Orbax reads print
+    when they are collected, for the rest of the process."""
+    _Quiet.failed_read = True
+    if not getattr(sys.unraisablehook, "phased_jax_quiet", False):
+        sys.unraisablehook = _drop_closed_loop(sys.unraisablehook)
 
 
 def _quiet_now() -> bool:
@@ -262,10 +271,26 @@ def _drop_closed_loop(hook: Callable[[Any], Any]) -> Callable[[Any], Any]:
         if (_quiet_now() and isinstance(u.exc_value, RuntimeError)
                 and str(u.exc_value) == "Event loop is closed"):
             return None
+        # Orbax read coroutines a failed restore left unfinished, collected later
+        code = getattr(u.object, "cr_code", None)
+        if _Quiet.failed_read and code is not None and "/orbax/" in code.co_filename:
+            return None
         return hook(u)
 
     unraisable.phased_jax_quiet = True  # type: ignore[attr-defined]
     return unraisable
+
+
+def _drop_closed_loop_prints(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """The same echoes, printed through `sys.excepthook` by tensorstore's callback threads."""
+    def excepthook(kind: Any, value: Any, tb: Any) -> Any:
+        if (_quiet_now() and isinstance(value, RuntimeError)
+                and str(value) == "Event loop is closed"):
+            return None
+        return hook(kind, value, tb)
+
+    excepthook.phased_jax_quiet = True  # type: ignore[attr-defined]
+    return excepthook
 
 
 @contextlib.contextmanager
@@ -281,6 +306,8 @@ def quiet_disk_full_noise() -> Iterator[None]:
         _Quiet.installed = True
     if not getattr(sys.unraisablehook, "phased_jax_quiet", False):
         sys.unraisablehook = _drop_closed_loop(sys.unraisablehook)
+    if not getattr(sys.excepthook, "phased_jax_quiet", False):
+        sys.excepthook = _drop_closed_loop_prints(sys.excepthook)
     _Quiet.depth += 1
     try:
         yield

@@ -23,7 +23,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from phased_tools.records import iter_jsonl  # noqa: E402
 
 from phased_jax.demo import judge  # noqa: E402
 from phased_jax.demo.tasks import THRESHOLDS, phase_stats, read_jsonl  # noqa: E402
@@ -40,11 +39,28 @@ class ReportError(ValueError):
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Training log lines that carry a numeric `loss` and `step`, in file order.
 
-    Lines without a loss (eval or timing records) are skipped; a line that is not JSON is an
-    error naming file:line, since a corrupt log should not plot as a clean curve.
+    Lines without a loss (eval or timing records) are skipped. A torn last line (a kill
+    mid-write) is skipped and reported; any other line that is not JSON is an error naming
+    file:line, since a corrupt log should not plot as a clean curve.
     """
+    try:
+        lines = Path(path).read_bytes().split(b"\n")
+    except OSError as e:
+        raise ReportError(f"{path}: cannot read it ({e.strerror})") from None
     rows = []
-    for lineno, obj in iter_jsonl(path, ReportError):
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            if lineno == len(lines):  # no newline after it: the write was cut short
+                print(f"note: skipped a torn last line in {path} (a kill mid-write)")
+                continue
+            raise ReportError(f"{path}:{lineno}: not valid JSON; a log line must be one "
+                              "JSON object") from None
+        if not isinstance(obj, dict):
+            raise ReportError(f"{path}:{lineno}: expected a JSON object")
         loss, step = obj.get("loss"), obj.get("step")
         if not isinstance(loss, int | float) or isinstance(loss, bool) or math.isnan(loss):
             continue

@@ -81,7 +81,8 @@ def main(argv: list[str]) -> int:
         command = [sys.executable, "-m", "phased_jax.cli", "train", *_without_local_pod(argv)]
         return distributed.launch_local_pod(fv.local_pod, command, fv.local_devices)
     distributed.initialize(auto=fv.distributed)
-    run(fv.config)
+    with fileio.quiet_disk_full_noise():  # Orbax's threads echo a full disk at any moment
+        run(fv.config)
     return 0
 
 
@@ -199,24 +200,26 @@ def run(config: ConfigDict) -> dict[str, Any]:
                  f"examples, {steps[k]} steps, starting at step {first}")
             writer = make_writer(trainer, out / "logs", steps[k] - first, prefix=label,
                                  step_offset=starts[k])
-        for s in range(first, steps[k]):
-            state, metrics = trainer.step(state, trainer.shard_batch(loader.batch(s)))
-            writer.write(s + 1, metrics)
-            log.write(event="step", phase=k + 1, step_in_phase=s + 1, step=starts[k] + s + 1)
-            if reads is not None:
-                reads.write(json.dumps({"step": starts[k] + s + 1, "rows": [
-                    [] if r is None else phase.examples.record_ids[r].tolist()
-                    for r in loader.rows(s)]}) + "\n")
-            done = s + 1 == steps[k]
-            if done or (config.checkpoint.every_steps > 0
-                        and (s + 1) % config.checkpoint.every_steps == 0):
-                with _storage(ckpt_dir):
-                    ckpts.save(starts[k] + s + 1, state,
-                               _meta(config, k, s + 1, loader, phase, done))
-            if starts[k] + s + 1 == fault_step:  # test hook: die like a preempted host
-                os.kill(os.getpid(), signal.SIGKILL)
-        if first < steps[k]:
-            writer.close()
+        try:
+            for s in range(first, steps[k]):
+                state, metrics = trainer.step(state, trainer.shard_batch(loader.batch(s)))
+                writer.write(s + 1, metrics)
+                log.write(event="step", phase=k + 1, step_in_phase=s + 1, step=starts[k] + s + 1)
+                if reads is not None:
+                    reads.write(json.dumps({"step": starts[k] + s + 1, "rows": [
+                        [] if r is None else phase.examples.record_ids[r].tolist()
+                        for r in loader.rows(s)]}) + "\n")
+                done = s + 1 == steps[k]
+                if done or (config.checkpoint.every_steps > 0
+                            and (s + 1) % config.checkpoint.every_steps == 0):
+                    with _storage(ckpt_dir):
+                        ckpts.save(starts[k] + s + 1, state,
+                                   _meta(config, k, s + 1, loader, phase, done))
+                if starts[k] + s + 1 == fault_step:  # test hook: die like a preempted host
+                    os.kill(os.getpid(), signal.SIGKILL)
+        finally:  # the progress bar ends its line before any error is printed
+            if first < steps[k]:
+                writer.close()
         _finish_phase(config, trainer, data, k, label, state, starts, logged, log, out)
         pos = Position(k + 1, 0, state)
     with _storage(ckpt_dir):
@@ -282,11 +285,9 @@ def _export(config: ConfigDict, trainer: Any, params: Any, tokenizer: Any, hf_di
 
 @contextlib.contextmanager
 def _storage(path: str, needed_bytes: int | None = None) -> Iterator[None]:
-    """A full disk under `path` becomes one clear line (the run resumes once there is space),
-    without the echoes Orbax's writer threads print for it."""
+    """A full disk under `path` becomes one clear line (the run resumes once there is space)."""
     try:
-        with fileio.quiet_disk_full_noise():
-            yield
+        yield
     except Exception as e:
         error = fileio.disk_full_error(e, path, needed_bytes)
         if error is None:

@@ -150,3 +150,10 @@ def test_metrics_reader_names_the_bad_line(tmp_path):
     ok = tmp_path / "ok.jsonl"
     ok.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lr": 1e-3}\n{"step": 3, "loss": NaN}\n')
     assert [r["step"] for r in report.read_metrics(ok)] == [1]
+
+
+def test_metrics_reader_skips_a_torn_last_line(tmp_path, capsys):
+    torn = tmp_path / "m.jsonl"
+    torn.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert [r["step"] for r in report.read_metrics(torn)] == [1, 2]
+    assert "torn last line" in capsys.readouterr().out

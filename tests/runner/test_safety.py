@@ -61,8 +61,10 @@ def test_kill_right_after_a_phase_end_commit_completes_that_phase(tiny_experimen
     """Sync saves make the kill land after the phase-1 end checkpoint commits, before its
     phases/ params, eval and phase_end line: the rerun must write them before phase 2."""
     out = tmp_path / "run"
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text("".join(Path(tiny_experiment["data"]).read_text().splitlines(True)[:16]))
     cfg = write_config(tiny_experiment, out, extra="c.checkpoint.async_save = False\n"
-                                                   "c.data.eval_fraction = 0.05")
+                                                   f"c.data.eval_path = '{held_out}'")
     killed = train(cfg, env={"PHASED_FAULT_AFTER_STEP": str(PHASE_ENDS[0])}, check=False)
     assert killed.returncode == -9
     assert (out / "checkpoints" / str(PHASE_ENDS[0])).is_dir()

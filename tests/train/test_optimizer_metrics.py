@@ -21,6 +21,42 @@ def test_warmup_cosine_sized_to_the_run():
     assert float(make_schedule(tc, num_steps=20)(2)) == pytest.approx(5e-6)  # new run, new schedule
 
 
+@pytest.mark.parametrize("ratio, steps", [(0.15, 100), (0.3, 50), (0.07, 100), (0.1, 27)])
+def test_warmup_steps_counted_as_transformers_does(ratio, steps):
+    """ceil(ratio * steps) in float64 on the host, as transformers' Trainer; float32 on device
+    gives 16 for 0.15 x 100 and 7 for 0.07 x 100."""
+    import math
+
+    from phased_jax.train.optimizer import warmup_steps
+    from phased_jax.train.state import Trainer
+    from tests.train.helpers import tiny_config
+
+    config = tiny_config()
+    config.train.update(warmup_ratio=ratio, schedule="cosine")
+    want = math.ceil(ratio * steps)
+    assert warmup_steps(config.train, steps) == want
+    state = Trainer(config).init_state(steps)
+    assert int(state.warmup_steps) == want
+    lr = float(config.train.lr)
+    assert float(state.schedule(want - 1)) == pytest.approx(lr * (want - 1) / want, rel=1e-6)
+    assert float(state.schedule(want)) == pytest.approx(lr, rel=1e-6)  # the peak, then decay
+
+
+def test_eval_loss_in_micro_batches_equals_one_batch():
+    """Eval honours grad_accum (so it fits wherever training fits) with the same sums."""
+    from phased_jax.train.state import Trainer
+    from tests.train.helpers import fixed_batch, tiny_config
+
+    sums = []
+    for accum in (1, 4):  # 2 batch shards: micro-batches of 2 rows
+        trainer = Trainer(tiny_config((2, 1, 1), grad_accum=accum), devices=jax.devices()[:2])
+        params = trainer.init_state(1).params
+        out = jax.device_get(trainer.eval_loss(params, trainer.shard_batch(fixed_batch())))
+        sums.append((float(out["ce_sum"]), float(out["loss_tokens"])))
+    assert sums[1][1] == sums[0][1]
+    assert sums[1][0] == pytest.approx(sums[0][0], rel=1e-6)  # float32 sums, reordered
+
+
 def test_adamw_paper_defaults_and_no_decay_on_norms():
     tc = get_default_config().train
     assert (tc.b1, tc.b2, tc.weight_decay, tc.clip_norm) == (0.9, 0.95, 0.1, 1.0)
