@@ -130,146 +130,188 @@ def _initial_params(config: ConfigDict, trainer: Any) -> Any:
 
 def run(config: ConfigDict) -> dict[str, Any]:
     """Train every phase of `config` (resuming if checkpoints exist); returns a summary."""
-    from phased_jax.data.pipeline import prepare
-    from phased_jax.train.metrics import make_writer
-    from phased_jax.train.state import Trainer
-
     validate_config(config)  # again: the demo and tests call run() without the command line
     t_start = time.time()
-    out = Path(config.output_dir)
-    trainer = Trainer(config)
-    data = prepare(config, write_report=jax.process_index() == 0)
-    _say(data.summary())
-    pidx, pcount = jax.process_index(), jax.process_count()
-    loaders = [p.loader(config, pidx, pcount) for p in data.phases]
-    steps = [ld.steps for ld in loaders]
-    starts = np.concatenate([[0], np.cumsum(steps)]).astype(int).tolist()
-    total_steps = starts[-1]
-    carry = bool(config.train.carry_optimizer)
-    sched_steps = (lambda k: total_steps) if carry else (lambda k: steps[k])
-
-    ckpt_dir = config.checkpoint.dir or str(out / "checkpoints")
-    cc = config.checkpoint
-    ckpts = RunCheckpoints(str(Path(ckpt_dir).absolute()), keep=int(cc.keep),
-                           phase_end_steps=starts[1:], async_save=bool(cc.async_save),
-                           restore_retries=int(cc.get("restore_retries", 3)),
-                           retry_backoff_s=float(cc.get("retry_backoff_s", 1.0)))
-    log = RunLog(out / "logs" / "phase_log.jsonl")
-
-    pos = Position()
-    restored = ckpts.restore_latest(trainer.abstract_state(), config.to_json())
-    if restored is not None:
-        state, meta = restored
-        k = _check_resume(meta, data.phases, steps)
-        pos = Position(k, loaders[k].start_step(meta["data"]), state)
-    global_step = starts[pos.phase] + pos.step
-    log.rewind(global_step)  # drops undone steps and torn lines, so appends start whole
-    logged = {(e.get("event"), e.get("phase")) for e in log.events()}
-    logged = {tuple(x) for x in distributed.from_process_0(sorted(logged, key=str))}
-    if restored is not None:
-        log.write(event="resume", phase=pos.phase + 1, step_in_phase=pos.step, step=global_step)
-        _say(f"resuming phase {pos.phase + 1} at step {pos.step}/{steps[pos.phase]} "
-             f"(global step {global_step}) from {ckpt_dir}")
-    params = None if pos.state is not None else _initial_params(config, trainer)
-
-    hf_dir = config.export.hf_dir or str(out / "hf")
-    fault_step = int(os.environ.get(FAULT_ENV, "-1"))
-    reads = None
-    if config.data.get("log_reads", False):
-        (out / "logs").mkdir(parents=True, exist_ok=True)
-        reads = open(out / "logs" / f"reads-process{pidx}.jsonl", "a")  # noqa: SIM115
-    for k in range(pos.phase, len(data.phases)):
-        phase, loader = data.phases[k], loaders[k]
-        name = phase.phase.name
-        label = f"phase{k + 1}-" + (f"stage{name}" if name[0].isdigit() else name)
-        first = pos.step
-        if pos.state is not None and first >= steps[k]:
-            state = pos.state  # resumed at this phase's end: only what the phase owes is left
-        elif pos.state is not None and (first > 0 or carry):
-            state = pos.state  # mid-phase (or carried): optimizer state and step count continue
-            if carry:
-                state = trainer.with_run_length(state, total_steps)
-        else:
-            start_params = pos.state.params if pos.state is not None else params
-            state = trainer.init_state(sched_steps(k), params=start_params)
-        pos = Position()
-        if first < steps[k]:
-            log.write(event="phase_start", phase=k + 1, name=name, steps=steps[k],
-                      from_step=first, examples=len(phase.examples))
-            _say(f"phase {k + 1}/{len(data.phases)} ({name}): {len(phase.examples)} "
-                 f"examples, {steps[k]} steps, starting at step {first}")
-            writer = make_writer(trainer, out / "logs", steps[k] - first, prefix=label,
-                                 step_offset=starts[k])
-        try:
-            for s in range(first, steps[k]):
-                state, metrics = trainer.step(state, trainer.shard_batch(loader.batch(s)))
-                writer.write(s + 1, metrics)
-                log.write(event="step", phase=k + 1, step_in_phase=s + 1, step=starts[k] + s + 1)
-                if reads is not None:
-                    reads.write(json.dumps({"step": starts[k] + s + 1, "rows": [
-                        [] if r is None else phase.examples.record_ids[r].tolist()
-                        for r in loader.rows(s)]}) + "\n")
-                done = s + 1 == steps[k]
-                if done or (config.checkpoint.every_steps > 0
-                            and (s + 1) % config.checkpoint.every_steps == 0):
-                    with _storage(ckpt_dir):
-                        ckpts.save(starts[k] + s + 1, state,
-                                   _meta(config, k, s + 1, loader, phase, done))
-                if starts[k] + s + 1 == fault_step:  # test hook: die like a preempted host
-                    os.kill(os.getpid(), signal.SIGKILL)
-        finally:  # the progress bar ends its line before any error is printed
-            if first < steps[k]:
-                writer.close()
-        _finish_phase(config, trainer, data, k, label, state, starts, logged, log, out)
+    runner = PhaseRunner(config)
+    pos = runner.resume()
+    for k in range(pos.phase, len(runner.steps)):
+        state = runner.train_phase(k, pos)
+        runner.finish_phase(k, state)
         pos = Position(k + 1, 0, state)
-    with _storage(ckpt_dir):
-        ckpts.close()
-    if reads is not None:
-        reads.close()
-
-    final = pos.state
-    if final is None:  # nothing left to run: the last checkpoint is the final model
+    runner.close()
+    if pos.state is None:
         raise ConfigError("no phase to run: the config's data produced no phases")
-    if config.export.at_end:
-        from phased_jax.hf import export_complete
-
-        if ("done", None) in logged and distributed.from_process_0(export_complete(hf_dir)):
-            _say(f"the run was already complete; its final model is in {hf_dir}")
-        else:
-            _export(config, trainer, final.params, data.tokenizer, hf_dir)
-    if ("done", None) not in logged:
-        log.write(event="done", step=total_steps)
-    log.close()
-    summary = {"phases": [p.phase.name for p in data.phases], "steps": steps,
-               "phase_end_steps": starts[1:], "output_dir": str(out), "hf_dir": hf_dir,
-               "seconds": time.time() - t_start}
-    _say(f"done: {total_steps} steps in {summary['seconds']:.0f}s; outputs in {out}")
+    runner.finish_run(pos.state)
+    out, total = runner.out, runner.starts[-1]
+    summary = {"phases": [p.phase.name for p in runner.data.phases], "steps": runner.steps,
+               "phase_end_steps": runner.starts[1:], "output_dir": str(out),
+               "hf_dir": runner.hf_dir, "seconds": time.time() - t_start}
+    _say(f"done: {total} steps in {summary['seconds']:.0f}s; outputs in {out}")
     return summary
 
 
-def _finish_phase(config: ConfigDict, trainer: Any, data: Any, k: int, label: str, state: Any,
-                  starts: list[int], logged: set, log: RunLog, out: Path) -> None:
-    """What phase k owes at its end, each part done unless a resumed run finds it done:
-    its eval loss, its `phases/<label>` params, its `phase_end` line."""
-    from phased_jax.data.loader import PhaseLoader
-    from phased_jax.hf.orbax_params import params_complete, save_params
+class PhaseRunner:
+    """One experiment's phases over one Trainer, checkpoint manager and event log.
 
-    phase = data.phases[k]
-    eval_examples = phase.eval_examples if phase.eval_examples is not None else data.eval_examples
-    if eval_examples is not None and len(eval_examples) and ("eval", k + 1) not in logged:
-        ev = PhaseLoader(eval_examples, trainer.global_batch, 1, int(config.seed), k,
-                         jax.process_index(), jax.process_count(),
-                         packing=bool(config.data.packing), shuffle=False)
-        loss = _eval_loss(trainer, state.params, ev)
-        log.write(event="eval", phase=k + 1, step=starts[k + 1], eval_loss=loss)
-        _say(f"phase {k + 1} eval loss {loss:.4f}")
-    target = out / "phases" / label
-    if config.checkpoint.get("phase_params", True) and not distributed.from_process_0(
-            ("phase_end", k + 1) in logged and params_complete(target)):
-        with _storage(str(target)):
-            save_params(target, trainer.model_cfg, state.params, overwrite=True)
-    if ("phase_end", k + 1) not in logged:
-        log.write(event="phase_end", phase=k + 1, name=phase.phase.name, step=starts[k + 1])
+    Each phase owes, at its end, a checkpoint, its eval loss, its `phases/` params and a
+    `phase_end` line; the run owes the HF export and a `done` line. What a killed run already
+    did is read from the log (process 0's copy, shared), so a rerun does exactly the rest.
+    """
+
+    def __init__(self, config: ConfigDict):
+        from phased_jax.data.pipeline import prepare
+        from phased_jax.train.state import Trainer
+
+        self.config, self.out = config, Path(config.output_dir)
+        self.trainer = Trainer(config)
+        self.data = prepare(config, write_report=jax.process_index() == 0)
+        _say(self.data.summary())
+        self.loaders = [p.loader(config, jax.process_index(), jax.process_count())
+                        for p in self.data.phases]
+        self.steps = [ld.steps for ld in self.loaders]
+        self.starts = np.concatenate([[0], np.cumsum(self.steps)]).astype(int).tolist()
+        self.carry = bool(config.train.carry_optimizer)
+        cc = config.checkpoint
+        self.ckpt_dir = cc.dir or str(self.out / "checkpoints")
+        self.ckpts = RunCheckpoints(str(Path(self.ckpt_dir).absolute()), keep=int(cc.keep),
+                                    phase_end_steps=self.starts[1:],
+                                    async_save=bool(cc.async_save),
+                                    restore_retries=int(cc.restore_retries),
+                                    retry_backoff_s=float(cc.retry_backoff_s))
+        self.hf_dir = config.export.hf_dir or str(self.out / "hf")
+        self.log = RunLog(self.out / "logs" / "phase_log.jsonl")
+        self.logged: set[tuple[Any, Any]] = set()  # (event, phase) lines a killed run wrote
+        self.initial_params: Any = None
+        self.reads = None
+        if config.data.get("log_reads", False):
+            (self.out / "logs").mkdir(parents=True, exist_ok=True)
+            self.reads = open(self.out / "logs"  # noqa: SIM115 (closed in close())
+                              / f"reads-process{jax.process_index()}.jsonl", "a")
+
+    def resume(self) -> Position:
+        """Where to start: the newest checkpoint's position, or the beginning."""
+        pos = Position()
+        restored = self.ckpts.restore_latest(self.trainer.abstract_state(),
+                                             self.config.to_json())
+        if restored is not None:
+            state, meta = restored
+            k = _check_resume(meta, self.data.phases, self.steps)
+            pos = Position(k, self.loaders[k].start_step(meta["data"]), state)
+        global_step = self.starts[pos.phase] + pos.step
+        self.log.rewind(global_step)  # drops undone steps and torn lines: appends start whole
+        logged = sorted({(e.get("event"), e.get("phase")) for e in self.log.events()}, key=str)
+        self.logged = {tuple(x) for x in distributed.from_process_0(logged)}
+        if restored is not None:
+            self.log.write(event="resume", phase=pos.phase + 1, step_in_phase=pos.step,
+                           step=global_step)
+            _say(f"resuming phase {pos.phase + 1} at step {pos.step}/{self.steps[pos.phase]} "
+                 f"(global step {global_step}) from {self.ckpt_dir}")
+        else:
+            self.initial_params = _initial_params(self.config, self.trainer)
+        return pos
+
+    def _start_state(self, k: int, pos: Position) -> Any:
+        if pos.state is not None and pos.step >= self.steps[k]:
+            return pos.state  # resumed at this phase's end: only what the phase owes is left
+        if pos.state is not None and (pos.step > 0 or self.carry):
+            # mid-phase (or carried): optimizer state and step count continue
+            if self.carry:
+                return self.trainer.with_run_length(pos.state, self.starts[-1])
+            return pos.state
+        params = pos.state.params if pos.state is not None else self.initial_params
+        length = self.starts[-1] if self.carry else self.steps[k]
+        return self.trainer.init_state(length, params=params)
+
+    def train_phase(self, k: int, pos: Position) -> Any:
+        """Phase k's steps from `pos.step` on, checkpointed; returns the phase-end state."""
+        from phased_jax.train.metrics import make_writer
+
+        state, first = self._start_state(k, pos), pos.step
+        if first >= self.steps[k]:
+            return state
+        phase, loader, start = self.data.phases[k], self.loaders[k], self.starts[k]
+        self.log.write(event="phase_start", phase=k + 1, name=phase.phase.name,
+                       steps=self.steps[k], from_step=first, examples=len(phase.examples))
+        _say(f"phase {k + 1}/{len(self.steps)} ({phase.phase.name}): {len(phase.examples)} "
+             f"examples, {self.steps[k]} steps, starting at step {first}")
+        every, fault_step = int(self.config.checkpoint.every_steps), int(
+            os.environ.get(FAULT_ENV, "-1"))
+        writer = make_writer(self.trainer, self.out / "logs", self.steps[k] - first,
+                             prefix=_label(k, phase), step_offset=start)
+        try:
+            for s in range(first, self.steps[k]):
+                batch = self.trainer.shard_batch(loader.batch(s))
+                state, metrics = self.trainer.step(state, batch)
+                writer.write(s + 1, metrics)
+                self.log.write(event="step", phase=k + 1, step_in_phase=s + 1,
+                               step=start + s + 1)
+                self._log_reads(start + s + 1, phase, loader.rows(s))
+                done = s + 1 == self.steps[k]
+                if done or (every > 0 and (s + 1) % every == 0):
+                    with _storage(self.ckpt_dir):
+                        self.ckpts.save(start + s + 1, state,
+                                        _meta(self.config, k, s + 1, loader, phase, done))
+                if start + s + 1 == fault_step:  # test hook: die like a preempted host
+                    os.kill(os.getpid(), signal.SIGKILL)
+        finally:  # the progress bar ends its line before any error is printed
+            writer.close()
+        return state
+
+    def _log_reads(self, step: int, phase: Any, rows: list) -> None:
+        if self.reads is not None:
+            self.reads.write(json.dumps({"step": step, "rows": [
+                [] if r is None else phase.examples.record_ids[r].tolist() for r in rows]})
+                + "\n")
+
+    def finish_phase(self, k: int, state: Any) -> None:
+        """What phase k owes at its end, each part done unless the log shows it done: its eval
+        loss, its `phases/<label>` params (also redone if incomplete), its `phase_end` line."""
+        from phased_jax.data.loader import PhaseLoader
+        from phased_jax.hf.orbax_params import params_complete, save_params
+
+        phase, data, end = self.data.phases[k], self.data, self.starts[k + 1]
+        evals = phase.eval_examples if phase.eval_examples is not None else data.eval_examples
+        if evals is not None and len(evals) and ("eval", k + 1) not in self.logged:
+            ev = PhaseLoader(evals, self.trainer.global_batch, 1, int(self.config.seed), k,
+                             jax.process_index(), jax.process_count(),
+                             packing=bool(self.config.data.packing), shuffle=False)
+            loss = _eval_loss(self.trainer, state.params, ev)
+            self.log.write(event="eval", phase=k + 1, step=end, eval_loss=loss)
+            _say(f"phase {k + 1} eval loss {loss:.4f}")
+        target = self.out / "phases" / _label(k, phase)
+        if self.config.checkpoint.phase_params and not distributed.from_process_0(
+                ("phase_end", k + 1) in self.logged and params_complete(target)):
+            with _storage(str(target)):
+                save_params(target, self.trainer.model_cfg, state.params, overwrite=True)
+        if ("phase_end", k + 1) not in self.logged:
+            self.log.write(event="phase_end", phase=k + 1, name=phase.phase.name, step=end)
+
+    def close(self) -> None:
+        with _storage(self.ckpt_dir):
+            self.ckpts.close()
+        if self.reads is not None:
+            self.reads.close()
+
+    def finish_run(self, final: Any) -> None:
+        """The HF export (unless a finished run already wrote it whole) and the `done` line."""
+        from phased_jax.hf import export_complete
+
+        finished = ("done", None) in self.logged
+        if self.config.export.at_end:
+            if finished and distributed.from_process_0(export_complete(self.hf_dir)):
+                _say(f"the run was already complete; its final model is in {self.hf_dir}")
+            else:
+                _export(self.config, self.trainer, final.params, self.data.tokenizer,
+                        self.hf_dir)
+        if not finished:
+            self.log.write(event="done", step=self.starts[-1])
+        self.log.close()
+
+
+def _label(k: int, phase: Any) -> str:
+    """`phase<k>-stage<s>` (or `phase<k>-<name>`): the phase's name under `phases/`."""
+    name = phase.phase.name
+    return f"phase{k + 1}-" + (f"stage{name}" if name[0].isdigit() else name)
 
 
 def _export(config: ConfigDict, trainer: Any, params: Any, tokenizer: Any, hf_dir: str) -> None:
