@@ -178,6 +178,8 @@ class PhaseRunner:
                                     async_save=bool(cc.async_save),
                                     restore_retries=int(cc.restore_retries),
                                     retry_backoff_s=float(cc.retry_backoff_s))
+        self.state_bytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                               for x in jax.tree.leaves(self.trainer.abstract_state()))
         self.hf_dir = config.export.hf_dir or str(self.out / "hf")
         self.log = RunLog(self.out / "logs" / "phase_log.jsonl")
         self.logged: set[tuple[Any, Any]] = set()  # (event, phase) lines a killed run wrote
@@ -248,7 +250,7 @@ class PhaseRunner:
                 self._log_reads(start + s + 1, phase, loader.rows(s))
                 done = s + 1 == self.steps[k]
                 if done or (every > 0 and (s + 1) % every == 0):
-                    with _storage(self.ckpt_dir):
+                    with _storage(self.ckpt_dir, self.state_bytes):
                         self.ckpts.save(start + s + 1, state,
                                         _meta(self.config, k, s + 1, loader, phase, done))
                 if start + s + 1 == fault_step:  # test hook: die like a preempted host
@@ -287,7 +289,7 @@ class PhaseRunner:
             self.log.write(event="phase_end", phase=k + 1, name=phase.phase.name, step=end)
 
     def close(self) -> None:
-        with _storage(self.ckpt_dir):
+        with _storage(self.ckpt_dir, self.state_bytes):
             self.ckpts.close()
         if self.reads is not None:
             self.reads.close()
