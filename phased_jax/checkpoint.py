@@ -108,8 +108,7 @@ class RunCheckpoints:
             try:
                 meta, tree = self._read_metadata(path)
                 _check_fits(path, tree, abstract_state, meta.get("config"), config_json)
-                restored = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+                state = _read_state(path, abstract_state)
             except ConfigError:
                 raise
             except Exception as e:  # noqa: BLE001 - classified below, after the retries
@@ -120,7 +119,7 @@ class RunCheckpoints:
                 continue
             if error is None:
                 _note_casts(path, tree, abstract_state)
-                return restored["state"], dict(restored["meta"])
+                return state, meta
         assert error is not None
         problem = _agreed(lambda: integrity_problem(path) or _corruption_in(error))
         if not problem:
@@ -132,7 +131,8 @@ class RunCheckpoints:
         self._set_aside(step, problem)
         return None
 
-    def _read_metadata(self, path: epath.Path) -> tuple[dict[str, Any], Any]:
+    @staticmethod
+    def _read_metadata(path: epath.Path) -> tuple[dict[str, Any], Any]:
         meta = json.loads((path / "meta" / "metadata").read_text())
         tree = ocp.StandardCheckpointHandler().metadata(path / "state")
         return meta, getattr(tree, "item_metadata", tree)
@@ -159,6 +159,17 @@ class RunCheckpoints:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _read_state(path: epath.Path, abstract_state: Any) -> Any:
+    """This process's shards of the state, read with no cross-process barrier inside: a read
+    that fails on one host only must not leave the others waiting in Orbax's barrier (the
+    processes agree on the outcome afterwards, in `_all_agree`)."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        return handler.restore(path / "state", args=ocp.args.StandardRestore(abstract_state))
+    finally:
+        handler.close()
 
 
 # -- what a step's own files say ----------------------------------------------------------------

@@ -108,3 +108,22 @@ def test_local_pod_matches_one_process(tiny_experiment, reference, tmp_path):
     for r0, r1, full in zip(reads[0], reads[1], ref, strict=True):
         assert len(r0["rows"]) == len(r1["rows"]) == len(full["rows"]) // 2
         assert r0["rows"] + r1["rows"] == full["rows"], "halves of the same global batch"
+
+
+def test_local_pod_resumes_past_a_corrupt_checkpoint(tiny_experiment, reference, tmp_path):
+    """2 processes killed mid-phase-2, the newest checkpoint truncated: both processes reach the
+    same decision (process 0 sets it aside, once) and finish from the one before."""
+    out = tmp_path / "run"
+    cfg = write_config(tiny_experiment, out)
+    pod = ("--local-pod", "2", "--local-devices", "4")
+    killed = train(cfg, *pod, env={"PHASED_FAULT_AFTER_STEP": "21"}, check=False)
+    assert killed.returncode != 0
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    latest = out / "checkpoints" / str(steps[-1])
+    victim = max((p for p in latest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    resumed = train(cfg, *pod)
+    assert resumed.stdout.count("warning: checkpoint") == 1, "process 0 reports and moves it"
+    assert (out / "checkpoints" / f"{steps[-1]}.corrupt").is_dir()
+    assert f"(global step {steps[-2]})" in resumed.stdout
+    _assert_same_up_to_reduction_order(out, reference)

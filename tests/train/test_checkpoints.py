@@ -8,7 +8,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from phased_jax import checkpoint
@@ -95,27 +94,27 @@ def test_storage_blip_is_retried_and_moves_nothing(saved, run_dir, monkeypatch):
 def test_every_checkpoint_unreadable_for_a_moment(saved, run_dir, monkeypatch):
     """An outage over the whole directory: retried, then the newest one restores."""
     before = _snapshot(run_dir)
-    real, calls = ocp.CheckpointManager.restore, []
+    real, calls = checkpoint._read_state, []
 
-    def flaky(self, step, *args, **kwargs):
-        calls.append(step)
+    def flaky(path, abstract_state):
+        calls.append(path.name)
         if len(calls) <= 2:
             raise OSError(errno.EIO, "Input/output error")
-        return real(self, step, *args, **kwargs)
+        return real(path, abstract_state)
 
-    monkeypatch.setattr(ocp.CheckpointManager, "restore", flaky)
+    monkeypatch.setattr(checkpoint, "_read_state", flaky)
     _, meta = _restore(saved[0], run_dir)
-    assert meta["step"] == 4 and calls == [4, 4, 4]
+    assert meta["step"] == 4 and calls == ["4", "4", "4"]
     assert _snapshot(run_dir) == before
 
 
 def test_persistent_io_error_stops_and_moves_nothing(saved, run_dir, monkeypatch):
     before = _snapshot(run_dir)
 
-    def broken(self, step, *args, **kwargs):
+    def broken(path, abstract_state):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(ocp.CheckpointManager, "restore", broken)
+    monkeypatch.setattr(checkpoint, "_read_state", broken)
     with pytest.raises(CheckpointError, match="after 3 tries.*nothing was moved"):
         _restore(saved[0], run_dir)
     assert _snapshot(run_dir) == before
