@@ -22,7 +22,7 @@ import errno
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -100,7 +100,7 @@ class RunCheckpoints:
     def _restore_step(self, step: int, abstract_state: Any, config_json: str
                       ) -> tuple[Any, dict[str, Any]] | None:
         path = self.directory / str(step)
-        error: BaseException | None = None
+        error: BaseException | None = None  # this process's last failure (None: it read fine)
         for attempt in range(self._retries + 1):
             if attempt:
                 _sleep(self._backoff * 2 ** (attempt - 1))
@@ -114,19 +114,20 @@ class RunCheckpoints:
             except Exception as e:  # noqa: BLE001 - classified below, after the retries
                 error = e
                 fileio.quiet_failed_read_echoes()
-            if not _all_agree(error is None):
-                error = error or CheckpointError("another process could not read it")
-                continue
-            if error is None:
+            if _all_agree(error is None):
                 _note_casts(path, tree, abstract_state)
                 return state, meta
-        assert error is not None
-        problem = _agreed(lambda: integrity_problem(path) or _corruption_in(error))
+        # Any process's proof is enough: each read only its own shards of the array data.
+        local = (integrity_problem(path) or _corruption_in(error)) if error else ""
+        problem = next((v for v in distributed.gather_texts(local) if v), "")
         if not problem:
+            texts = distributed.gather_texts(_describe(error) if error else "")
+            reasons = "; ".join(f"process {i}: {t}" if len(texts) > 1 else t
+                                for i, t in enumerate(texts) if t)
             raise CheckpointError(
                 f"cannot read checkpoint {path} after {self._retries + 1} tries "
-                f"({_describe(error)}); its files look complete, so the storage is failing or "
-                "unreachable: check it and rerun (nothing was moved; raise "
+                f"({reasons}); its files look complete, so the storage is failing "
+                "or unreachable: check it and rerun (nothing was moved; raise "
                 "checkpoint.restore_retries to wait longer)") from error
         self._set_aside(step, problem)
         return None
@@ -306,8 +307,3 @@ def _all_agree(ok: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
-
-
-def _agreed(decide: Callable[[], str]) -> str:
-    """Process 0's answer, on every process (it looks at the files once for all of them)."""
-    return distributed.from_process_0(decide() if jax.process_index() == 0 else "")

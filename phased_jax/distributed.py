@@ -58,6 +58,17 @@ def from_process_0(value: Any, max_bytes: int = 65536) -> Any:
     return json.loads(bytes(np.asarray(data)).decode())
 
 
+def gather_texts(text: str, max_bytes: int = 2000) -> list[str]:
+    """Every process's `text` (cut to `max_bytes`), in process order, on every process."""
+    if jax.process_count() == 1:
+        return [text]
+    from jax.experimental import multihost_utils
+
+    raw = text.encode()[:max_bytes].ljust(max_bytes, b"\0")
+    rows = np.asarray(multihost_utils.process_allgather(np.frombuffer(raw, np.uint8)))
+    return [bytes(r).rstrip(b"\0").decode(errors="replace") for r in rows.reshape(-1, max_bytes)]
+
+
 def barrier(name: str) -> None:
     """Wait until every process gets here (a no-op on one process)."""
     if jax.process_count() > 1:
@@ -78,6 +89,16 @@ def _relay(stream, prefix: str) -> None:
         sys.stdout.flush()
 
 
+def _die_with_parent() -> None:
+    """In a worker, before exec: SIGKILL it when the launcher dies (Linux), so a killed local
+    pod leaves no worker waiting forever on a collective."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+
 def launch_local_pod(num_processes: int, command: list[str], devices_per_process: int) -> int:
     """Run `command` as `num_processes` local processes of one JAX run; return the worst exit code.
 
@@ -91,7 +112,8 @@ def launch_local_pod(num_processes: int, command: list[str], devices_per_process
                     ENV_PROCESS_ID: str(pid), ENV_LOCAL_DEVICES: str(devices_per_process)})
         env.pop("XLA_FLAGS", None)  # the device count comes from ENV_LOCAL_DEVICES
         procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+                                      stderr=subprocess.STDOUT, text=True,
+                                      preexec_fn=_die_with_parent))
     relays = [threading.Thread(target=_relay, args=(p.stdout, f"[process {i}] "), daemon=True)
               for i, p in enumerate(procs)]
     for t in relays:

@@ -179,3 +179,32 @@ def test_full_disk_is_one_clear_line_then_a_clean_resume(tiny_experiment, refere
         _assert_complete_and_equal(out, reference)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_killed_local_pod_launcher_leaves_no_worker(tiny_experiment, tmp_path):
+    """A SIGKILLed `--local-pod` launcher takes its workers with it (none left on a collective)."""
+    cfg = write_config(tiny_experiment, tmp_path / "run")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    launcher = subprocess.Popen([sys.executable, "-m", "phased_jax.cli", "train", "--config",
+                                 str(cfg), "--local-pod", "2"], cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[str] = []
+    end = time.monotonic() + 120
+    while len(workers) < 2 and time.monotonic() < end:
+        workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
+                                 text=True).stdout.split()
+        time.sleep(0.05)
+    assert len(workers) == 2
+    launcher.kill()
+    launcher.wait()
+
+    def alive(pid: str) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        except FileNotFoundError:
+            return False
+
+    end = time.monotonic() + 60
+    while any(alive(w) for w in workers) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not any(alive(w) for w in workers)
