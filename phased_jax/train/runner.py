@@ -173,7 +173,9 @@ class PhaseRunner:
         self.carry = bool(config.train.carry_optimizer)
         cc = config.checkpoint
         self.ckpt_dir = cc.dir or str(self.out / "checkpoints")
-        self.ckpts = RunCheckpoints(str(Path(self.ckpt_dir).absolute()), keep=int(cc.keep),
+        local = "://" not in self.ckpt_dir  # gs://... goes to Orbax (epath) as it is
+        self.ckpts = RunCheckpoints(str(Path(self.ckpt_dir).absolute()) if local
+                                    else self.ckpt_dir, keep=int(cc.keep),
                                     phase_end_steps=self.starts[1:],
                                     async_save=bool(cc.async_save),
                                     restore_retries=int(cc.restore_retries),
