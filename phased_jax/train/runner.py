@@ -5,10 +5,12 @@ to the phase (the paper's way; `train.carry_optimizer` keeps one across phases),
 epochs of steps, a checkpoint every `checkpoint.every_steps` and at the phase's end, eval loss
 on held-out data if any. Running the same command again resumes from the newest checkpoint that
 restores: the data loader is indexed by step, so the checkpoint's (phase, step) is the whole
-data position and the resumed run is bitwise the uninterrupted one.
+data position and the resumed run is bitwise the uninterrupted one. A kill at any moment costs
+nothing: restore never destroys (`phased_jax.checkpoint`), a run resumed at a phase end first
+does what that phase still owes, and every file appears whole or not at all.
 
 Files under `output_dir`: `checkpoints/<global step>/` (Orbax; phase ends kept for good),
-`phases/phase<k>_<name>/` (phase-end params, `phased-jax convert` exports them to HF),
+`phases/phase<k>-<name>/` (phase-end params, `phased-jax convert` exports them to HF),
 `logs/metrics.jsonl` + `logs/tensorboard/`, `logs/phase_log.jsonl` (one line per step run),
 `hf/` (the final model in HF format), `data_report.json`.
 """
