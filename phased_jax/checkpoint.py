@@ -13,7 +13,8 @@ Restore never destroys a run. Before touching anything it tells three cases apar
   `CheckpointError`; nothing is moved;
 - its own files prove it corrupt (commit marker, metadata or array data missing or truncated):
   only then it is set aside under a fresh `<step>.corrupt[.N]` name and the one before is used.
-On several hosts process 0 makes the decision, every process follows it, only process 0 moves.
+On several hosts every process reads its own shards, they retry and decide together (any
+process's proof of corruption counts), and only process 0 moves files.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -78,9 +78,6 @@ class RunCheckpoints:
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
-    def steps(self) -> list[int]:
-        return sorted(self._manager.all_steps())
-
     def restore_latest(self, abstract_state: Any, config_json: str
                        ) -> tuple[Any, dict[str, Any]] | None:
         """The newest usable checkpoint restored onto `abstract_state`, or None if there is none.
@@ -114,7 +111,7 @@ class RunCheckpoints:
             except Exception as e:  # noqa: BLE001 - classified below, after the retries
                 error = e
                 fileio.quiet_failed_read_echoes()
-            if _all_agree(error is None):
+            if distributed.all_ok(error is None):
                 _note_casts(path, tree, abstract_state)
                 return state, meta
         # Any process's proof is enough: each read only its own shards of the array data.
@@ -165,7 +162,7 @@ class RunCheckpoints:
 def _read_state(path: epath.Path, abstract_state: Any) -> Any:
     """This process's shards of the state, read with no cross-process barrier inside: a read
     that fails on one host only must not leave the others waiting in Orbax's barrier (the
-    processes agree on the outcome afterwards, in `_all_agree`)."""
+    processes agree on the outcome afterwards, in `distributed.all_ok`)."""
     handler = ocp.StandardCheckpointHandler()
     try:
         return handler.restore(path / "state", args=ocp.args.StandardRestore(abstract_state))
@@ -193,21 +190,12 @@ def integrity_problem(path: epath.Path) -> str:
 
 def _corruption_in(error: BaseException) -> str:
     """A description if `error` (or its cause) says array data is damaged, else ""."""
-    for e in _chain(error):
+    for e in fileio.exception_chain(error):
         if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
             return ""
         if isinstance(e, ValueError) and str(e).startswith(CORRUPTION_MARKERS):
             return f"its array data does not read back: {_describe(e)}"
     return ""
-
-
-def _chain(error: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    e: BaseException | None = error
-    while e is not None and e not in seen:
-        seen.append(e)
-        e = e.__cause__ or e.__context__
-    return seen
 
 
 def _describe(error: BaseException) -> str:
@@ -291,19 +279,9 @@ def _check_fits(path: epath.Path, tree: Any, abstract_state: Any, saved_json: st
 
 def _note_casts(path: epath.Path, tree: Any, abstract_state: Any) -> None:
     a, b = _leaves(tree), _leaves(abstract_state)
-    casts = sorted({(str(a[k].dtype), str(b[k].dtype)) for k in a if k in b
-                    and str(getattr(a[k], "dtype", b[k].dtype)) != str(b[k].dtype)})
+    casts = sorted({(str(a[k].dtype), str(b[k].dtype)) for k in a
+                    if k in b and str(a[k].dtype) != str(b[k].dtype)})
     if casts and jax.process_index() == 0:
         pairs = ", ".join(f"{x} -> {y}" for x, y in casts)
         print(f"note: checkpoint {path} is cast on restore ({pairs}), as this config asks",
               flush=True)
-
-
-# -- several processes, one decision ------------------------------------------------------------
-def _all_agree(ok: bool) -> bool:
-    """True when `ok` holds on every process (a read that failed anywhere is retried everywhere)."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-
-    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))

@@ -58,6 +58,16 @@ def from_process_0(value: Any, max_bytes: int = 65536) -> Any:
     return json.loads(bytes(np.asarray(data)).decode())
 
 
+def all_ok(ok: bool) -> bool:
+    """Whether `ok` holds on every process (a collective: call it on all of them), so every
+    process reaches the same decision after a step that only some of them did."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+
+
 def gather_texts(text: str, max_bytes: int = 2000) -> list[str]:
     """Every process's `text` (cut to `max_bytes`), in process order, on every process."""
     if jax.process_count() == 1:

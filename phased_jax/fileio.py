@@ -22,7 +22,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -157,6 +157,35 @@ def publish(tmp: Path, target: Path) -> None:
     _fsync(target.parent)
 
 
+def raise_agreed(error: BaseException | None, target: Path, elsewhere: str,
+                 needed_bytes: int | None = None, replacing: bool = False) -> NoReturn:
+    """After `distributed.all_ok` said a multi-process write failed: raise this process's own
+    error (a full disk as one line), or, where this process did its part, `elsewhere` (which
+    process failed at what)."""
+    if error is None:
+        raise CheckpointError(f"{target}: {elsewhere} (see its error); nothing was written")
+    if (err := disk_full_error(error, target, needed_bytes, replacing)) is not None:
+        raise err from error
+    raise error
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file beside `path` (synced) and rename it in: readers see the old file or the new
+    one, never half of one. The temp name is unique per process and host."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def discard(tmp: Path) -> None:
     """Remove a temp dir of ours after a failed write (best effort: an error is already up)."""
     shutil.rmtree(tmp, ignore_errors=True)
@@ -164,7 +193,8 @@ def discard(tmp: Path) -> None:
 
 # --- disk full -----------------------------------------------------------------------------
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and everything behind it: causes, contexts and the members of exception groups."""
     seen: set[int] = set()
     todo = [exc]
     while todo:
@@ -180,7 +210,7 @@ def is_disk_full(exc: BaseException) -> bool:
     """Whether `exc`, or anything in its cause/context chain (or group), says the disk is full:
     an OSError with ENOSPC/EDQUOT, or a wrapped message such as tensorstore's
     `RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']` (a ValueError)."""
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
             return True
         if _DISK_FULL_TEXT.search(str(e)):
@@ -348,18 +378,6 @@ def atomic_directory(target: Path, overwrite: bool = False,
         if (err := disk_full_error(e, target, needed_bytes, replacing)) is not None:
             raise err from e
         raise
-
-
-def all_processes_ok(ok: bool) -> bool:
-    """Whether `ok` holds on every process of the run (a collective: call it on all of them);
-    so every process reaches the same decision after a step only some of them did."""
-    import jax
-
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-
-    return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def shared_token() -> str:

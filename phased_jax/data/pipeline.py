@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from phased_jax.data.phases import Phase, check_phases, config_phases
 from phased_jax.data.records import InvalidReport, Record, read_config_records, read_records
 from phased_jax.data.tokens import TokenizedExamples, TokenReport, load_tokenizer, tokenize_cached
 from phased_jax.errors import ConfigError, DataError
+from phased_jax.fileio import write_text_atomic
 
 REPORT_NAME = "data_report.json"
 
@@ -139,8 +139,6 @@ def prepare(cfg: Any, tokenizer: Any = None, write_report: bool = True) -> Prepa
                             "mean_score": None if np.isnan(p.phase.mean_score)
                             else p.phase.mean_score}
                            for p in out]}
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{uuid.uuid4().hex[:8]}")  # unique across hosts
-        tmp.write_text(json.dumps(body, indent=1, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(body, indent=1, ensure_ascii=False) + "\n")
         prepared.report_path = path
     return prepared

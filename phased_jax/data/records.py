@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
-import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from phased_jax.errors import DataError
+from phased_jax.fileio import write_text_atomic
 
 FORMATS = ("auto", "alpaca", "authors", "scored", "jsonl", "hf")
 SCORE_RANGE = (1.0, 5.0)
@@ -96,10 +95,7 @@ class InvalidReport:
     def write(self, path: str | Path) -> Path:
         """Write the report as JSON atomically (rename), creating the directory."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{uuid.uuid4().hex[:8]}")  # unique across hosts
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n")
         return path
 
 

@@ -19,12 +19,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from phased_jax.errors import DataError
+from phased_jax.fileio import write_text_atomic
 
 # The sizes the paper reports (DESIGN.md section 1); a built set of another size is an error.
 EXPECTED_SIZES: dict[str, int] = {
@@ -220,19 +220,6 @@ def paper_sets(cache_dir: str | Path, **sources: str) -> list[TestItem]:
     if not (cache_dir / MANIFEST).exists():
         build_paper(cache_dir, **sources)
     return load_dir(cache_dir, names=EXPECTED_SIZES)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def write_jsonl_atomic(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:

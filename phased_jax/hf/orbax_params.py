@@ -12,12 +12,12 @@ import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from phased_jax import fileio
+from phased_jax import distributed, fileio
 from phased_jax.errors import CheckpointError
 from phased_jax.hf import mapping
 from phased_jax.model.config import ModelConfig
@@ -55,8 +55,8 @@ def save_params(directory: str | Path, cfg: ModelConfig, params: dict, *,
         except Exception as e:
             error = e
     replacing = directory.exists()
-    if not fileio.all_processes_ok(error is None):
-        _raise(error, directory, needed, replacing, "could not prepare")
+    if not distributed.all_ok(error is None):
+        fileio.raise_agreed(error, directory, "another process could not prepare it", needed, replacing)
     try:
         with fileio.quiet_disk_full_noise():
             checkpointer = ocp.StandardCheckpointer()
@@ -72,29 +72,18 @@ def save_params(directory: str | Path, cfg: ModelConfig, params: dict, *,
             (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     except Exception as e:
         error = e
-    ok = fileio.all_processes_ok(error is None)
+    ok = distributed.all_ok(error is None)
     if ok and first:
         try:
             fileio.publish(tmp, directory)
         except Exception as e:
             error = e
         ok = error is None
-    if not fileio.all_processes_ok(ok):
+    if not distributed.all_ok(ok):
         if first:
             fileio.discard(tmp)
-        _raise(error, directory, needed, replacing, "could not write")
+        fileio.raise_agreed(error, directory, "another process could not write it", needed, replacing)
     return directory
-
-
-def _raise(error: BaseException | None, directory: Path, needed: int, replacing: bool,
-           what: str) -> NoReturn:
-    """The error of a failed multi-process step, the same decision on every process."""
-    if error is None:  # this process did its part; another failed and reports why
-        raise CheckpointError(f"{directory}: another process {what} it (see its error); "
-                              "nothing was written")
-    if (err := fileio.disk_full_error(error, directory, needed, replacing)) is not None:
-        raise err from error
-    raise error
 
 
 def params_complete(directory: str | Path) -> bool:

@@ -15,15 +15,16 @@ import shutil
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from phased_jax.distributed import all_ok
 from phased_jax.errors import CheckpointError
-from phased_jax.fileio import all_processes_ok, atomic_directory
+from phased_jax.fileio import atomic_directory, raise_agreed
 from phased_jax.hf import mapping
 from phased_jax.hf.hf_config import generation_config_from, hf_config_from
 from phased_jax.hf.writer import TensorSpec, parse_size, write_shards
@@ -151,8 +152,8 @@ def save(path: str | Path, model: Transformer | ModelConfig, params: dict,
                 target, overwrite=overwrite, needed_bytes=sum(s.nbytes for s in specs)))
         except Exception as e:
             error = e
-    if not all_processes_ok(error is None):
-        _fail(error, target)
+    if not all_ok(error is None):
+        raise_agreed(error, target, "process 0 could not write the export")
     if writer:
         tensors = hf_tensors(cfg, params, specs[0].dtype)
         try:
@@ -171,16 +172,9 @@ def save(path: str | Path, model: Transformer | ModelConfig, params: dict,
     if jax.process_count() > 1:  # the rest of the gathers, so none waits forever on process 0
         for _ in tensors:
             pass
-    if not all_processes_ok(error is None):
-        _fail(error, target)
+    if not all_ok(error is None):
+        raise_agreed(error, target, "process 0 could not write the export")
     return Path(path)
-
-
-def _fail(error: BaseException | None, target: Path) -> NoReturn:
-    if error is None:
-        raise CheckpointError(f"{target}: process 0 could not write the export (see its error); "
-                              "nothing was written")
-    raise error
 
 
 def export_complete(path: str | Path) -> bool:

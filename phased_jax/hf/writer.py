@@ -18,7 +18,6 @@ import ml_dtypes
 import numpy as np
 
 from phased_jax.errors import CheckpointError
-from phased_jax.fileio import atomic_directory  # noqa: F401  (its home before fileio.py)
 
 SAFETENSORS_DTYPES = {
     np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",

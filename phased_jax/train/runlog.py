@@ -8,12 +8,13 @@ The log is also how a resumed run knows what a finished phase still owes (its ev
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
+
+from phased_jax.fileio import write_text_atomic
 
 
 def read_events(path: Path) -> tuple[list[dict[str, Any]], int]:
@@ -47,10 +48,12 @@ class RunLog:
             path.parent.mkdir(parents=True, exist_ok=True)
         self._file = None
 
-    def rewind(self, global_step: int) -> None:
-        """Drop step lines after `global_step` and torn lines, here and in `metrics.jsonl`."""
+    def rewind(self, global_step: int) -> list[dict[str, Any]]:
+        """Drop step lines after `global_step` and torn lines, here and in `metrics.jsonl`;
+        returns this log's kept events (none on processes other than 0)."""
         if not self.enabled:
-            return
+            return []
+        kept_here: list[dict[str, Any]] = []
         for path in (self.path, self.path.with_name("metrics.jsonl")):
             if not path.exists():
                 continue
@@ -58,15 +61,10 @@ class RunLog:
             if torn:
                 print(f"note: skipped {torn} torn line(s) in {path} (a kill mid-write)", flush=True)
             kept = [e for e in events if e.get("step", -1) <= global_step]
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "w") as f:
-                f.write("".join(json.dumps(e) + "\n" for e in kept))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-
-    def events(self) -> list[dict[str, Any]]:
-        return read_events(self.path)[0] if self.enabled else []
+            write_text_atomic(path, "".join(json.dumps(e) + "\n" for e in kept))
+            if path == self.path:
+                kept_here = kept
+        return kept_here
 
     def write(self, **event: Any) -> None:
         """Append one whole line (one write call, flushed)."""

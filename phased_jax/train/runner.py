@@ -162,6 +162,7 @@ class PhaseRunner:
 
     def __init__(self, config: ConfigDict):
         from phased_jax.data.pipeline import prepare
+        from phased_jax.hf.orbax_params import params_nbytes
         from phased_jax.train.state import Trainer
 
         self.config, self.out = config, Path(config.output_dir)
@@ -182,8 +183,8 @@ class PhaseRunner:
                                     async_save=bool(cc.async_save),
                                     restore_retries=int(cc.restore_retries),
                                     retry_backoff_s=float(cc.retry_backoff_s))
-        self.state_bytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-                               for x in jax.tree.leaves(self.trainer.abstract_state()))
+        self.abstract_state = self.trainer.abstract_state()  # the restore target
+        self.state_bytes = params_nbytes(self.abstract_state)  # what a checkpoint needs
         self.hf_dir = config.export.hf_dir or str(self.out / "hf")
         self.log = RunLog(self.out / "logs" / "phase_log.jsonl")
         self.logged: set[tuple[Any, Any]] = set()  # (event, phase) lines a killed run wrote
@@ -197,15 +198,14 @@ class PhaseRunner:
     def resume(self) -> Position:
         """Where to start: the newest checkpoint's position, or the beginning."""
         pos = Position()
-        restored = self.ckpts.restore_latest(self.trainer.abstract_state(),
-                                             self.config.to_json())
+        restored = self.ckpts.restore_latest(self.abstract_state, self.config.to_json())
         if restored is not None:
             state, meta = restored
             k = _check_resume(meta, self.data.phases, self.steps)
             pos = Position(k, self.loaders[k].start_step(meta["data"]), state)
         global_step = self.starts[pos.phase] + pos.step
-        self.log.rewind(global_step)  # drops undone steps and torn lines: appends start whole
-        logged = sorted({(e.get("event"), e.get("phase")) for e in self.log.events()}, key=str)
+        events = self.log.rewind(global_step)  # drops undone steps and torn lines
+        logged = sorted({(e.get("event"), e.get("phase")) for e in events}, key=str)
         self.logged = {tuple(x) for x in distributed.from_process_0(logged)}
         if restored is not None:
             self.log.write(event="resume", phase=pos.phase + 1, step_in_phase=pos.step,

@@ -131,13 +131,16 @@ class Trainer:
                           warmup_steps=jnp.asarray(warmup, jnp.int32), tx=self.tx,
                           lr_fn=self.lr_fn)
 
-    def with_run_length(self, state: TrainState, num_steps: int) -> TrainState:
-        """`state` continuing as a run of `num_steps` steps (`train.carry_optimizer`)."""
+    def _run_length(self, num_steps: int) -> tuple[jax.Array, jax.Array]:
+        """(num_steps, warmup steps) of a run, counted on the host, as the state carries them."""
         from phased_jax.train.optimizer import warmup_steps
 
-        return state.replace(num_steps=jnp.asarray(num_steps, jnp.int32),
-                             warmup_steps=jnp.asarray(warmup_steps(self.config.train, num_steps),
-                                                      jnp.int32))
+        return jnp.int32(num_steps), jnp.int32(warmup_steps(self.config.train, num_steps))
+
+    def with_run_length(self, state: TrainState, num_steps: int) -> TrainState:
+        """`state` continuing as a run of `num_steps` steps (`train.carry_optimizer`)."""
+        n, w = self._run_length(num_steps)
+        return state.replace(num_steps=n, warmup_steps=w)
 
     def init_state(self, num_steps: int, params: Any = None, rng: jax.Array | None = None
                    ) -> TrainState:
@@ -149,11 +152,9 @@ class Trainer:
         """
         if num_steps < 1:
             raise ConfigError(f"a run needs at least one step, got num_steps={num_steps}")
-        from phased_jax.train.optimizer import warmup_steps
-
         shardings = self.state_shardings()
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        n, w = jnp.int32(num_steps), jnp.int32(warmup_steps(self.config.train, num_steps))
+        n, w = self._run_length(num_steps)
         if params is None:
             rng = jax.random.key(int(self.config.seed)) if rng is None else rng
             return jax.jit(self._fresh, out_shardings=shardings)(rng, n, w)
