@@ -26,8 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
-from phased_tools.client import _has_aiohttp  # noqa: E402
 from phased_tools.score import main as score_main  # noqa: E402
+from phased_tools.transport import pick_transport  # noqa: E402
 
 
 def run_once(base_url: str, inp: Path, tmp: Path, tag: str, rpm: float, concurrency: int,
@@ -67,7 +67,7 @@ def main() -> None:
     )
     try:
         base_url = server.stdout.readline().strip()
-        transport = "aiohttp" if a.http == "aiohttp" or (a.http == "auto" and _has_aiohttp()) else "httpx"
+        transport = pick_transport(a.http)
         print(f"server {base_url}, latency {a.latency * 1000:.0f} ms, --rpm {a.rpm:g}, "
               f"transport {transport}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
         with tempfile.TemporaryDirectory() as d:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import FAST, HANG_TIMEOUT, read_jsonl, write_alpaca
 from fake_openai import NEVER_PARSEABLE, expected_score
-from phased_tools.client import ParseError
+from phased_tools.chat import ParseError
 from phased_tools.records import load_records
 from phased_tools.score import load_template, main, parse_score
 

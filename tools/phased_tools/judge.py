@@ -13,21 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from phased_tools.client import (
-    Job,
-    JobResult,
-    add_client_args,
-    answer_jobs,
-    api_key_or_exit,
-    atomic_write_text,
-    cached_count,
-    config_from_args,
-    format_dry_run,
-    format_summary,
-    jsonl,
-    output_problem,
-)
+from phased_tools.client_config import add_client_args, api_key_or_exit, config_from_args
+from phased_tools.jobs import Job, JobResult, answer_jobs, cached_count
 from phased_tools.judge_prompt import REASK_TEXT, judge_messages, parse_pair, question
+from phased_tools.outputs import atomic_write_text, jsonl, output_problem
 from phased_tools.records import (
     DEFAULT_MAX_RECORD_BYTES,
     AnswerRow,
@@ -36,6 +25,7 @@ from phased_tools.records import (
     positive_bytes,
 )
 from phased_tools.report import write_all
+from phased_tools.summary import format_dry_run, format_summary
 from phased_tools.winrate import Tally, combine, judgment_outcome
 
 OUTPUT_FILES = ("judgments.jsonl", "winrate.md", "winrate.csv", "winrate.json", "winrate.png")

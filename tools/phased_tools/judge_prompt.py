@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from phased_tools.client import Messages, ParseError
+from phased_tools.chat import Messages, ParseError
 
 SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
 CRITERIA = (

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from phased_tools.client import atomic_write_bytes, atomic_write_text
+from phased_tools.outputs import atomic_write_bytes, atomic_write_text
 from phased_tools.winrate import Tally, weighted_average
 
 Results = Mapping[str, Mapping[str, Tally]]  # system -> test set -> tally

@@ -18,23 +18,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from phased_tools.client import (
-    Job,
-    JobResult,
-    Messages,
-    ParseError,
-    Stats,
-    add_client_args,
-    answer_jobs,
-    api_key_or_exit,
-    atomic_write_text,
-    cached_count,
-    config_from_args,
-    format_dry_run,
-    format_summary,
-    jsonl,
-    output_problem,
-)
+from phased_tools.chat import Messages, ParseError
+from phased_tools.client_config import add_client_args, api_key_or_exit, config_from_args
+from phased_tools.jobs import Job, JobResult, answer_jobs, cached_count
+from phased_tools.outputs import atomic_write_text, jsonl, output_problem
 from phased_tools.records import (
     DEFAULT_MAX_RECORD_BYTES,
     FORMATS,
@@ -44,6 +31,7 @@ from phased_tools.records import (
     positive_bytes,
     read_text,
 )
+from phased_tools.summary import Stats, format_dry_run, format_summary
 
 REASK_TEXT = (
     "Your reply did not start with a line containing only the score. Please answer again: "

@@ -1,0 +1,182 @@
+"""One reply per request: from the cache if paid for before, else from the server, retried.
+
+Why our own retry loop rather than the openai client's `max_retries`: every retry is a request
+that counts against `--rpm/--tpm`, so it must pass through our limiter; a 429 should pause all
+workers, not just the one that saw it; a 200 with a malformed body is retried too (the client
+does not); and the backoff cap must be settable (`--max-backoff`). We keep the client's error
+classes and its reading of `retry-after-ms` / `Retry-After` (seconds or an HTTP date), and
+`x-should-retry`. The client itself runs with `max_retries=0`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from phased_tools.cache import AnswerCache, CachedAnswer, GroupCommitter, request_key
+from phased_tools.chat import FatalError, Messages, ParseError, RequestFailed
+from phased_tools.client_config import ClientConfig
+from phased_tools.rate_limits import TokenBucket, estimate_tokens, parse_retry_after
+from phased_tools.summary import Stats
+from phased_tools.transport import import_httpx, open_clients, pick_transport
+
+
+@dataclass(frozen=True)
+class Answer:
+    content: str
+    from_cache: bool
+
+
+def _redactor(secret: str | None) -> Callable[[str], str]:
+    if not secret or len(secret) < 4:
+        return lambda s: s
+    return lambda s: s.replace(secret, "[REDACTED]")
+
+
+class Asker:
+    """Sends chat requests: cache first, then limiter, then the server, retrying what can be retried."""
+
+    def __init__(self, cfg: ClientConfig, cache: AnswerCache, api_key: str, stats: Stats) -> None:
+        import openai
+
+        self.cfg = cfg
+        self.cache = cache
+        self.writer = GroupCommitter(cache)
+        self.stats = stats
+        self.redact = _redactor(api_key)
+        self._openai = openai
+        self._httpx = import_httpx()
+        self.transport = pick_transport(cfg.http)
+        self.clients = open_clients(cfg, api_key, self.transport)
+        self._next_client = 0
+        self.rpm = TokenBucket(cfg.rpm) if cfg.rpm else None
+        self.tpm = TokenBucket(cfg.tpm) if cfg.tpm else None
+        self._pause_until = 0.0
+
+    async def close(self) -> None:
+        for c in self.clients:
+            await c.close()
+        await asyncio.to_thread(self.writer.close)
+
+    def _backoff(self, attempt: int) -> float:
+        base = min(self.cfg.initial_backoff * (2.0**attempt), self.cfg.max_backoff)
+        return base * (1.0 - 0.25 * random.random())
+
+    async def _wait_pause(self) -> None:
+        while (delay := self._pause_until - time.monotonic()) > 0:
+            await asyncio.sleep(delay)
+
+    async def ask(self, messages: Messages) -> Answer:
+        """One reply for `messages`: from the cache if paid for before, else from the server."""
+        key = request_key(self.cfg.model, messages, self.cfg.params())
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.stats.cache_hits += 1
+            return Answer(hit.content, from_cache=True)
+        oa = self._openai
+        payload = {"model": self.cfg.model, "messages": messages, **self.cfg.params()}
+        reason = "no attempt made"
+        for attempt in range(self.cfg.max_retries + 1):
+            await self._wait_pause()
+            if self.rpm:
+                await self.rpm.acquire(1)
+            if self.tpm:
+                await self.tpm.acquire(estimate_tokens(messages) + self.cfg.max_tokens)
+            await self._wait_pause()
+            self.stats.requests += 1
+            if self.stats.first_sent is None:
+                self.stats.first_sent = time.monotonic()
+            delay: float | None = None
+            try:
+                # The client's low-level post: its auth, base URL, error classes and
+                # time-outs, without the per-request typing cost of .create() (that cost
+                # alone capped throughput below --rpm 20000 on 2 cores).
+                client = self.clients[self._next_client % len(self.clients)]
+                self._next_client += 1
+                resp = await client.post(
+                    "/chat/completions", body=payload, cast_to=self._httpx.Response
+                )
+                content, finish, usage = _extract(json.loads(resp.content))
+            except oa.APIStatusError as e:
+                status = e.status_code
+                headers = getattr(e.response, "headers", None)
+                should = headers.get("x-should-retry") if headers is not None else None
+                if status in (401, 403):
+                    raise FatalError(
+                        f"authentication failed (HTTP {status}); check OPENAI_API_KEY and --base-url"
+                    ) from None
+                if status == 404:
+                    raise FatalError(
+                        f"HTTP 404 for model {self.cfg.model!r}: {self.redact(_message(e))}; "
+                        "check --model and --base-url"
+                    ) from None
+                retryable = should == "true" or (
+                    should != "false" and (status in (408, 409, 429) or status >= 500)
+                )
+                reason = f"HTTP {status}: {self.redact(_message(e))}"
+                if not retryable:
+                    raise RequestFailed(reason) from None
+                self.stats.retries[str(status)] += 1
+                delay = parse_retry_after(headers)
+                if status == 429 and delay is not None:
+                    # A rate limit is the server's, not this request's: pause every worker.
+                    self._pause_until = max(self._pause_until, time.monotonic() + delay)
+            except oa.APITimeoutError:
+                reason = f"time-out after {self.cfg.timeout:g} s"
+                self.stats.retries["timeout"] += 1
+            except oa.APIConnectionError as e:
+                reason = f"connection error: {self.redact(type(e.__cause__ or e).__name__)}"
+                self.stats.retries["connection"] += 1
+            except (oa.APIResponseValidationError, ParseError, ValueError, TypeError) as e:
+                # 200 with a body that is not a chat completion (bad JSON, no choices).
+                reason = f"malformed response: {self.redact(str(e))[:200]}"
+                self.stats.retries["malformed"] += 1
+            else:
+                self.stats.answers += 1
+                self.stats.prompt_tokens += usage[0]
+                self.stats.completion_tokens += usage[1]
+                self.stats.last_answer = time.monotonic()
+                # Durable before it is used: the writer thread commits it (with whatever other
+                # answers are waiting) and only then lets this request go on.
+                stored = self.writer.submit(key, self.cfg.model, payload, CachedAnswer(content, finish, *usage))
+                try:
+                    await asyncio.wrap_future(stored)
+                except (sqlite3.Error, OSError) as e:
+                    raise FatalError(
+                        f"cannot store answers in the cache {self.cache.path}: {e}; "
+                        "free disk space or pass another --cache, then run again (stored answers are kept)"
+                    ) from None
+                return Answer(content, from_cache=False)
+            if attempt < self.cfg.max_retries:
+                await asyncio.sleep(delay if delay is not None else self._backoff(attempt))
+        raise RequestFailed(f"{reason} (gave up after {self.cfg.max_retries + 1} attempts)")
+
+
+def _message(e: Any) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        msg = body.get("message") or (body.get("error") or {}).get("message")
+        if msg:
+            return str(msg)[:300]
+    return str(getattr(e, "message", "") or type(e).__name__)[:300]
+
+
+def _extract(data: Any) -> tuple[str, str | None, tuple[int, int]]:
+    """Content, finish reason and (prompt, completion) tokens; ParseError if not a chat completion."""
+    try:
+        choice = data["choices"][0]
+        content = choice["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise ParseError("body is not a chat completion (no choices[0].message.content)") from None
+    if not isinstance(content, str):
+        raise ParseError("message content is not a string")
+    usage = data.get("usage") or {}
+    pt = int(usage.get("prompt_tokens") or 0)
+    ct = int(usage.get("completion_tokens") or 0)
+    return content, choice.get("finish_reason"), (pt, ct)
