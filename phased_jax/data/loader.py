@@ -81,11 +81,6 @@ class PhaseLoader:
         """This host's int32 arrays [global_batch // process_count, max_length] at `step`."""
         return build_rows(self.examples, self.rows(step))
 
-    def iterate(self, start: int = 0):
-        """(step, batch) from `start` to the end of the phase."""
-        for step in range(start, self.steps):
-            yield step, self.batch(step)
-
     def state_dict(self, step: int) -> dict[str, int]:
         """The data position to checkpoint: the next step to run, plus what must match on resume."""
         return {"phase_index": self.phase_index, "step": int(step), "steps": self.steps,
@@ -103,11 +98,3 @@ class PhaseLoader:
         if not 0 <= step <= self.steps:
             raise DataError(f"checkpointed step {step} outside 0..{self.steps}")
         return step
-
-
-def to_global(batch: dict[str, np.ndarray], sharding: Any) -> dict[str, Any]:
-    """Host-local rows -> global jax.Arrays sharded by `sharding` (a NamedSharding over the batch
-    axis, e.g. `NamedSharding(mesh, P(("data", "fsdp"), None))`), one call per process."""
-    import jax
-
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

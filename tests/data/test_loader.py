@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from phased_jax.data.loader import PhaseLoader, to_global
+from phased_jax.data.loader import PhaseLoader
 from phased_jax.data.tokens import tokenize
 from phased_jax.errors import DataError
 from tests.data.conftest import make_records
@@ -69,12 +69,13 @@ def test_host_slices_disjoint_and_cover(examples, packing):
 
 def test_resume_matches_run_through(examples):
     ld = PhaseLoader(examples, 8, 2, seed=3, phase_index=1, packing=True)
-    run = [b for _, b in ld.iterate()]
+    run = [ld.batch(s) for s in range(ld.steps)]
     state = ld.state_dict(5)
     again = PhaseLoader(examples, 8, 2, seed=3, phase_index=1, packing=True)
     start = again.start_step(state)
     assert start == 5
-    for s, b in again.iterate(start):
+    for s in range(start, again.steps):
+        b = again.batch(s)
         for k in b:
             np.testing.assert_array_equal(b[k], run[s][k])
     other = PhaseLoader(examples.select(examples.record_ids[:40]), 8, 2, 3, 1)
@@ -86,13 +87,3 @@ def test_max_steps_and_empty_phase(examples):
     assert PhaseLoader(examples, 8, 2, 3, 0, max_steps=3).steps == 3
     assert PhaseLoader(examples.select([]), 8, 2, 3, 0).steps == 0
 
-
-def test_to_global_builds_sharded_arrays(examples):
-    import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    ld = PhaseLoader(examples, len(jax.devices()), 1, 3, 0)
-    g = to_global(ld.batch(0), NamedSharding(mesh, PartitionSpec("data", None)))
-    assert g["input_ids"].shape == (len(jax.devices()), 128)
-    np.testing.assert_array_equal(np.asarray(g["targets"]), ld.batch(0)["targets"])
