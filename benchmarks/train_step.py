@@ -55,10 +55,10 @@ class JaxSide:
             "tiny-llama", vocab_size=COMMON["vocab_size"], num_layers=COMMON["num_layers"],
             hidden_size=shape["hidden_size"], num_heads=shape["num_heads"],
             num_kv_heads=shape["num_kv_heads"], intermediate_size=shape["intermediate_size"],
-            max_position_embeddings=COMMON["seq"], attention_impl=attention_impl)
+            max_position_embeddings=COMMON["seq"], attention_impl=attention_impl,
+            dtype="float32", param_dtype="float32")
         c.data.max_length = COMMON["seq"]
-        c.train.update(global_batch=shape["batch"], lr=1e-4, warmup_ratio=0.0, schedule="constant",
-                       compute_dtype="float32", param_dtype="float32")
+        c.train.update(global_batch=shape["batch"], lr=1e-4, warmup_ratio=0.0, schedule="constant")
         c.mesh.shape = (1, 1, 1)
         self.trainer = build_trainer(c, devices=jax.devices()[:1])
         self.state = self.trainer.init_state(num_steps=1000)

@@ -27,7 +27,7 @@ def paper_config(preset: str, order: str, name: str) -> ConfigDict:
     c = get_default_config()
     c.name = name
     c.output_dir = f"runs/{name}"
-    c.model = model_section(preset, dtype="bfloat16", param_dtype="float32", remat_policy="full")
+    c.model = model_section(preset, remat_policy="full")
     c.model.init_from = HF_WEIGHTS[preset]
     c.data.paths = (SCORED_ALPACA,)
     c.data.tokenizer = HF_WEIGHTS[preset]

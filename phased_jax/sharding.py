@@ -8,6 +8,7 @@ everything and nothing else needs to know a mesh axis name.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -15,10 +16,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from phased_jax.errors import ConfigError
+from phased_jax.model.config import ModelConfig
+from phased_jax.model.params import abstract_params, logical_axes
 
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = tuple[tuple[str, Any], ...]
@@ -69,13 +73,41 @@ def resolve_mesh_shape(shape: Sequence[int], dcn_shape: Sequence[int], num_devic
     return shape, dcn_shape
 
 
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where arrays live: a mesh and the logical-axis rule table that maps names onto it."""
+
+    mesh: Mesh
+    rules: Rules
+
+    @classmethod
+    def from_config(cls, mesh_cfg: ConfigDict, devices: Sequence[Any] | None = None
+                    ) -> Placement:
+        """The mesh a config's `mesh` section describes, over `devices` (default: all)."""
+        return cls(make_mesh(mesh_cfg, devices), rules_from_config(mesh_cfg))
+
+    @property
+    def batch_shards(self) -> int:
+        """How many ways the batch is split (the mesh axes the `batch` rule names)."""
+        return batch_shards(self.mesh, self.rules)
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        return batch_sharding(self.mesh, self.rules)
+
+
+def mesh_sizes(mesh_cfg: ConfigDict, num_devices: int) -> dict[str, int]:
+    """{axis: size} of the whole mesh a `mesh` section gives on `num_devices` devices."""
+    shape, dcn_shape = resolve_mesh_shape(mesh_cfg.shape, mesh_cfg.dcn_shape, num_devices)
+    return {a: s * d for a, s, d in zip(MESH_AXES, shape, dcn_shape, strict=True)}
+
+
 def make_mesh(mesh_cfg: ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:
     """A mesh (data, fsdp, tensor): per-slice (ICI) shape times across-slice (DCN) shape."""
     devices = list(devices if devices is not None else jax.devices())
     shape, dcn_shape = resolve_mesh_shape(mesh_cfg.shape, mesh_cfg.dcn_shape, len(devices))
-    full = tuple(a * b for a, b in zip(shape, dcn_shape, strict=True))
+    full = tuple(mesh_sizes(mesh_cfg, len(devices)).values())
     if math.prod(dcn_shape) > 1 and hasattr(devices[0], "slice_index"):
-        from jax.experimental import mesh_utils
         grid = mesh_utils.create_hybrid_device_mesh(shape, dcn_shape, devices)
         return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     if math.prod(dcn_shape) > 1:  # no slices here (CPU tests): slice-major order of devices
@@ -111,16 +143,17 @@ def logical_to_mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[i
     return PartitionSpec(*out)
 
 
-def logical_specs(boxed_tree: Any) -> Any:
-    """Logical axis names of each leaf of a tree holding `nn.LogicallyPartitioned` boxes."""
-    return nn.get_partition_spec(boxed_tree)
-
-
-def tree_shardings(abstract_tree: Any, specs_tree: Any, mesh: Mesh, rules: Rules) -> Any:
-    """NamedShardings for an (unboxed) abstract tree given its tree of logical PartitionSpecs."""
+def param_shardings(cfg: ModelConfig, placement: Placement) -> Any:
+    """NamedShardings of a model's params on `placement`, from their logical axis names."""
     return jax.tree.map(
-        lambda spec, x: NamedSharding(mesh, logical_to_mesh_spec(tuple(spec), x.shape, rules, mesh)),
-        specs_tree, abstract_tree, is_leaf=lambda s: isinstance(s, PartitionSpec))
+        lambda spec, x: NamedSharding(placement.mesh, logical_to_mesh_spec(
+            tuple(spec), x.shape, placement.rules, placement.mesh)),
+        logical_axes(cfg), abstract_params(cfg), is_leaf=lambda s: isinstance(s, PartitionSpec))
+
+
+def place_params(cfg: ModelConfig, params: Any, placement: Placement) -> Any:
+    """`params` (boxed or not, anywhere) moved onto the placement as training shards them."""
+    return jax.device_put(nn.meta.unbox(params), param_shardings(cfg, placement))
 
 
 def per_device_shape(shape: Sequence[int], spec: PartitionSpec,

@@ -8,7 +8,8 @@ import re
 import pytest
 
 from phased_jax.cli import main as cli_main
-from phased_jax.config import get_default_config, validate_config
+from phased_jax.config import get_default_config
+from phased_jax.config_checks import validate_config
 from phased_jax.errors import ConfigError
 
 GOOD = '''
@@ -56,7 +57,7 @@ INVALID = [  # (field, value, what the message must also say)
     ("data.format", "csv", "'auto', 'alpaca', 'authors', 'scored', 'jsonl', 'hf'"),
     ("data.on_invalid", "ignore", "'error', 'skip'"),
     ("train.schedule", "cos", "'cosine', 'linear', 'constant'"),
-    ("train.compute_dtype", "fp8", "'bfloat16'"),
+    ("model.dtype", "fp8", "'bfloat16'"),
     ("export.dtype", "int8", "'float32'"),
     ("checkpoint.keep", 0, ">= 1"),
 ]

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from phased_jax.config import parse_config_argv
+from phased_jax.config_cli import parse_config_argv
 from phased_jax.data.phases import build_phases, check_phases, config_phases, stage_bounds, stratify
 from phased_jax.data.records import Record, read_config_records
 from phased_jax.data.templates import user_text

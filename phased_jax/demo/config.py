@@ -44,7 +44,7 @@ def demo_config(out_dir: str = "demo_out", order: str = "1,2,3", vocab_size: int
     c.train.lr = 3e-3
     c.train.warmup_ratio = 0.1
     c.train.weight_decay = 0.1
-    c.train.compute_dtype = "float32"
+    c.model.dtype = "float32"
     c.train.log_every = 20
     c.train.peak_flops = 0.0
     c.checkpoint.every_steps = 500

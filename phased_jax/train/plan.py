@@ -1,5 +1,13 @@
 """`phased-jax plan`: per-device memory and step time of a training config, before launching.
 
+    phased-jax plan --config configs/llama2_7b_phased.py --num-devices 32 [--device v4]
+    phased-jax plan --preset llama2-70b --num-devices 256 --config.mesh.shape='(1,-1,8)'
+
+The plan reads the experiment's config: its model (shapes, precision, remat policy), mesh
+shape and rule table, global batch, grad accumulation, optimizer-state dtype and data.max_length
+(the sequence length). `--preset` alone plans the default config with that model (remat
+`full`, as the paper's configs). Any field can be overridden as in `train`.
+
 Parameter shapes come from `jax.eval_shape(model.init)` (nothing is allocated), per-device
 bytes from the same logical->mesh rules the trainer shards with; activations are an analytic
 estimate per remat policy (see `activation_bytes`); step time is FLOPs / (devices x peak x MFU).
@@ -7,19 +15,22 @@ estimate per remat policy (see `activation_bytes`); step time is FLOPs / (device
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
+from absl import flags
+from jax.sharding import PartitionSpec
+from ml_collections import ConfigDict
 
 from phased_jax import sharding
-from phased_jax.config import get_default_config
-from phased_jax.errors import ConfigError
-from phased_jax.model import Transformer
-from phased_jax.model.config import PRESETS, REMAT_POLICIES, ModelConfig, get_preset
+from phased_jax.config import get_default_config, model_config, model_section
+from phased_jax.config_cli import flag_value, parse_config_argv
+from phased_jax.errors import UsageError
+from phased_jax.model.config import PRESETS, ModelConfig
 from phased_jax.model.flops import flops_per_token
+from phased_jax.model.params import abstract_params, logical_axes
 
 GiB = 1024**3
 # name -> (memory per device in GiB, dense bf16 peak FLOP/s per device)
@@ -48,12 +59,9 @@ class Plan:
 def sharded_param_bytes(cfg: ModelConfig, mesh: dict[str, int], rules: sharding.Rules,
                         itemsize: int) -> tuple[int, int]:
     """(parameter count, bytes of one device's shards at `itemsize` bytes per element)."""
-    from phased_jax.train.state import _unbox, boxed_abstract_params
-    boxed = boxed_abstract_params(Transformer(cfg))
-    specs, shapes = sharding.logical_specs(boxed), _unbox(boxed)
     count, per_device = 0, 0
-    for spec, x in zip(jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec)),
-                       jax.tree.leaves(shapes), strict=True):
+    for spec, x in zip(jax.tree.leaves(logical_axes(cfg), is_leaf=lambda s: isinstance(s, PartitionSpec)),
+                       jax.tree.leaves(abstract_params(cfg)), strict=True):
         mesh_spec = sharding.logical_to_mesh_spec(tuple(spec), x.shape, rules, mesh)
         count += math.prod(x.shape)
         per_device += math.prod(sharding.per_device_shape(x.shape, mesh_spec, mesh)) * itemsize
@@ -91,12 +99,13 @@ def activation_bytes(cfg: ModelConfig, tokens: int, seq: int, tensor: int, remat
     return int(cfg.num_layers * per_layer + working + logits)
 
 
-def make_plan(cfg: ModelConfig, mesh: dict[str, int], global_batch: int, seq: int,
-              grad_accum: int = 1, opt_dtype: str = "") -> Plan:
-    rules = sharding.rules_from_config(get_default_config().mesh)
+def make_plan(cfg: ModelConfig, train_cfg: ConfigDict, mesh: dict[str, int],
+              rules: sharding.Rules, seq: int) -> Plan:
+    """The plan of training `cfg` with the `train` section's batch on `mesh` under `rules`."""
+    global_batch, grad_accum = int(train_cfg.global_batch), int(train_cfg.grad_accum)
     sharding.check_batch(global_batch, grad_accum, mesh, rules)
     p_size = jnp.dtype(cfg.param_dtype).itemsize
-    o_size = jnp.dtype(opt_dtype or cfg.param_dtype).itemsize
+    o_size = jnp.dtype(train_cfg.get("opt_state_dtype") or cfg.param_dtype).itemsize
     count, param_bytes = sharded_param_bytes(cfg, mesh, rules, 1)
     tokens = global_batch // grad_accum // sharding.batch_shards(mesh, rules) * seq
     acts = activation_bytes(cfg, tokens, seq, mesh["tensor"], cfg.remat_policy,
@@ -108,53 +117,65 @@ def make_plan(cfg: ModelConfig, mesh: dict[str, int], global_batch: int, seq: in
         activations=acts, flops_per_step=flops_per_token(cfg, seq) * global_batch * seq)
 
 
-def parse_mesh(text: str, num_devices: int | None, dcn: str) -> dict[str, int]:
-    shape = tuple(int(s) for s in text.split(","))
-    dcn_shape = tuple(int(s) for s in dcn.split(","))
-    if -1 in shape and not num_devices:
-        raise ConfigError("--mesh has a -1: give --num-devices so it can be inferred")
-    total = num_devices or math.prod(shape) * math.prod(dcn_shape)
-    shape, dcn_shape = sharding.resolve_mesh_shape(shape, dcn_shape, total)
-    return {a: s * d for a, s, d in zip(sharding.MESH_AXES, shape, dcn_shape, strict=True)}
+USAGE = """usage: phased-jax plan (--config CONFIG_FILE | --preset NAME) [--config.SECTION.FIELD=VALUE ...]
+                      [--num-devices N] [--device KIND] [--mfu F]"""
+
+
+def _define_flags(fv) -> None:
+    flags.DEFINE_enum("preset", None, sorted(PRESETS), "plan the default config with this model "
+                      "(instead of --config)", flag_values=fv)
+    flags.DEFINE_integer("num_devices", 0, "devices to plan for (default: this machine's)",
+                         flag_values=fv)
+    flags.DEFINE_enum("device", "v4", sorted(DEVICES), "device kind (memory and peak FLOP/s)",
+                      flag_values=fv)
+    flags.DEFINE_float("mfu", 0.4, "assumed MFU for the step time", flag_values=fv)
+
+
+def preset_config(preset: str) -> ConfigDict:
+    """The default config with `preset`'s model, remat `full` as the paper's configs."""
+    c = get_default_config()
+    c.model = model_section(preset, remat_policy="full")
+    return c
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="phased-jax plan", description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="llama2-7b", choices=sorted(PRESETS))
-    ap.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor per slice (-1: inferred)")
-    ap.add_argument("--dcn", default="1,1,1", help="data,fsdp,tensor across slices")
-    ap.add_argument("--num-devices", type=int, default=0, help="total devices (for a -1 in --mesh)")
-    ap.add_argument("--batch", type=int, default=128, help="global batch (sequences)")
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--grad-accum", type=int, default=1)
-    ap.add_argument("--remat", default="full", choices=REMAT_POLICIES)
-    ap.add_argument("--compute-dtype", default="bfloat16")
-    ap.add_argument("--param-dtype", default="float32")
-    ap.add_argument("--opt-dtype", default="", help="Adam moments ('' = param dtype)")
-    ap.add_argument("--device", default="v4", choices=sorted(DEVICES))
-    ap.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the step time")
-    args = ap.parse_args(argv)
-
-    mesh = parse_mesh(args.mesh, args.num_devices, args.dcn)
-    n_dev = math.prod(mesh.values())
-    cfg = get_preset(args.preset, dtype=args.compute_dtype, param_dtype=args.param_dtype,
-                     remat_policy=args.remat)
-    plan = make_plan(cfg, mesh, args.batch, args.seq, args.grad_accum, args.opt_dtype)
-    mem_gib, peak = DEVICES[args.device]
-    step_s = plan.flops_per_step / (n_dev * peak * args.mfu)
+    argv = [a.replace("--num-devices", "--num_devices") for a in (argv or [])]
+    preset = flag_value(argv, "preset")
+    if preset is not None and flag_value(argv, "config") is not None:
+        raise UsageError("give --config or --preset, not both (override the config's model "
+                         "with --config.model.FIELD=VALUE)")
+    if preset is not None and preset not in PRESETS:
+        raise UsageError(f"--preset {preset!r}: choose one of {', '.join(sorted(PRESETS))}")
+    fv = parse_config_argv(argv, "phased-jax plan", USAGE + "\n\n" + __doc__.split("\n\n", 2)[2],
+                           _define_flags, default=(lambda: preset_config(preset)) if preset else None,
+                           sections=("model", "train"))
+    if fv is None:
+        return 0
+    config = fv.config
+    n_dev = fv.num_devices
+    if n_dev <= 0:
+        n_dev = jax.device_count()
+        print(f"devices: {n_dev} (this machine's; give --num-devices N to plan for a pod)")
+    mesh = sharding.mesh_sizes(config.mesh, n_dev)
+    cfg = model_config(config.model)
+    tc, seq = config.train, int(config.data.max_length)
+    plan = make_plan(cfg, tc, mesh, sharding.rules_from_config(config.mesh), seq)
+    mem_gib, peak = DEVICES[fv.device]
+    step_s = plan.flops_per_step / (n_dev * peak * fv.mfu)
     gib = lambda b: f"{b / GiB:9.2f} GiB"
-    print(f"model {args.preset}: {plan.num_params:,} parameters; mesh {mesh} ({n_dev} devices)")
-    print(f"batch {args.batch} x {args.seq} tokens, grad_accum {args.grad_accum}, remat "
-          f"{args.remat}, compute {args.compute_dtype}, params {args.param_dtype}")
+    print(f"model {config.model.get('preset', '')}: {plan.num_params:,} parameters; mesh {mesh} "
+          f"({n_dev} devices)")
+    print(f"batch {tc.global_batch} x {seq} tokens, grad_accum {tc.grad_accum}, remat "
+          f"{cfg.remat_policy}, compute {cfg.dtype}, params {cfg.param_dtype}")
     print("per device:")
     print(f"  params       {gib(plan.params)}")
     print(f"  gradients    {gib(plan.grads)}")
     print(f"  optimizer    {gib(plan.opt_state)}   (AdamW mu + nu)")
-    print(f"  activations  {gib(plan.activations)}   (estimate, remat={args.remat})")
+    print(f"  activations  {gib(plan.activations)}   (estimate, remat={cfg.remat_policy})")
     print(f"  total        {gib(plan.total)}")
     fits = plan.total <= USABLE * mem_gib * GiB
-    print(f"{args.device} ({mem_gib:g} GiB): {'FITS' if fits else 'DOES NOT FIT'} "
+    print(f"{fv.device} ({mem_gib:g} GiB): {'FITS' if fits else 'DOES NOT FIT'} "
           f"({plan.total / (mem_gib * GiB):.0%} of memory; plan against {USABLE:.0%})")
-    print(f"step: {plan.flops_per_step:.3e} FLOPs -> {step_s:.2f} s at {args.mfu:.0%} MFU "
-          f"({args.batch * args.seq / step_s:,.0f} tokens/s)")
+    print(f"step: {plan.flops_per_step:.3e} FLOPs -> {step_s:.2f} s at {fv.mfu:.0%} MFU "
+          f"({tc.global_batch * seq / step_s:,.0f} tokens/s)")
     return 0 if fits else 3

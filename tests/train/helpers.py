@@ -15,11 +15,10 @@ def tiny_config(mesh_shape=(1, -1, 1), global_batch: int = 8, grad_accum: int = 
     """f32 everywhere, constant LR, so runs on different meshes are comparable to ~1e-6."""
     c = get_default_config()
     c.model = model_section("tiny-llama", vocab_size=128, hidden_size=32, intermediate_size=64,
-                            num_heads=4, num_kv_heads=2)
+                            num_heads=4, num_kv_heads=2, dtype="float32", param_dtype="float32")
     c.data.max_length = SEQ
     c.train.update(global_batch=global_batch, grad_accum=grad_accum, lr=lr, warmup_ratio=0.0,
-                   schedule="constant", compute_dtype="float32", param_dtype="float32",
-                   tensorboard=False)
+                   schedule="constant", tensorboard=False)
     c.mesh.shape = mesh_shape
     return c
 

@@ -13,7 +13,7 @@ import pytest
 from phased_jax import checkpoint
 from phased_jax.checkpoint import RunCheckpoints
 from phased_jax.errors import CheckpointError, ConfigError
-from phased_jax.train.state import Trainer
+from phased_jax.train import build_trainer
 from tests.train.helpers import tiny_config
 
 STEPS = (2, 4)
@@ -30,7 +30,7 @@ def _manager(directory: Path, retries: int = 2) -> RunCheckpoints:
 def saved(tmp_path_factory):
     """A directory with checkpoints at steps 2 and 4 of a tiny run, and the state saved at 4."""
     config = tiny_config()
-    trainer = Trainer(config)
+    trainer = build_trainer(config)
     directory = tmp_path_factory.mktemp("ckpts")
     ckpts = _manager(directory)
     state = trainer.init_state(10)
@@ -56,7 +56,7 @@ def _snapshot(directory: Path) -> dict[str, str]:
 
 
 def _restore(config, directory: Path, retries: int = 2):
-    return _manager(directory, retries).restore_latest(Trainer(config).abstract_state(),
+    return _manager(directory, retries).restore_latest(build_trainer(config).abstract_state(),
                                                        config.to_json())
 
 
@@ -144,7 +144,7 @@ def test_missing_metadata_after_retries_is_corrupt(saved, run_dir):
 
 def test_param_dtype_change_is_a_cast_reported_on_one_line(saved, run_dir, capsys):
     config = tiny_config()
-    config.train.param_dtype = "bfloat16"
+    config.model.param_dtype = "bfloat16"
     state, _ = _restore(config, run_dir)
     assert state.params["embed"].dtype == np.dtype("bfloat16")
     notes = [line for line in capsys.readouterr().out.splitlines() if "cast" in line]

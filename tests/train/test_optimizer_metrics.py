@@ -7,18 +7,42 @@ import pytest
 
 from phased_jax.config import get_default_config
 from phased_jax.train import metrics as M
-from phased_jax.train.optimizer import decay_mask, make_optimizer, make_schedule
+from phased_jax.train import build_trainer
+from phased_jax.train.optimizer import (
+    decay_mask,
+    make_optimizer,
+    run_length,
+    scale_by_run_schedule,
+    schedule_state,
+    start_run,
+    warmup_steps,
+)
+
+
+def run_lrs(tc, num_steps: int, updates: int) -> list[float]:
+    """The LR of each of the first `updates` updates of a run, through the schedule transform
+    the optimizer chain ends with (a unit update comes out as -LR)."""
+    tx = scale_by_run_schedule(tc)
+    ones = {"w": jnp.ones(())}
+    state = start_run(tx.init(ones), *run_length(tc, num_steps))
+    update = jax.jit(tx.update)
+    lrs = []
+    for _ in range(updates):
+        out, state = update(ones, state)
+        lrs.append(-float(out["w"]))
+        assert float(state.lr) == lrs[-1]  # the state reports the LR it applied
+    return lrs
 
 
 def test_warmup_cosine_sized_to_the_run():
     tc = get_default_config().train  # lr 5e-6, warmup 0.1, cosine: the paper's settings
-    sched = make_schedule(tc, num_steps=100)
-    assert float(sched(0)) == 0.0
-    assert float(sched(5)) == pytest.approx(2.5e-6)
-    assert float(sched(10)) == pytest.approx(5e-6)
-    assert float(sched(55)) == pytest.approx(2.5e-6, rel=1e-4)  # half-way through the decay
-    assert float(sched(100)) == pytest.approx(0.0, abs=1e-12)
-    assert float(make_schedule(tc, num_steps=20)(2)) == pytest.approx(5e-6)  # new run, new schedule
+    sched = run_lrs(tc, num_steps=100, updates=101)
+    assert sched[0] == 0.0
+    assert sched[5] == pytest.approx(2.5e-6)
+    assert sched[10] == pytest.approx(5e-6)
+    assert sched[55] == pytest.approx(2.5e-6, rel=1e-4)  # half-way through the decay
+    assert sched[100] == pytest.approx(0.0, abs=1e-12)
+    assert run_lrs(tc, num_steps=20, updates=3)[2] == pytest.approx(5e-6)  # new run, new schedule
 
 
 @pytest.mark.parametrize("ratio, steps", [(0.15, 100), (0.3, 50), (0.07, 100), (0.1, 27)])
@@ -27,29 +51,27 @@ def test_warmup_steps_counted_as_transformers_does(ratio, steps):
     gives 16 for 0.15 x 100 and 7 for 0.07 x 100."""
     import math
 
-    from phased_jax.train.optimizer import warmup_steps
-    from phased_jax.train.state import Trainer
     from tests.train.helpers import tiny_config
 
     config = tiny_config()
     config.train.update(warmup_ratio=ratio, schedule="cosine")
     want = math.ceil(ratio * steps)
     assert warmup_steps(config.train, steps) == want
-    state = Trainer(config).init_state(steps)
-    assert int(state.warmup_steps) == want
+    state = build_trainer(config).init_state(steps)
+    assert int(schedule_state(state.opt_state).warmup_steps) == want
     lr = float(config.train.lr)
-    assert float(state.schedule(want - 1)) == pytest.approx(lr * (want - 1) / want, rel=1e-6)
-    assert float(state.schedule(want)) == pytest.approx(lr, rel=1e-6)  # the peak, then decay
+    sched = run_lrs(config.train, steps, want + 1)
+    assert sched[want - 1] == pytest.approx(lr * (want - 1) / want, rel=1e-6)
+    assert sched[want] == pytest.approx(lr, rel=1e-6)  # the peak, then decay
 
 
 def test_eval_loss_in_micro_batches_equals_one_batch():
     """Eval honours grad_accum (so it fits wherever training fits) with the same sums."""
-    from phased_jax.train.state import Trainer
     from tests.train.helpers import fixed_batch, tiny_config
 
     sums = []
     for accum in (1, 4):  # 2 batch shards: micro-batches of 2 rows
-        trainer = Trainer(tiny_config((2, 1, 1), grad_accum=accum), devices=jax.devices()[:2])
+        trainer = build_trainer(tiny_config((2, 1, 1), grad_accum=accum), devices=jax.devices()[:2])
         params = trainer.init_state(1).params
         out = jax.device_get(trainer.eval_loss(params, trainer.shard_batch(fixed_batch())))
         sums.append((float(out["ce_sum"]), float(out["loss_tokens"])))
@@ -63,9 +85,9 @@ def test_adamw_paper_defaults_and_no_decay_on_norms():
     params = {"layers": {"attn_norm": {"scale": jnp.ones((2, 4))}, "mlp": {"wo": jnp.ones((2, 4))}}}
     assert decay_mask(params) == {"layers": {"attn_norm": {"scale": False}, "mlp": {"wo": True}}}
     tc.update(lr=1.0, warmup_ratio=0.0, schedule="constant")
-    tx, _ = make_optimizer(tc, 10)
+    tx = make_optimizer(tc)
     zero = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = tx.update(zero, tx.init(params), params)
+    updates, _ = tx.update(zero, start_run(tx.init(params), *run_length(tc, 10)), params)
     assert float(updates["layers"]["attn_norm"]["scale"].max()) == 0.0  # no decay
     assert float(updates["layers"]["mlp"]["wo"].max()) == pytest.approx(-0.1)  # -lr * wd * w
 

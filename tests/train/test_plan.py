@@ -1,5 +1,7 @@
 import pytest
 
+from phased_jax import sharding
+from phased_jax.config import get_default_config
 from phased_jax.errors import ConfigError
 from phased_jax.model.config import get_preset
 from phased_jax.model.flops import flops_per_token
@@ -10,7 +12,7 @@ HF_LLAMA2_7B_PARAMS = 6_738_415_616
 
 def test_llama2_7b_param_count_matches_hf_and_shards_evenly():
     cfg = get_preset("llama2-7b")
-    rules = plan.sharding.rules_from_config(plan.get_default_config().mesh)
+    rules = sharding.rules_from_config(get_default_config().mesh)
     count, per_device = plan.sharded_param_bytes(cfg, {"data": 1, "fsdp": 8, "tensor": 1}, rules, 4)
     assert count == HF_LLAMA2_7B_PARAMS
     # everything but the 4096-wide norms splits 8 ways along `embed`
@@ -32,14 +34,40 @@ def test_llama2_7b_flops_per_token_hand_count():
 
 
 def test_plan_cli_says_whether_it_fits(capsys):
-    rc = plan.main(["--preset", "llama2-7b", "--mesh", "1,32,1", "--batch", "128", "--seq", "2048",
-                    "--remat", "full", "--device", "v4"])
+    rc = plan.main(["--preset", "llama2-7b", "--num-devices", "32", "--config.mesh.shape=(1,32,1)",
+                    "--config.train.global_batch=128", "--config.data.max_length=2048",
+                    "--config.model.remat_policy=full", "--device", "v4"])
     out = capsys.readouterr().out
     assert rc == 0 and "6,738,415,616 parameters" in out and "v4 (32 GiB): FITS" in out
     assert "optimizer" in out and "activations" in out and "at 40% MFU" in out
-    rc = plan.main(["--preset", "llama2-7b", "--mesh", "1,8,1", "--batch", "16", "--remat", "none",
-                    "--device", "v5e"])
+    rc = plan.main(["--preset", "llama2-7b", "--num-devices", "8", "--config.train.global_batch=16",
+                    "--config.model.remat_policy=none", "--device", "v5e"])
     assert rc == 3 and "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_plan_reads_the_experiment_config(tmp_path, capsys):
+    """The experiment's rules, not the defaults: replicating `embed` (no FSDP) multiplies the
+    per-device params by the fsdp size."""
+    rules = tuple(r for r in get_default_config().mesh.rules if r[0] != "embed") + (("embed", None),)
+    path = tmp_path / "exp.py"
+    path.write_text("from phased_jax.paper import paper_config\n\ndef get_config():\n"
+                    "    c = paper_config('llama2-7b', '1,2,3', 'x')\n"
+                    f"    c.mesh.rules = {rules!r}\n    return c\n")
+    per_device = []
+    for config_file in ("configs/llama2_7b_phased.py", str(path)):
+        assert plan.main(["--config", config_file, "--num-devices", "8"]) in (0, 3)
+        out = capsys.readouterr().out
+        per_device.append(float(out.split("  params")[1].split("GiB")[0]))
+    assert per_device[1] == pytest.approx(per_device[0] * 8, rel=1e-3)
+
+
+def test_plan_defaults_to_this_machines_devices(capsys):
+    import jax
+
+    rc = plan.main(["--preset", "llama2-7b"])
+    out = capsys.readouterr().out
+    assert rc in (0, 3)
+    assert f"devices: {jax.device_count()} (this machine's; give --num-devices N" in out
 
 
 def test_remat_policies_order_activation_memory():
@@ -51,4 +79,4 @@ def test_remat_policies_order_activation_memory():
 
 def test_plan_rejects_a_batch_that_does_not_divide():
     with pytest.raises(ConfigError, match="batch shards"):
-        plan.main(["--mesh", "1,32,1", "--batch", "16"])
+        plan.main(["--preset", "llama2-7b", "--num-devices", "32", "--config.train.global_batch=16"])

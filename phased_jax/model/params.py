@@ -1,0 +1,33 @@
+"""The model's parameters as shapes and logical axis names, without allocating any of them.
+
+The one source of both for everything that places or converts parameters: the trainer's and
+the decoder's shardings, the planner's per-device bytes, the HF mapping's checks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from phased_jax.model.config import ModelConfig
+from phased_jax.model.transformer import Transformer
+
+
+def boxed_abstract_params(cfg: ModelConfig) -> Any:
+    """ShapeDtypeStructs of every parameter, each in its `nn.LogicallyPartitioned` box."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(lambda rng: Transformer(cfg).init(rng, ids)["params"],
+                          jax.random.key(0))
+
+
+def abstract_params(cfg: ModelConfig) -> Any:
+    """ShapeDtypeStructs of every parameter (a plain pytree, as the trainer holds params)."""
+    return nn.meta.unbox(boxed_abstract_params(cfg))
+
+
+def logical_axes(cfg: ModelConfig) -> Any:
+    """Each parameter's logical axis names, as a tree of PartitionSpecs."""
+    return nn.get_partition_spec(boxed_abstract_params(cfg))

@@ -1,0 +1,105 @@
+"""The loss: masked next-token cross-entropy summed over response tokens, in micro-batches.
+
+The loss is a *sum* over response tokens divided once by the number of response tokens of the
+whole global batch, so accumulating micro-batch gradients gives exactly the big batch's
+gradient (up to float summation order), whatever the micro-batches' token counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Batch = dict[str, jax.Array]
+
+
+def cross_entropy_sums(logits_BxLxV: jax.Array, targets_BxL: jax.Array, mask_BxL: jax.Array,
+                       z_loss: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """Summed cross-entropy and z-loss over tokens where `mask_BxL` is 1 (float32).
+
+    Targets are already shifted, so the logits are used whole (no slicing copy of [B, L, V]);
+    a masked token's terms are multiplied by exactly 0, so it contributes exactly zero gradient.
+    """
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+    target_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    mask_BxL = mask_BxL.astype(jnp.float32)
+    ce_sum = jnp.sum((lse_BxL - target_BxL) * mask_BxL)
+    z_sum = z_loss * jnp.sum(jnp.square(lse_BxL) * mask_BxL) if z_loss else jnp.zeros((), jnp.float32)
+    return ce_sum, z_sum
+
+
+def make_loss_fn(model: nn.Module, z_loss: float) -> Callable[[Any, Batch], tuple[jax.Array, Any]]:
+    """loss_fn(params, batch) -> (ce_sum + z_sum, (ce_sum, z_sum)) for one (micro-)batch."""
+    def loss_fn(params: Any, batch: Batch):
+        logits_BxLxV = model.apply({"params": params}, batch["input_ids"],
+                                   positions_BxL=batch["positions"],
+                                   segment_ids_BxL=batch["segment_ids"])
+        ce_sum, z_sum = cross_entropy_sums(logits_BxLxV, batch["targets"], batch["loss_mask"], z_loss)
+        return ce_sum + z_sum, (ce_sum, z_sum)
+    return loss_fn
+
+
+def split_micro(batch: Batch, grad_accum: int) -> Batch:
+    """[B, L] -> [A, B/A, L], micro-batch a = rows a, a+A, ...: each device keeps its own rows."""
+    def split(x_BxL):
+        B, L = x_BxL.shape
+        x_AxbxL = x_BxL.reshape(B // grad_accum, grad_accum, L).swapaxes(0, 1)
+        return nn.with_logical_constraint(x_AxbxL, (None, "batch", "length"))
+    return {k: split(v) for k, v in batch.items()}
+
+
+def sum_grads(loss_fn: Callable, params: Any, batch: Batch, grad_accum: int
+              ) -> tuple[Any, jax.Array, jax.Array]:
+    """Gradients of the summed loss over the batch, and the summed CE and z terms.
+
+    With grad_accum > 1 a `lax.scan` runs the micro-batches one after the other, so activation
+    memory is that of one micro-batch; gradients accumulate in the parameters' dtype.
+    """
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if grad_accum == 1:
+        grads, (ce_sum, z_sum) = grad_fn(params, batch)
+        return grads, ce_sum, z_sum
+
+    def body(carry, micro):
+        grads_acc, ce_acc, z_acc = carry
+        grads, (ce_sum, z_sum) = grad_fn(params, micro)
+        grads_acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), grads_acc, grads)
+        return (grads_acc, ce_acc + ce_sum, z_acc + z_sum), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (grads, ce_sum, z_sum), _ = jax.lax.scan(body, init, split_micro(batch, grad_accum))
+    return grads, ce_sum, z_sum
+
+
+def compute_grads(params: Any, batch: Batch, *, model: nn.Module, rules: Any,
+                  grad_accum: int = 1, z_loss: float = 0.0) -> tuple[Any, dict[str, jax.Array]]:
+    """Gradients of the mean loss over the global batch's response tokens, and loss metrics."""
+    with nn.logical_axis_rules(rules):
+        n_tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+        denom = jnp.maximum(n_tokens, 1.0)
+        grads, ce_sum, z_sum = sum_grads(make_loss_fn(model, z_loss), params, batch, grad_accum)
+    grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
+    return grads, {"loss": ce_sum / denom, "z_loss": z_sum / denom, "loss_tokens": n_tokens}
+
+
+def eval_sums(params: Any, batch: Batch, *, model: nn.Module, rules: Any, grad_accum: int = 1
+              ) -> dict[str, jax.Array]:
+    """Summed CE and response-token count of a batch, in `grad_accum` micro-batches like training
+    (so eval fits wherever training fits); sum over batches, then divide."""
+    loss_fn = make_loss_fn(model, 0.0)
+    with nn.logical_axis_rules(rules):
+        tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+        if grad_accum == 1:
+            _, (ce_sum, _) = loss_fn(params, batch)
+        else:
+            def body(acc, micro):
+                return acc + loss_fn(params, micro)[1][0], None
+            ce_sum, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                                     split_micro(batch, grad_accum))
+    return {"ce_sum": ce_sum, "loss_tokens": tokens}

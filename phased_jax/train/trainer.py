@@ -1,0 +1,162 @@
+"""The `Trainer`: mesh, model, optimizer, shardings and jitted steps for one experiment.
+
+Every array is created where it lives: `init_state` jits the initialiser with `out_shardings`
+derived from `jax.eval_shape`, so no device ever holds the whole model.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from ml_collections import ConfigDict
+
+from phased_jax import sharding
+from phased_jax.config import model_config
+from phased_jax.model import Transformer
+from phased_jax.model.config import ModelConfig
+from phased_jax.model.flops import flops_per_token
+from phased_jax.model.params import abstract_params
+from phased_jax.train import optimizer
+from phased_jax.train.loss import compute_grads, eval_sums
+from phased_jax.train.state import TrainState
+from phased_jax.train.step import train_step
+
+
+class Trainer:
+    """Mesh, rules, model and steps for one experiment; one instance serves every phase.
+
+    Built from the sections it depends on: the model's shapes and precision, the `train`
+    section (optimizer, batch, loss) and the `mesh` section. Per phase:
+    `state = trainer.init_state(num_steps, params=prev.params)` (fresh optimizer and schedule),
+    then `state, metrics = trainer.step(state, trainer.shard_batch(batch))`.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, train_cfg: ConfigDict, mesh_cfg: ConfigDict, *,
+                 seed: int = 0, devices: list[Any] | None = None) -> None:
+        self.model_cfg, self.train_cfg, self.seed = model_cfg, train_cfg, int(seed)
+        self.model = Transformer(model_cfg)
+        self.placement = sharding.Placement.from_config(mesh_cfg, devices)
+        self.mesh, self.rules = self.placement.mesh, self.placement.rules
+        self.grad_accum = int(train_cfg.grad_accum)
+        self.global_batch = int(train_cfg.global_batch)
+        self.z_loss = float(train_cfg.z_loss)
+        sharding.check_batch(self.global_batch, self.grad_accum, self.mesh, self.rules)
+        self.abstract_params = abstract_params(model_cfg)
+        self.param_shardings = sharding.param_shardings(model_cfg, self.placement)
+        self.batch_sharding: NamedSharding = self.placement.batch_sharding
+        self.tx = optimizer.make_optimizer(train_cfg)
+        self._steps: dict[str, Any] = {}
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_shardings(self) -> TrainState:
+        """Shardings of a TrainState: moments shard like their parameters, scalars replicate."""
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        params_def = jax.tree.structure(self.abstract_params)
+        is_params = lambda x: jax.tree.structure(x) == params_def
+        opt_abstract = jax.eval_shape(self.tx.init, self.abstract_params)
+        opt_shardings = jax.tree.map(
+            lambda x: self.param_shardings if is_params(x) else replicated, opt_abstract,
+            is_leaf=is_params)
+        return TrainState(step=replicated, params=self.param_shardings, opt_state=opt_shardings)
+
+    def abstract_state(self) -> TrainState:
+        """ShapeDtypeStructs with shardings: the restore target for Orbax (any mesh)."""
+        shapes = jax.eval_shape(self._fresh, jax.random.key(0), jnp.int32(1), jnp.int32(0))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, self.state_shardings())
+
+    def _fresh(self, rng: jax.Array, num_steps: jax.Array, warmup: jax.Array) -> TrainState:
+        params = self.model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
+        return self._from_params(params, num_steps, warmup)
+
+    def _from_params(self, params: Any, num_steps: jax.Array, warmup: jax.Array) -> TrainState:
+        dtype = jnp.dtype(self.model_cfg.param_dtype)
+        params = jax.tree.map(lambda p: p.astype(dtype), nn.meta.unbox(params))
+        opt_state = optimizer.start_run(self.tx.init(params), num_steps, warmup)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+
+    def with_run_length(self, state: TrainState, num_steps: int) -> TrainState:
+        """`state` continuing as a run of `num_steps` steps (`train.carry_optimizer`)."""
+        n, w = optimizer.run_length(self.train_cfg, num_steps)
+        return state.replace(opt_state=optimizer.start_run(state.opt_state, n, w))
+
+    def init_state(self, num_steps: int, params: Any = None, rng: jax.Array | None = None
+                   ) -> TrainState:
+        """A sharded state for a run of `num_steps` steps (one phase).
+
+        `params=None`: random init from `rng` (default: the trainer's seed). Otherwise start
+        from the given params (e.g. the previous phase's, or converted HF weights; any placement
+        and float dtype) with fresh optimizer state and a fresh schedule, as the paper's phases do.
+        """
+        n, w = optimizer.run_length(self.train_cfg, num_steps)
+        shardings = self.state_shardings()
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        if params is None:
+            rng = jax.random.key(self.seed) if rng is None else rng
+            return jax.jit(self._fresh, out_shardings=shardings)(rng, n, w)
+        params = jax.device_put(params, self.param_shardings)
+        return jax.jit(self._from_params,
+                       in_shardings=(self.param_shardings, replicated, replicated),
+                       out_shardings=shardings)(params, n, w)
+
+    # -- batches and steps -----------------------------------------------------------------------
+    def shard_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This host's rows of the global batch -> global arrays sharded along `batch`."""
+        n_proc = jax.process_count()
+        out = {}
+        for key, x in host_batch.items():
+            x = np.asarray(x, np.int32)
+            global_shape = (x.shape[0] * n_proc,) + x.shape[1:]
+            out[key] = jax.make_array_from_process_local_data(self.batch_sharding, x, global_shape)
+        return out
+
+    def _jitted(self, name: str) -> Any:
+        """The jitted train step, gradient or eval function, compiled once per trainer."""
+        if name not in self._steps:
+            common = dict(model=self.model, rules=self.rules, grad_accum=self.grad_accum)
+            if name == "train":
+                shardings = self.state_shardings()
+                fn = jax.jit(functools.partial(train_step, tx=self.tx, z_loss=self.z_loss, **common),
+                             in_shardings=(shardings, self.batch_sharding),
+                             out_shardings=(shardings, None), donate_argnums=(0,))
+            elif name == "grads":
+                fn = jax.jit(functools.partial(compute_grads, z_loss=self.z_loss, **common),
+                             in_shardings=(self.param_shardings, self.batch_sharding),
+                             out_shardings=(self.param_shardings, None))
+            else:
+                fn = jax.jit(functools.partial(eval_sums, **common),
+                             in_shardings=(self.param_shardings, self.batch_sharding))
+            self._steps[name] = fn
+        return self._steps[name]
+
+    def step(self, state: TrainState, batch: dict[str, jax.Array]
+             ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One jitted, donated update (the input state is consumed). Metrics stay on device."""
+        with jax.set_mesh(self.mesh):
+            return self._jitted("train")(state, batch)
+
+    def grads(self, params: Any, batch: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
+        """Mean-loss gradients without an update (tests, debugging); not donated."""
+        with jax.set_mesh(self.mesh):
+            return self._jitted("grads")(params, batch)
+
+    def eval_loss(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Summed CE and token count of a batch, in `grad_accum` micro-batches (for eval loss)."""
+        with jax.set_mesh(self.mesh):
+            return self._jitted("eval")(params, batch)
+
+    def flops_per_step(self, seq_len: int) -> float:
+        """Model matmul FLOPs of one training step on the global batch (for MFU)."""
+        return flops_per_token(self.model_cfg, seq_len) * self.global_batch * seq_len
+
+
+def build_trainer(config: ConfigDict, devices: list[Any] | None = None) -> Trainer:
+    """The Trainer of one experiment ConfigDict: its model, train and mesh sections and seed."""
+    return Trainer(model_config(config.model), config.train, config.mesh, seed=config.seed,
+                   devices=devices)
