@@ -58,7 +58,7 @@ def write_random_checkpoint(directory: Path, layers: int) -> int:
     """A random HF checkpoint written tensor by tensor; returns its tensor bytes."""
     from phased_jax.hf import mapping
     from phased_jax.hf.hf_config import hf_config_from
-    from phased_jax.hf.writer import TensorSpec, write_shards
+    from phased_jax.hf.safetensors_shards import TensorSpec, write_shards
 
     cfg = model_config(layers)
     specs = [TensorSpec(n, s, np.dtype(np.float32)) for n, s in mapping.hf_tensor_specs(cfg)]
@@ -97,7 +97,7 @@ def run_child(direction: str, src: Path, dst: Path) -> dict:
 
 
 def same_tensors(a: Path, b: Path) -> bool:
-    from phased_jax.hf.reader import open_checkpoint
+    from phased_jax.hf.tensor_files import open_checkpoint
 
     ra, rb = open_checkpoint(a), open_checkpoint(b)
     return ra.shapes == rb.shapes and all(np.array_equal(ra.get(n), rb.get(n)) for n in ra.shapes)

@@ -79,8 +79,8 @@ def answer(model_dir: Path, tokenizer_dir: Path, test_path: Path, answers_path: 
     if (model_dir / "config.json").is_file():
         model, params = hf.load(model_dir, dtype="float32")
     else:  # a phase-boundary checkpoint (Orbax params + model_config.json)
-        from phased_jax.hf.orbax_params import load_params
         from phased_jax.model import Transformer
+        from phased_jax.params_checkpoint import load_params
 
         cfg, params = load_params(model_dir)
         model = Transformer(cfg)

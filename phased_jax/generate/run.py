@@ -38,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--hf", metavar="DIR", help="Hugging Face model directory")
     src.add_argument("--checkpoint", metavar="DIR",
                      help="Orbax params checkpoint (DIR/params + DIR/model_config.json, as "
-                          "written by `phased-jax convert` / phased_jax.hf.orbax_params)")
+                          "written by `phased-jax convert` / phased_jax.params_checkpoint)")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--input", metavar="FILE", help="JSONL of {instruction, input?, id?, test_set?}")
     data.add_argument("--test-sets", metavar="DIR|paper",
@@ -96,14 +96,14 @@ def load_model(args: argparse.Namespace, placement: Placement) -> tuple[Any, Any
 
         model, params = load(args.hf, dtype=args.dtype)
         return model, place_params(model, params, placement)
-    from phased_jax.hf import orbax_params
+    from phased_jax import params_checkpoint
 
-    cfg = orbax_params.read_model_config(args.checkpoint)
+    cfg = params_checkpoint.read_model_config(args.checkpoint)
     if args.dtype:
         cfg = cfg.replace(dtype=args.dtype, param_dtype=args.dtype)
     model = Transformer(cfg)
     # Restored straight into the mesh's shardings: never gathered on one host.
-    _, params = orbax_params.load_params(args.checkpoint, param_shardings(model, placement))
+    _, params = params_checkpoint.load_params(args.checkpoint, param_shardings(model, placement))
     if args.dtype:
         params = jax.tree.map(lambda x: x.astype(args.dtype), params)
     return model, params

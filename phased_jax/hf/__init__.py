@@ -5,8 +5,8 @@
     phased_jax.hf.save("path/to/out", model, params, tokenizer=tok)
 """
 
+from phased_jax.hf.from_hf import load
 from phased_jax.hf.hf_config import config_from_hf, hf_config_from
-from phased_jax.hf.loader import load
-from phased_jax.hf.saver import export_complete, save
+from phased_jax.hf.to_hf import export_complete, save
 
 __all__ = ["config_from_hf", "export_complete", "hf_config_from", "load", "save"]

@@ -14,9 +14,9 @@ from pathlib import Path
 import jax
 
 from phased_jax.errors import CheckpointError
-from phased_jax.hf.loader import load
-from phased_jax.hf.orbax_params import CONFIG_FILE, load_params, save_params
-from phased_jax.hf.saver import TOKENIZER_FILES, save
+from phased_jax.hf.from_hf import load
+from phased_jax.hf.to_hf import TOKENIZER_FILES, save
+from phased_jax.params_checkpoint import CONFIG_FILE, load_params, save_params
 
 TOKENIZER_DIR = "tokenizer"
 

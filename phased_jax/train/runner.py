@@ -114,9 +114,9 @@ def _initial_params(config: ConfigDict, trainer: Any) -> Any:
         model, params = hf.load(path, dtype=want.param_dtype, shardings=trainer.param_shardings)
         got = model.cfg
     elif Path(path, "model_config.json").is_file():
-        from phased_jax.hf import orbax_params
+        from phased_jax import params_checkpoint
 
-        got, params = orbax_params.load_params(path, trainer.param_shardings)
+        got, params = params_checkpoint.load_params(path, trainer.param_shardings)
     else:
         raise ConfigError(f"model.init_from={path!r} is neither an HF directory (config.json) "
                           "nor a phased-jax params checkpoint (model_config.json)")
@@ -162,7 +162,7 @@ class PhaseRunner:
 
     def __init__(self, config: ConfigDict):
         from phased_jax.data.pipeline import prepare
-        from phased_jax.hf.orbax_params import params_nbytes
+        from phased_jax.params_checkpoint import params_nbytes
         from phased_jax.train.state import Trainer
 
         self.config, self.out = config, Path(config.output_dir)
@@ -273,7 +273,7 @@ class PhaseRunner:
         """What phase k owes at its end, each part done unless the log shows it done: its eval
         loss, its `phases/<label>` params (also redone if incomplete), its `phase_end` line."""
         from phased_jax.data.loader import PhaseLoader
-        from phased_jax.hf.orbax_params import params_complete, save_params
+        from phased_jax.params_checkpoint import params_complete, save_params
 
         phase, data, end = self.data.phases[k], self.data, self.starts[k + 1]
         evals = phase.eval_examples if phase.eval_examples is not None else data.eval_examples

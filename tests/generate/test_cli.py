@@ -103,10 +103,10 @@ def test_cli_paper_sets_and_bad_input(tmp_path, model_dir, capsys):
 
 
 def test_cli_orbax_checkpoint_gives_the_same_answers(tmp_path, model_dir):
-    from phased_jax.hf import orbax_params
+    from phased_jax import params_checkpoint
 
     model, params = load_hf(model_dir)
-    ckpt = orbax_params.save_params(tmp_path / "ckpt", model.cfg, params)
+    ckpt = params_checkpoint.save_params(tmp_path / "ckpt", model.cfg, params)
     src = tmp_path / "test.jsonl"
     src.write_text('{"instruction": "Write a haiku about the sea."}\n{"instruction": "Hi"}\n')
     outs = []

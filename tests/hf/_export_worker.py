@@ -64,12 +64,12 @@ def main(out: Path) -> None:
 
     import phased_jax.hf as hf
     from phased_jax.errors import CheckpointError
-    from phased_jax.hf import saver
+    from phased_jax.hf import to_hf
     from tests.hf.export_model import CFG, make_params, model_bytes
 
     opened = []  # every output directory this process starts: only process 0 may
-    start_output = saver.atomic_directory
-    saver.atomic_directory = lambda *a, **k: opened.append(a[0]) or start_output(*a, **k)
+    start_output = to_hf.atomic_directory
+    to_hf.atomic_directory = lambda *a, **k: opened.append(a[0]) or start_output(*a, **k)
 
     mesh = jax.make_mesh((jax.device_count(),), ("fsdp",),
                          axis_types=(jax.sharding.AxisType.Auto,))
@@ -92,7 +92,7 @@ def main(out: Path) -> None:
     except CheckpointError as e:
         refused = str(e)
 
-    from phased_jax.hf.orbax_params import params_complete, save_params
+    from phased_jax.params_checkpoint import params_complete, save_params
 
     for _ in range(2):  # Orbax params too: a fresh directory, then overwritten in place
         save_params(out / "export" / "params", CFG, params, overwrite=True)

@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 
 import phased_jax.hf as hf
-from phased_jax import fileio
+from phased_jax import fileio, params_checkpoint
 from phased_jax.errors import CheckpointError
-from phased_jax.hf import orbax_params
-from phased_jax.hf.orbax_params import load_params, params_complete, save_params
+from phased_jax.params_checkpoint import load_params, params_complete, save_params
 
 
 def snapshot(directory) -> dict[str, bytes]:
@@ -123,14 +122,14 @@ def test_save_params_failure_keeps_old_params(tmp_path, tiny, monkeypatch):
     out = tmp_path / "params"
     save_params(out, model.cfg, params)
     before = snapshot(out)
-    real_save = orbax_params.ocp.StandardCheckpointer.save
+    real_save = params_checkpoint.ocp.StandardCheckpointer.save
 
     def failing_save(self, directory, *args, **kwargs):
         real_save(self, directory, *args, **kwargs)
         self.wait_until_finished()
         raise OSError(errno.EIO, "simulated failure after writing")
 
-    monkeypatch.setattr(orbax_params.ocp.StandardCheckpointer, "save", failing_save)
+    monkeypatch.setattr(params_checkpoint.ocp.StandardCheckpointer, "save", failing_save)
     doubled = dict(params)
     doubled["embed"] = params["embed"] * 2
     with pytest.raises(OSError, match="simulated"):
@@ -262,16 +261,16 @@ def test_hf_save_disk_full_mid_write(tmp_path, tiny, monkeypatch):
     model, params = tiny
     out = hf.save(tmp_path / "hf", model, params)
     before = snapshot(out)
-    from phased_jax.hf import writer
+    from phased_jax.hf import safetensors_shards
 
-    real_header = writer._header
+    real_header = safetensors_shards._header
 
     def header_then_full(specs):
         if specs[0].name != "model.embed_tokens.weight":
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_header(specs)
 
-    monkeypatch.setattr(writer, "_header", header_then_full)  # the 2nd shard hits a full disk
+    monkeypatch.setattr(safetensors_shards, "_header", header_then_full)  # the 2nd shard hits a full disk
     with pytest.raises(CheckpointError) as info:
         hf.save(out, model, params, max_shard_size="20KB", overwrite=True)
     msg = str(info.value)
@@ -290,9 +289,9 @@ def test_save_params_disk_full_from_orbax(tmp_path, tiny, monkeypatch):
         (directory / "partial").write_bytes(b"\0" * 100)
         raise ValueError(TENSORSTORE_ENOSPC)
 
-    monkeypatch.setattr(orbax_params.ocp.StandardCheckpointer, "save", full)
+    monkeypatch.setattr(params_checkpoint.ocp.StandardCheckpointer, "save", full)
     with pytest.raises(CheckpointError, match="no space left on device") as info:
         save_params(tmp_path / "params", model.cfg, params)
     assert "\n" not in str(info.value)
-    assert f"needs about {fileio.human_bytes(orbax_params.params_nbytes(params))}" in str(info.value)
+    assert f"needs about {fileio.human_bytes(params_checkpoint.params_nbytes(params))}" in str(info.value)
     assert listing(tmp_path) == []

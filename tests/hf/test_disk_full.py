@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import phased_jax.hf as hf
-from phased_jax.hf.orbax_params import load_params, params_complete, save_params
+from phased_jax.params_checkpoint import load_params, params_complete, save_params
 
 from .helpers import assert_same_tensors, read_safetensors_dir
 from .test_atomic_writes import listing, snapshot

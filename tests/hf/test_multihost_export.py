@@ -61,8 +61,8 @@ def test_two_process_export_streams_and_matches_one_process(tmp_path, capsys, mo
     for name in one:
         assert pod[name] == one[name], name
 
-    from phased_jax.hf.orbax_params import load_params
+    from phased_jax.params_checkpoint import load_params
 
     cfg, restored = load_params(tmp_path / "export" / "params")
     assert cfg == CFG
-    assert_same_tensors(dict(hf.saver.hf_tensors(cfg, restored)), read_safetensors_dir(reference))
+    assert_same_tensors(dict(hf.to_hf.hf_tensors(cfg, restored)), read_safetensors_dir(reference))

@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import phased_jax.hf as hf
 from phased_jax.hf import mapping
-from phased_jax.hf.orbax_params import load_params, save_params
+from phased_jax.params_checkpoint import load_params, save_params
 
 from .helpers import assert_same_tensors, read_safetensors_dir
 

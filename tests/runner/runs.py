@@ -68,7 +68,7 @@ def phase_params(directory: Path) -> dict:
     import jax
     import numpy as np
 
-    from phased_jax.hf.orbax_params import load_params
+    from phased_jax.params_checkpoint import load_params
 
     _, params = load_params(directory)
     flat = jax.tree_util.tree_flatten_with_path(params)[0]

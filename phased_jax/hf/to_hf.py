@@ -27,7 +27,7 @@ from phased_jax.errors import CheckpointError
 from phased_jax.fileio import atomic_directory, raise_agreed
 from phased_jax.hf import mapping
 from phased_jax.hf.hf_config import generation_config_from, hf_config_from
-from phased_jax.hf.writer import TensorSpec, parse_size, write_shards
+from phased_jax.hf.safetensors_shards import TensorSpec, parse_size, write_shards
 from phased_jax.model.config import ModelConfig
 from phased_jax.model.transformer import Transformer
 

@@ -29,10 +29,6 @@ class TensorReader:
         self.files = files  # tensor name -> file
         self.shapes = shapes
 
-    @property
-    def names(self) -> set[str]:
-        return set(self.files)
-
     def get(self, name: str) -> np.ndarray:
         raise NotImplementedError
 

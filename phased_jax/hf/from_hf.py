@@ -17,7 +17,7 @@ import numpy as np
 from phased_jax.errors import CheckpointError
 from phased_jax.hf import mapping
 from phased_jax.hf.hf_config import read_config
-from phased_jax.hf.reader import TensorReader, open_checkpoint
+from phased_jax.hf.tensor_files import TensorReader, open_checkpoint
 from phased_jax.model.config import ModelConfig
 from phased_jax.model.transformer import Transformer
 
