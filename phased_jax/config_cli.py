@@ -110,6 +110,21 @@ def flag_value(argv: Sequence[str], name: str) -> str | None:
     return None
 
 
+def split_config_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(`--config FILE` and `--config.X=V` words, the other words): for a subcommand whose own
+    options are argparse's while the experiment config comes as in `train`."""
+    config, rest = [], []
+    words = iter(argv)
+    for a in words:
+        if a in ("--config", "-config"):
+            config += [a, next(words, "")]
+        elif a.startswith(("--config=", "-config=", "--config.", "-config.")):
+            config.append(a)
+        else:
+            rest.append(a)
+    return config, rest
+
+
 def parse_config_argv(argv: Sequence[str], prog: str, usage: str,
                       define_extra: Callable[[Any], None] | None = None, *,
                       default: Callable[[], ConfigDict] | None = None,

@@ -19,8 +19,8 @@ import orbax.checkpoint as ocp
 
 from phased_jax import distributed, fileio
 from phased_jax.errors import CheckpointError
-from phased_jax.hf import mapping
 from phased_jax.model.config import ModelConfig
+from phased_jax.model.params import abstract_params
 
 PARAMS_ITEM = "params"
 CONFIG_FILE = "model_config.json"
@@ -119,7 +119,7 @@ def load_params(directory: str | Path, mesh_shardings: Any = None) -> tuple[Mode
     params (e.g. from the logical-axis rules), default: all on the first local device."""
     directory = Path(directory).absolute()
     cfg = read_model_config(directory)
-    abstract = mapping.abstract_params(cfg)
+    abstract = abstract_params(cfg)
     if mesh_shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         mesh_shardings = jax.tree.map(lambda _: device, abstract)

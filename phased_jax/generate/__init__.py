@@ -6,7 +6,7 @@ Python API (what the demo calls):
 `prompts` are rendered prompt strings or token-id lists (see `decode.generate`).
 """
 
-from phased_jax.generate.decode import Placement, Sampling, generate, generate_ids, place_params
+from phased_jax.generate.decode import Sampling, generate, generate_ids
 from phased_jax.generate.run import main
 
-__all__ = ["Placement", "Sampling", "generate", "generate_ids", "main", "place_params"]
+__all__ = ["Sampling", "generate", "generate_ids", "main"]

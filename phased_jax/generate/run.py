@@ -1,6 +1,6 @@
 """`phased-jax generate`: answers to test sets in the JSONL format `phased-judge` reads.
 
-    phased-jax generate --hf DIR --test-sets paper --output answers.jsonl
+    phased-jax generate --config configs/X.py --hf DIR --test-sets paper --output answers.jsonl
     phased-jax generate --checkpoint DIR --tokenizer TOK --input test.jsonl --output answers.jsonl
 
 Each output line is `{test_set, id, instruction, input, output, generator}`, in input order,
@@ -18,22 +18,29 @@ from typing import Any
 
 import jax
 
-from phased_jax.errors import CheckpointError, ConfigError
+from phased_jax import params_checkpoint
+from phased_jax.config import get_default_config
+from phased_jax.config_cli import parse_config_argv, split_config_argv
+from phased_jax.data.templates import TEMPLATES, encode_prompt
+from phased_jax.errors import CheckpointError, ConfigError, UsageError
 from phased_jax.generate import testsets
-from phased_jax.generate.decode import (
-    Placement,
-    Sampling,
-    generate_ids,
-    param_shardings,
-    place_params,
-)
+from phased_jax.generate.decode import Sampling, generate_ids
+from phased_jax.hf import load
 from phased_jax.model.transformer import Transformer
+from phased_jax.sharding import Placement, param_shardings, place_params
 
 log = logging.getLogger(__name__)
+USAGE = "usage: phased-jax generate [--config FILE] [--config.SECTION.FIELD=VALUE ...] [options]"
+CONFIG_HELP = """The experiment config (--config FILE, default: phased_jax.config's defaults; override
+any field with --config.SECTION.FIELD=VALUE, as in `phased-jax train`) gives the device mesh and
+its rules (config.mesh), the prompt template (config.data.template) and, when --config or a
+--config.model override is given, the precision (config.model.dtype / param_dtype); without
+either, the checkpoint's own precision is used."""
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="phased-jax generate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="phased-jax generate", description=__doc__.split("\n")[0],
+                                epilog=CONFIG_HELP)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", metavar="DIR", help="Hugging Face model directory")
     src.add_argument("--checkpoint", metavar="DIR",
@@ -45,7 +52,6 @@ def parser() -> argparse.ArgumentParser:
                       help="directory of <set>.jsonl, or 'paper' for the paper's six sets")
     p.add_argument("--output", required=True, metavar="FILE")
     p.add_argument("--tokenizer", metavar="DIR", help="default: the model directory")
-    p.add_argument("--template", default="authors", choices=("authors", "alpaca", "chat"))
     p.add_argument("--max-length", type=int, default=1024, help="prompt + answer tokens (paper: 1024)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="answer tokens at most (default: whatever --max-length leaves)")
@@ -53,10 +59,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the paper)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default=None,
-                   help="param and compute dtype (default: the checkpoint's; float32 on CPU)")
-    p.add_argument("--mesh-shape", default="1,-1,1",
-                   help="data,fsdp,tensor device mesh as in training's config.mesh.shape")
     p.add_argument("--length-multiple", type=int, default=64,
                    help="prompt lengths are padded to a multiple of this (fewer compiles)")
     p.add_argument("--limit", type=int, default=0, help="first N items of each set (smoke runs)")
@@ -89,35 +91,22 @@ def load_items(args: argparse.Namespace) -> list[testsets.TestItem]:
     return items
 
 
-def load_model(args: argparse.Namespace, placement: Placement) -> tuple[Any, Any]:
-    """(model, params) from an HF directory or an Orbax params checkpoint, placed on the mesh."""
+def load_model(args: argparse.Namespace, placement: Placement,
+               precision: tuple[str, str] | None) -> tuple[Any, Any]:
+    """(model, params) from an HF directory or an Orbax params checkpoint, placed on the mesh,
+    in `precision` (compute dtype, param dtype) or, if None, the checkpoint's own."""
+    compute, stored = precision or (None, None)
     if args.hf:
-        from phased_jax.hf import load
-
-        model, params = load(args.hf, dtype=args.dtype)
-        return model, place_params(model, params, placement)
-    from phased_jax import params_checkpoint
-
+        model, params = load(args.hf, dtype=stored, compute_dtype=compute)
+        return model, place_params(model.cfg, params, placement)
     cfg = params_checkpoint.read_model_config(args.checkpoint)
-    if args.dtype:
-        cfg = cfg.replace(dtype=args.dtype, param_dtype=args.dtype)
-    model = Transformer(cfg)
+    if precision:
+        cfg = cfg.replace(dtype=compute, param_dtype=stored)
     # Restored straight into the mesh's shardings: never gathered on one host.
-    _, params = params_checkpoint.load_params(args.checkpoint, param_shardings(model, placement))
-    if args.dtype:
-        params = jax.tree.map(lambda x: x.astype(args.dtype), params)
-    return model, params
-
-
-def mesh_placement(shape: str) -> Placement:
-    from phased_jax.config import get_default_config
-
-    mesh_cfg = get_default_config().mesh
-    try:
-        mesh_cfg.shape = tuple(int(s) for s in shape.split(","))
-    except ValueError:
-        raise ConfigError(f"--mesh-shape {shape!r}: expected three integers like 1,-1,1") from None
-    return Placement.from_config(mesh_cfg)
+    _, params = params_checkpoint.load_params(args.checkpoint, param_shardings(cfg, placement))
+    if precision:
+        params = jax.tree.map(lambda x: x.astype(stored), params)
+    return Transformer(cfg), params
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -133,18 +122,23 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    config_argv, rest = split_config_argv(argv or [])
+    args = parser().parse_args(rest)
     check_args(args)
+    config = parse_config_argv(config_argv, "phased-jax generate", USAGE,
+                               default=get_default_config, sections=("model",)).config
+    template = config.data.template
+    if template not in TEMPLATES:
+        raise UsageError(f"data.template={template!r} is invalid: choose one of "
+                         f"{', '.join(map(repr, TEMPLATES))}")
+    precision = (config.model.dtype, config.model.param_dtype) if config_argv else None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     items = load_items(args)
     model_dir = args.hf or args.checkpoint
     tokenizer = load_tokenizer(args.tokenizer or model_dir)
-    placement = mesh_placement(args.mesh_shape)
-    model, params = load_model(args, placement)
-
-    from phased_jax.data.templates import encode_prompt
-
-    prompts = [encode_prompt(i.instruction, i.input, args.template, tokenizer) for i in items]
+    placement = Placement.from_config(config.mesh)
+    model, params = load_model(args, placement, precision)
+    prompts = [encode_prompt(i.instruction, i.input, template, tokenizer) for i in items]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     too_long = [f"{i.test_set}/{i.id}" for i, p in zip(items, prompts, strict=True)

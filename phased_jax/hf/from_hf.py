@@ -19,6 +19,7 @@ from phased_jax.hf import mapping
 from phased_jax.hf.hf_config import read_config
 from phased_jax.hf.tensor_files import TensorReader, open_checkpoint
 from phased_jax.model.config import ModelConfig
+from phased_jax.model.params import abstract_params
 from phased_jax.model.transformer import Transformer
 
 
@@ -59,7 +60,7 @@ def check_tensors(reader: TensorReader, cfg: ModelConfig, directory: Path) -> No
 
 def read_params(reader: TensorReader, cfg: ModelConfig, shardings: Any = None) -> dict:
     """Our params pytree from `reader`, in `cfg.param_dtype`, one leaf at a time."""
-    abstract = mapping.abstract_params(cfg)
+    abstract = abstract_params(cfg)
     params: dict = {}
     for rule in mapping.RULES:
         target = mapping.get_path(abstract, rule.path)

@@ -11,13 +11,9 @@ import dataclasses
 import re
 from collections.abc import Callable, Sequence
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from phased_jax.model.config import ModelConfig
-from phased_jax.model.transformer import Transformer
 
 Shapes = Callable[[ModelConfig], tuple[tuple[int, ...], ...]]
 LAYER_PREFIX = "model.layers.{i}."
@@ -129,13 +125,6 @@ def hf_tensor_specs(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     for rule in FINAL_RULES:
         add(rule)
     return specs
-
-
-def abstract_params(cfg: ModelConfig) -> dict:
-    """Shapes and dtypes of the model's params (plain, unboxed), without allocating them."""
-    model = Transformer(cfg)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
-    return nn.meta.unbox(shapes)["params"]
 
 
 def get_path(tree: dict, path: tuple[str, ...]):

@@ -29,6 +29,7 @@ from phased_jax.hf import mapping
 from phased_jax.hf.hf_config import generation_config_from, hf_config_from
 from phased_jax.hf.safetensors_shards import TensorSpec, parse_size, write_shards
 from phased_jax.model.config import ModelConfig
+from phased_jax.model.params import abstract_params
 from phased_jax.model.transformer import Transformer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
@@ -66,7 +67,7 @@ def _host(x: Any, layer: int | None = None) -> np.ndarray:
 
 
 def _check_params(params: dict, cfg: ModelConfig) -> None:
-    abstract = mapping.abstract_params(cfg)
+    abstract = abstract_params(cfg)
     for rule in mapping.RULES:
         want = mapping.get_path(abstract, rule.path).shape
         try:

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from phased_jax.cli import main as cli_main
-from phased_jax.generate import generate, place_params
-from phased_jax.generate.run import mesh_placement
+from phased_jax.config import get_default_config
+from phased_jax.generate import generate
 from phased_jax.generate.testsets import EXPECTED_SIZES
+from phased_jax.sharding import Placement, place_params
 
 from .conftest import load_hf, save_tiny_hf
 from .test_testsets import write_sources
@@ -31,8 +32,8 @@ def model_dir(tmp_path_factory) -> Path:
 
 # Both CLI runs use these shapes (batch 8 over data x fsdp = 2 x 4, prompts padded to 128,
 # 12 new tokens), so the decoder compiles once for the module.
-COMMON = ["--max-new-tokens", "12", "--dtype", "float32", "--batch-size", "2", "--template",
-          "alpaca", "--mesh-shape", "2,-1,1", "--length-multiple", "128"]
+COMMON = ["--max-new-tokens", "12", "--config.model.dtype=float32", "--batch-size", "2",
+          "--config.data.template=alpaca", "--config.mesh.shape=(2,-1,1)", "--length-multiple", "128"]
 
 
 def _hf_greedy_text(model_dir: Path, tok, ids: list[list[int]]) -> list[str]:
@@ -78,8 +79,10 @@ def test_cli_answers_in_input_order_and_match_transformers(tmp_path, model_dir):
     # The Python API the demo calls gives the same answers (and reuses the compiled decoder).
     model, params = load_hf(model_dir)
     assert model.cfg.dtype == "float32"
-    placement = mesh_placement("2,-1,1")
-    params = place_params(model, params, placement)
+    mesh_cfg = get_default_config().mesh
+    mesh_cfg.shape = (2, -1, 1)
+    placement = Placement.from_config(mesh_cfg)
+    params = place_params(model.cfg, params, placement)
     assert generate(model, params, tok, rows, template="alpaca", max_new_tokens=12,
                     batch_size=2, placement=placement, length_multiple=128) == expected
 

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from phased_jax.hf import mapping
 from phased_jax.model.config import ModelConfig
+from phased_jax.model.params import abstract_params
 
 CFG = ModelConfig(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_layers=12,
                   num_heads=8, num_kv_heads=4)
@@ -33,13 +34,13 @@ SPECS = {
 
 
 def model_bytes() -> int:
-    abstract = mapping.abstract_params(CFG)
+    abstract = abstract_params(CFG)
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
 
 
 def make_params(mesh: Mesh | None) -> dict:
     """The params, sharded over `mesh` ("fsdp" axis), or on one device if None."""
-    abstract = mapping.abstract_params(CFG)
+    abstract = abstract_params(CFG)
     params: dict = {}
     for k, rule in enumerate(mapping.RULES):
         shape = mapping.get_path(abstract, rule.path).shape

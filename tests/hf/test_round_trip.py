@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import phased_jax.hf as hf
 from phased_jax.hf import mapping
+from phased_jax.model.params import abstract_params
 from phased_jax.params_checkpoint import load_params, save_params
 
 from .helpers import assert_same_tensors, read_safetensors_dir
@@ -125,7 +126,7 @@ def test_mapping_covers_every_param():
 
     cfg = get_preset("tiny-mistral")
     leaves = {tuple(k.key for k in path) for path, _ in
-              jax.tree_util.tree_flatten_with_path(mapping.abstract_params(cfg))[0]}
+              jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]}
     assert leaves == {rule.path for rule in mapping.RULES}
     names = [n for n, _ in mapping.hf_tensor_specs(cfg)]
     assert len(names) == len(set(names)) == 3 + 9 * cfg.num_layers
