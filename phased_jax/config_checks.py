@@ -13,7 +13,7 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from phased_jax.config import model_config
-from phased_jax.data.phases import parse_order
+from phased_jax.data.phases import check_order
 from phased_jax.data.records import FORMATS
 from phased_jax.data.templates import TEMPLATES
 from phased_jax.errors import ConfigError
@@ -138,7 +138,7 @@ def _check_data(c: ConfigDict) -> None:
     if not isinstance(order, str):
         raise ConfigError(f"data.order={order!r} is invalid: it must be a string such as "
                           "'1,2,3'" + _fix("data.order"))
-    parse_order(order, quantiles or len(thresholds) + 1)  # names data.order and the fix
+    check_order(order, quantiles or len(thresholds) + 1)  # names data.order and the fix
 
 
 def _check_model(c: ConfigDict) -> None:

@@ -80,13 +80,18 @@ def stratify(records: Sequence[Record], thresholds: Sequence[float] = (1.5, 3.5)
             for k in range(len(t) + 1)]
 
 
+NAMED_ORDERS = ("oneoff", "random")  # built by `build_phases` itself, not stage lists
+
+
+def check_order(order: str, num_stages: int) -> None:
+    """Raise a ConfigError naming `data.order` unless `build_phases` can build it."""
+    if order.strip() not in NAMED_ORDERS:
+        parse_order(order, num_stages)
+
+
 def parse_order(order: str, num_stages: int) -> list[tuple[int, ...]]:
-    """`"1+2,3"` -> [(1, 2), (3,)]; "oneoff" -> [(1, ..., K)]; "random" -> [(1,), ..., (K,)]."""
+    """A stage list: `"1+2,3"` -> [(1, 2), (3,)] (the phases' stages, in training order)."""
     order = order.strip().replace(" ", "")
-    if order == "oneoff":
-        return [tuple(range(1, num_stages + 1))]
-    if order == "random":
-        return [(k,) for k in range(1, num_stages + 1)]
     phases, used = [], set()
     for part in order.split(","):
         try:
@@ -109,10 +114,10 @@ def build_phases(records: Sequence[Record], order: str = "1,2,3",
                  thresholds: Sequence[float] = (1.5, 3.5), quantiles: int = 0,
                  seed: int = 0) -> list[Phase]:
     """The phases of `order`, in training order. Empty phases are kept (the caller reports them)."""
-    if order.strip() == "oneoff":  # needs no scores, so plain Alpaca can be trained one-off
+    if order.strip() == NAMED_ORDERS[0]:  # needs no scores, so plain Alpaca can be trained one-off
         return [Phase("oneoff", (), tuple(records))]
     stages = stratify(records, thresholds, quantiles)
-    if order.strip() == "random":
+    if order.strip() == NAMED_ORDERS[1]:
         perm = np.random.default_rng([seed, 0x5EED]).permutation(len(records))
         shuffled = [records[i] for i in perm]
         ends = np.cumsum([len(s) for s in stages])

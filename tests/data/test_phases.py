@@ -2,7 +2,7 @@
 
 import pytest
 
-from phased_jax.data.phases import build_phases, parse_order, stratify
+from phased_jax.data.phases import NAMED_ORDERS, build_phases, check_order, parse_order, stratify
 from phased_jax.data.records import Record
 from phased_jax.errors import ConfigError, DataError
 from tests.data.conftest import make_records
@@ -36,7 +36,7 @@ def test_bad_thresholds_and_unscored():
 @pytest.mark.parametrize("order,expect", [
     ("1,2,3", [(1,), (2,), (3,)]), ("2,1,3", [(2,), (1,), (3,)]), ("3", [(3,)]),
     ("1", [(1,)]), ("1,2", [(1,), (2,)]), ("1+3", [(1, 3)]), ("1+2,3", [(1, 2), (3,)]),
-    ("oneoff", [(1, 2, 3)]), (" 2 , 3 ", [(2,), (3,)]),
+    (" 2 , 3 ", [(2,), (3,)]),
 ])
 def test_parse_order(order, expect):
     assert parse_order(order, 3) == expect
@@ -46,6 +46,14 @@ def test_parse_order(order, expect):
 def test_bad_orders(order):
     with pytest.raises(ConfigError, match="data.order"):
         parse_order(order, 3)
+    with pytest.raises(ConfigError, match="data.order"):
+        check_order(order, 3)
+
+
+def test_named_orders_are_valid_and_built_by_build_phases():
+    for order in NAMED_ORDERS:
+        check_order(order, 3)  # no error
+    assert [p.stages for p in build_phases(recs(1.0, 2.0, 4.0), "random")] == [(1,), (2,), (3,)]
 
 
 def test_phases_follow_order_and_mix():
