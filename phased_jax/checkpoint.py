@@ -30,8 +30,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from phased_jax import distributed, fileio
-from phased_jax.errors import CheckpointError, ConfigError
+from phased_jax import distributed, io_errors
+from phased_jax.errors import CheckpointError, ConfigError, exception_chain
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class RunCheckpoints:
                 raise
             except Exception as e:  # noqa: BLE001 - classified below, after the retries
                 error = e
-                fileio.quiet_failed_read_echoes()
+                io_errors.quiet_failed_read_echoes()
             if distributed.all_ok(error is None):
                 _note_casts(path, tree, abstract_state)
                 return state, meta
@@ -190,7 +190,7 @@ def integrity_problem(path: epath.Path) -> str:
 
 def _corruption_in(error: BaseException) -> str:
     """A description if `error` (or its cause) says array data is damaged, else ""."""
-    for e in fileio.exception_chain(error):
+    for e in exception_chain(error):
         if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
             return ""
         if isinstance(e, ValueError) and str(e).startswith(CORRUPTION_MARKERS):

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import uuid
 from typing import Any
 
 import jax
@@ -77,6 +78,17 @@ def gather_texts(text: str, max_bytes: int = 2000) -> list[str]:
     raw = text.encode()[:max_bytes].ljust(max_bytes, b"\0")
     rows = np.asarray(multihost_utils.process_allgather(np.frombuffer(raw, np.uint8)))
     return [bytes(r).rstrip(b"\0").decode(errors="replace") for r in rows.reshape(-1, max_bytes)]
+
+
+def shared_token() -> str:
+    """A random 8-hex-digit token, the same on every process (a collective in multi-process):
+    the temp name of an output that several processes write together."""
+    if jax.process_count() == 1:
+        return uuid.uuid4().hex[:8]
+    from jax.experimental import multihost_utils
+
+    value = np.uint32(uuid.uuid4().int & 0xFFFFFFFF)
+    return f"{int(multihost_utils.broadcast_one_to_all(value)):08x}"
 
 
 def barrier(name: str) -> None:

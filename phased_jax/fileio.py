@@ -1,392 +1,307 @@
-"""Outputs that appear whole or not at all, and a disk-full error a user can act on.
+"""Files, written whole or not at all and read line by line: the project's one file I/O layer.
 
-Every directory we publish is written beside its target under a temp name
-(`.NAME.tmp-XXXXXXXX`), synced, then renamed in; an existing target is renamed aside
-(`.NAME.old-XXXXXXXX`) first and deleted only after the new one is in place. A run killed at any
-point leaves either the old output or the new one under the target's name, plus at most a temp
-that the next write to the same target recognises by its name and removes (or, for an `.old-`
-whose target is missing, renames back). Nothing else is ever deleted.
+Writing: a file is written beside its target under a unique temp name, synced, then renamed in
+(and the rename synced), so a reader sees the old file or the new one, never half of one; on any
+error the temp is removed. Directories (checkpoints, exports) go through `atomic_dir`.
+
+Reading: bad bytes are bad input, never a crash. Files are read as bytes, JSONL one line at a
+time and decoded strictly, so a non-UTF-8 byte names its line; a line longer than
+`max_record_bytes` is refused unread (one runaway line cannot fill memory); a file that is
+binary, compressed or UTF-16 is recognised by its first block. Problems come back either as a
+`BadRecord` of their own line (for callers that skip bad records) or as one `FILE:LINE: ...`
+error line. Logs may end in a line a kill tore: `iter_jsonl(on_torn_tail=...)` skips it.
+
+JAX-free (standard library only): the tools import it.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
-import errno
 import json
-import logging
 import os
 import re
-import shutil
-import socket
-import sys
+import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, BinaryIO
 
-import numpy as np
-
-from phased_jax.errors import CheckpointError
-
-MARKER = ".phased-jax-partial"  # inside a temp dir: who is writing it (host, pid)
-_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-# How tensorstore/Orbax and others spell ENOSPC/EDQUOT inside wrapped messages.
-_DISK_FULL_TEXT = re.compile(
-    r"no space left on device|disk quota exceeded|\bENOSPC\b|\bEDQUOT\b"
-    r"|os_error_code='?(28|122)\b", re.IGNORECASE)
-
-
-def _temp_re(target: Path, kind: str) -> re.Pattern:
-    return re.compile(rf"\.{re.escape(target.name)}\.{kind}-[0-9a-f]{{8}}")
-
-
-def temp_path(target: Path, token: str | None = None) -> Path:
-    """The temp name beside `target` that a write to it uses (`token`: 8 hex digits, shared by
-    all processes of a multi-process write; default random)."""
-    token = token or uuid.uuid4().hex[:8]
-    if not re.fullmatch(r"[0-9a-f]{8}", token):
-        raise ValueError(f"temp token must be 8 hex digits, got {token!r}")
-    return target.with_name(f".{target.name}.tmp-{token}")
+DEFAULT_MAX_RECORD_BYTES = 1 << 20
+SNIFF_BYTES = 8192  # the first block, read to tell text from a binary file
+UTF8_HINT = "the file must be UTF-8; convert it, e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8"
+_MAGIC = (  # first bytes -> what the file is and what to do
+    (codecs.BOM_UTF32_LE, "UTF-32 text, not UTF-8; convert it (iconv -f utf-32 -t utf-8)"),
+    (codecs.BOM_UTF32_BE, "UTF-32 text, not UTF-8; convert it (iconv -f utf-32 -t utf-8)"),
+    (codecs.BOM_UTF16_LE, "UTF-16 text, not UTF-8; convert it (iconv -f utf-16 -t utf-8)"),
+    (codecs.BOM_UTF16_BE, "UTF-16 text, not UTF-8; convert it (iconv -f utf-16 -t utf-8)"),
+    (b"\x1f\x8b", "gzip-compressed; decompress it first (gunzip)"),
+    (b"\xfd7zXZ\x00", "xz-compressed; decompress it first (unxz)"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed; decompress it first (unzstd)"),
+    (b"PK\x03\x04", "a zip archive; extract the data file first (unzip)"),
+)
+# A \u escape of a UTF-16 surrogate: json.loads accepts a lone one, which no encoder can write.
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def make_temp_dir(target: Path, token: str | None = None) -> Path:
-    """Create the temp dir for `target`, marked with this host and pid so that a later write
-    can tell a killed attempt's leftover from a live one."""
-    tmp = temp_path(target, token)
-    tmp.mkdir(parents=True)
-    (tmp / MARKER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
-    return tmp
+# --- writing --------------------------------------------------------------------------------
 
-
-def _alive_elsewhere(tmp: Path) -> bool:
-    """Whether another live process on this host may still be writing `tmp`."""
-    try:
-        owner = json.loads((tmp / MARKER).read_text())
-        host, pid = owner["host"], int(owner["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return False  # killed before (or while) writing its marker
-    if host != socket.gethostname() or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-
-
-def clean_leftovers(target: Path) -> list[Path]:
-    """Remove what killed writes to `target` left beside it; returns what was removed.
-
-    `.NAME.tmp-*` dirs are removed unless a live process on this host owns them. An
-    `.NAME.old-*` is a previous output renamed aside: deleted if `target` exists (the swap
-    finished), else renamed back to `target` (killed mid-swap: the old output is all we have).
-    """
-    target = Path(target).absolute()
-    if not target.parent.is_dir():
-        return []
-    removed = []
-    tmp_re, old_re = _temp_re(target, "tmp"), _temp_re(target, "old")
-    olds = []
-    for entry in sorted(target.parent.iterdir()):
-        if tmp_re.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
-            if not _alive_elsewhere(entry):
-                shutil.rmtree(entry)
-                removed.append(entry)
-        elif old_re.fullmatch(entry.name):
-            olds.append(entry)
-    if olds and not os.path.lexists(target):
-        newest = max(olds, key=lambda p: p.lstat().st_mtime)
-        os.rename(newest, target)
-        olds.remove(newest)
-    for old in olds:
-        _remove(old)
-        removed.append(old)
-    return removed
-
-
-def check_target(target: Path, overwrite: bool) -> None:
-    """Refuse to replace a non-empty `target` unless `overwrite`."""
-    if (target.exists() and not (target.is_dir() and not any(target.iterdir()))
-            and not overwrite):
-        raise CheckpointError(f"{target}: already exists and is not empty; choose another "
-                              "output or pass overwrite (CLI: --overwrite)")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sync_tree(directory: Path) -> None:
-    """fsync every file and directory under `directory`, so a rename publishes data that is on
-    disk, not only in the page cache (a power cut after the rename must not leave holes)."""
-    for root, _dirs, files in os.walk(directory):
-        for name in files:
-            _fsync(Path(root) / name)
-        _fsync(Path(root))
-
-
-def publish(tmp: Path, target: Path) -> None:
-    """Move the complete `tmp` to `target`; an old `target` is deleted only once replaced."""
-    (tmp / MARKER).unlink(missing_ok=True)
-    sync_tree(tmp)
-    if os.path.lexists(target):
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, old)
-        try:
-            os.rename(tmp, target)
-        except BaseException:
-            os.rename(old, target)
-            raise
-        _fsync(target.parent)
-        _remove(old)
-    else:
-        os.rename(tmp, target)
-    _fsync(target.parent)
-
-
-def raise_agreed(error: BaseException | None, target: Path, elsewhere: str,
-                 needed_bytes: int | None = None, replacing: bool = False) -> NoReturn:
-    """After `distributed.all_ok` said a multi-process write failed: raise this process's own
-    error (a full disk as one line), or, where this process did its part, `elsewhere` (which
-    process failed at what)."""
-    if error is None:
-        raise CheckpointError(f"{target}: {elsewhere} (see its error); nothing was written")
-    if (err := disk_full_error(error, target, needed_bytes, replacing)) is not None:
-        raise err from error
-    raise error
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a file beside `path` (synced) and rename it in: readers see the old file or the new
-    one, never half of one. The temp name is unique per process and host."""
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write `data` beside `path`, fsync, rename it over `path`, fsync the folder. The temp
+    name is unique per process and host; no temp is left behind on any error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(fd, "wb", closefd=True) as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def discard(tmp: Path) -> None:
-    """Remove a temp dir of ours after a failed write (best effort: an error is already up)."""
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-# --- disk full -----------------------------------------------------------------------------
-
-def exception_chain(exc: BaseException) -> Iterator[BaseException]:
-    """`exc` and everything behind it: causes, contexts and the members of exception groups."""
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """Whether `exc`, or anything in its cause/context chain (or group), says the disk is full:
-    an OSError with ENOSPC/EDQUOT, or a wrapped message such as tensorstore's
-    `RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']` (a ValueError)."""
-    for e in exception_chain(exc):
-        if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
-            return True
-        if _DISK_FULL_TEXT.search(str(e)):
-            return True
-    return False
-
-
-def human_bytes(n: float) -> str:
-    """`n` bytes as '512 B', '1.5 MB', '140.2 GB' (powers of 1000, as `--max-shard-size`)."""
-    if n < 1000:
-        return f"{n:.0f} B"
-    for unit in ("KB", "MB", "GB"):
-        n /= 1000
-        if n < 1000:
-            return f"{n:.1f} {unit}"
-    return f"{n / 1000:.1f} TB"
-
-
-def _free_bytes(path: Path) -> int | None:
-    for p in (path, *path.parents):
+    with contextlib.suppress(OSError):  # the rename itself durable (not possible on every OS)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
-            return shutil.disk_usage(p).free
-        except OSError:
-            continue
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """`write_bytes_atomic` of `text` in UTF-8."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """One JSON object a line (UTF-8 kept readable), written whole."""
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def output_problem(path: str | Path, *, folder: bool = False) -> str | None:
+    """Why `path` (a file, or with `folder` a folder a run fills) cannot be written, or None.
+
+    For a check before work that costs money or hours: finding out after it is the failure this
+    prevents. A missing parent is not created: it is more often a typo.
+    """
+    path = Path(path)
+    if folder:
+        if path.exists() and not path.is_dir():
+            return f"{path} exists and is not a folder; give a folder for the outputs"
+        where = path if path.is_dir() else path.parent
+    else:
+        if path.is_dir():
+            return f"{path} is a folder; give a file path, e.g. {path / 'scored.jsonl'}"
+        if path.exists() and not path.is_file():
+            return f"{path} exists and is not a regular file; give a file path"
+        where = path.parent
+    if not where.is_dir():
+        return f"folder {where} does not exist; create it first (mkdir -p {where}) or give another path"
+    try:  # the only reliable test (root, read-only mounts, ACLs): make a file there
+        fd, probe = tempfile.mkstemp(prefix=".phased-write-test.", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"cannot write in {where} ({e.strerror})"
     return None
 
 
-def disk_full_error(exc: BaseException, path: str | Path, needed_bytes: int | None = None,
-                    replacing: bool = False) -> CheckpointError | None:
-    """A one-line CheckpointError for a disk-full `exc` while writing `path`, else None.
+# --- reading --------------------------------------------------------------------------------
 
-    Use as `if (err := disk_full_error(e, path, n)) is not None: raise err from e`. The line
-    names the path, the bytes the output needs (when known) and what is free now (after the
-    caller removed its partial output). `replacing`: an old output stays until the new one is
-    complete, so both must fit. A CheckpointError `exc` already says what it means: None.
+@dataclass(frozen=True)
+class Binary:
+    """Why a file is not UTF-8 text at all: `why` says what it is and what to do; `nul_at` is
+    the offset of the first NUL byte of its first block, if it has one."""
+
+    why: str
+    nul_at: int | None
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """A record (a JSONL line, an item of a JSON list) that is not readable, at `line`.
+
+    `reason`: `not_utf8`, `too_long` or `malformed`; `message` says why, without the place;
+    `size` is a too-long record's bytes, `item` its position in a JSON list (0 in JSONL).
+    `ended` is False for a last line with no line end: what a kill mid-write leaves.
     """
-    if isinstance(exc, CheckpointError) or not is_disk_full(exc):
-        return None
-    _Quiet.reported = True
-    path = Path(path)
-    parts = [f"{path}: no space left on device"]
-    if needed_bytes:
-        parts.append(f"the output needs about {human_bytes(needed_bytes)}")
-    free = _free_bytes(path.parent)
-    if free is not None:
-        parts.append(f"{human_bytes(free)} is free there")
-    msg = "; ".join(parts)
-    if replacing:
-        msg += " (the old output is kept until the new one is complete, so both must fit)"
-    return CheckpointError(msg + "; nothing was changed. Free space or choose another output")
+
+    line: int
+    reason: str
+    message: str
+    size: int = 0
+    item: int = 0
+    ended: bool = True
 
 
-class _Quiet:
-    """While a save runs (`depth`), or once a disk-full error was reported (`reported`), the
-    echoes of it from background writer threads are dropped: the caller's one line says it."""
-
-    depth = 0
-    reported = False
-    installed = False
-    failed_read = False
-
-
-def quiet_failed_read_echoes() -> None:
-    """After a restore failed (and was reported), drop what its unfinished Orbax reads print
-    when they are collected, for the rest of the process."""
-    _Quiet.failed_read = True
-    if not getattr(sys.unraisablehook, "phased_jax_quiet", False):
-        sys.unraisablehook = _drop_closed_loop(sys.unraisablehook)
-
-
-def _quiet_now() -> bool:
-    return _Quiet.depth > 0 or _Quiet.reported
+def sniff_binary(head: bytes) -> Binary | None:
+    """Whether a file whose first block is `head` is binary, compressed or UTF-16/32."""
+    nul = head.find(b"\0")
+    nul_at = nul if nul >= 0 else None
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return Binary(what, nul_at)
+    if nul_at is not None:
+        return Binary("a binary file (NUL bytes in its first block), not UTF-8 text; give the "
+                      "JSON/JSONL data file", nul_at)
+    bad = len(head) - len(head.decode("utf-8", "ignore").encode("utf-8"))
+    if len(head) >= 64 and bad * 4 > len(head):
+        return Binary(f"a binary file ({bad} of its first {len(head)} bytes are not UTF-8), not "
+                      "text; give the JSON/JSONL data file", None)
+    return None
 
 
-class _DropDiskFullRecords(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not _quiet_now():
-            return True
-        exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and is_disk_full(exc):
-            return False
-        return not _DISK_FULL_TEXT.search(record.getMessage())
-
-
-def _drop_closed_loop(hook: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    def unraisable(u: Any) -> Any:
-        # tensorstore completing writes after Orbax closed its event loop (it failed early)
-        if (_quiet_now() and isinstance(u.exc_value, RuntimeError)
-                and str(u.exc_value) == "Event loop is closed"):
-            return None
-        # Orbax read coroutines a failed restore left unfinished, collected later
-        code = getattr(u.object, "cr_code", None)
-        if _Quiet.failed_read and code is not None and "/orbax/" in code.co_filename:
-            return None
-        return hook(u)
-
-    unraisable.phased_jax_quiet = True  # type: ignore[attr-defined]
-    return unraisable
-
-
-def _drop_closed_loop_prints(hook: Callable[..., Any]) -> Callable[..., Any]:
-    """The same echoes, printed through `sys.excepthook` by tensorstore's callback threads."""
-    def excepthook(kind: Any, value: Any, tb: Any) -> Any:
-        if (_quiet_now() and isinstance(value, RuntimeError)
-                and str(value) == "Event loop is closed"):
-            return None
-        return hook(kind, value, tb)
-
-    excepthook.phased_jax_quiet = True  # type: ignore[attr-defined]
-    return excepthook
-
-
-@contextlib.contextmanager
-def quiet_disk_full_noise() -> Iterator[None]:
-    """Around an Orbax save: drop the tracebacks its writer threads log (absl, asyncio) for a
-    disk-full error, and tensorstore's 'Event loop is closed' echoes of an early failure, so
-    the one error the caller raises is all a user sees. Every other record passes. Stragglers
-    that arrive after the save returned are dropped too once a disk-full error was reported.
-    """
-    if not _Quiet.installed:
-        for name in ("absl", "asyncio"):
-            logging.getLogger(name).addFilter(_DropDiskFullRecords())
-        _Quiet.installed = True
-    if not getattr(sys.unraisablehook, "phased_jax_quiet", False):
-        sys.unraisablehook = _drop_closed_loop(sys.unraisablehook)
-    if not getattr(sys.excepthook, "phased_jax_quiet", False):
-        sys.excepthook = _drop_closed_loop_prints(sys.excepthook)
-    _Quiet.depth += 1
+def open_bytes(path: Path, error: type[Exception] = ValueError) -> BinaryIO:
+    """`path` opened for reading bytes; a folder, a missing or unreadable file is one `error`."""
+    if path.is_dir():
+        raise error(f"{path}: is a folder; give a data file")
     try:
-        yield
-    except BaseException as e:
-        _Quiet.reported = _Quiet.reported or is_disk_full(e)
-        raise
-    finally:
-        _Quiet.depth -= 1
-
-
-# --- one directory, published atomically ---------------------------------------------------
-
-@contextlib.contextmanager
-def atomic_directory(target: Path, overwrite: bool = False,
-                     needed_bytes: int | None = None) -> Iterator[Path]:
-    """Yield a fresh temp dir beside `target`; on success it replaces `target` by rename.
-
-    Readers never see a half-written output and an old one survives any failure: it is renamed
-    aside only when the new one is complete. Leftovers of killed earlier writes are cleaned
-    first. A disk-full failure becomes one CheckpointError line (with `needed_bytes` if given).
-    Single-writer: in a multi-process run only one process may call it for a target.
-    """
-    target = Path(target).absolute()
-    clean_leftovers(target)
-    check_target(target, overwrite)
-    replacing = target.exists()
-    try:
-        tmp = make_temp_dir(target)
+        return open(path, "rb", buffering=SNIFF_BYTES)
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
     except OSError as e:
-        if (err := disk_full_error(e, target, needed_bytes, replacing)) is not None:
-            raise err from e
-        raise
+        raise error(f"{path}: cannot read ({e.strerror})") from None
+
+
+def read_head(path: Path, error: type[Exception] = ValueError) -> bytes:
+    """The first block of `path` (for `sniff_binary` and format detection)."""
+    with open_bytes(path, error) as f:
+        try:
+            return f.read(SNIFF_BYTES)
+        except OSError as e:
+            raise error(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _not_utf8(raw: bytes, e: UnicodeDecodeError, column: int) -> str:
+    return f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {column})"
+
+
+def read_text(path: str | Path, error: type[Exception] = ValueError) -> str:
+    """The whole file decoded strictly (a JSON list, a template); errors name file:line."""
+    path = Path(path)
+    with open_bytes(path, error) as f:
+        try:
+            data = f.read()
+        except OSError as e:
+            raise error(f"{path}: cannot read ({e.strerror})") from None
+    if binary := sniff_binary(data[:SNIFF_BYTES]):
+        raise error(f"{path}: {binary.why}")
+    data = data.removeprefix(codecs.BOM_UTF8)
     try:
-        yield tmp
-        publish(tmp, target)
-    except BaseException as e:
-        discard(tmp)
-        if (err := disk_full_error(e, target, needed_bytes, replacing)) is not None:
-            raise err from e
-        raise
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - data.rfind(b"\n", 0, e.start)
+        raise error(f"{path}:{line}: {_not_utf8(data, e, column)}; {UTF8_HINT}") from None
 
 
-def shared_token() -> str:
-    """A random 8-hex-digit token, the same on every process (a collective in multi-process)."""
-    import jax
+def _lines(f: BinaryIO, max_record_bytes: int) -> Iterator[tuple[int, str | BadRecord, bool]]:
+    """(line, text without its line end or a BadRecord, whether it ended) of each line of `f`,
+    never holding more than `max_record_bytes` of one: a longer line is counted, not kept."""
+    lineno = 0
+    while raw := f.readline(max_record_bytes + 2):  # + room for the line's own "\r\n"
+        lineno += 1
+        if lineno == 1:
+            raw = raw.removeprefix(codecs.BOM_UTF8)
+        ended = raw.endswith(b"\n")
+        size = len(raw) - ended - raw.endswith(b"\r\n")
+        if size > max_record_bytes:
+            while not ended and (more := f.readline(1 << 20)):
+                ended = more.endswith(b"\n")
+                size += len(more) - ended - more.endswith(b"\r\n")
+            yield lineno, BadRecord(lineno, "too_long", f"record too long ({size:,} bytes > "
+                                    f"{max_record_bytes:,})", size), ended
+            continue
+        try:
+            text: str | BadRecord = raw[:size].decode("utf-8")
+        except UnicodeDecodeError as e:
+            text = BadRecord(lineno, "not_utf8", _not_utf8(raw, e, e.start + 1), ended=ended)
+        yield lineno, text, ended
 
-    if jax.process_count() == 1:
-        return uuid.uuid4().hex[:8]
-    from jax.experimental import multihost_utils
 
-    value = np.uint32(uuid.uuid4().int & 0xFFFFFFFF)
-    return f"{int(multihost_utils.broadcast_one_to_all(value)):08x}"
+def encodable(obj: Any) -> bool:
+    """Whether `obj` can be written as UTF-8 JSON (json.loads accepts lone surrogate escapes)."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+LONE_SURROGATE = ("a \\u escape encodes half of a UTF-16 surrogate pair, which is not text; fix "
+                  "or remove that escape")
+
+
+def parse_json_object(text: str, line: int, ended: bool = True) -> dict[str, Any] | BadRecord:
+    """One JSONL line's object, or a `malformed` BadRecord (bad JSON, deep nesting, giant
+    numbers, lone surrogates, not an object)."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        why = f"not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object"
+        return BadRecord(line, "malformed", why, ended=ended)
+    except (ValueError, RecursionError) as e:
+        why = f"not valid JSON ({str(e)[:100] or type(e).__name__}); each line must be one JSON object"
+        return BadRecord(line, "malformed", why, ended=ended)
+    if not isinstance(obj, dict):
+        return BadRecord(line, "malformed", f"expected a JSON object, got {type(obj).__name__}",
+                         ended=ended)
+    if SURROGATE_ESCAPE.search(text) and not encodable(obj):
+        return BadRecord(line, "malformed", LONE_SURROGATE, ended=ended)
+    return obj
+
+
+def jsonl_records(path: str | Path, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+                  error: type[Exception] = ValueError) -> Iterator[tuple[int, dict | BadRecord]]:
+    """(line, object or BadRecord) of each non-blank line: a bad line spoils only itself."""
+    path = Path(path)
+    with open_bytes(path, error) as f:
+        try:
+            for lineno, text, ended in _lines(f, max_record_bytes):
+                if isinstance(text, BadRecord):
+                    yield lineno, text
+                elif text.strip():
+                    yield lineno, parse_json_object(text, lineno, ended)
+        except OSError as e:
+            raise error(f"{path}: cannot read ({e.strerror})") from None
+
+
+def describe(bad: BadRecord, max_record_bytes: int, limit_hint: str = "") -> str:
+    """`bad` as the words of a one-line error (no place): what is wrong and what to do;
+    `limit_hint` says how to raise the limit where the caller has a knob for it."""
+    if bad.reason == "too_long":
+        item = f"item {bad.item}: " if bad.item else ""
+        hint = f"; {limit_hint}" if limit_hint else ""
+        return f"record too long ({item}{bad.size:,} bytes > {max_record_bytes:,}{hint})"
+    if bad.reason == "not_utf8":
+        return f"{bad.message}; {UTF8_HINT}"
+    return bad.message
+
+
+def iter_jsonl(path: str | Path, error: type[Exception] = ValueError,
+               max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, *, limit_hint: str = "",
+               on_torn_tail: Callable[[], None] | None = None
+               ) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line, object) of each non-blank line; anything else raises `error` as `FILE:LINE: ...`.
+
+    With `on_torn_tail`, an unreadable last line with no line end (a kill mid-write: logs) is
+    skipped and reported to it instead.
+    """
+    path = Path(path)
+    if binary := sniff_binary(read_head(path, error)):
+        raise error(f"{path}: {binary.why}")
+    for lineno, obj in jsonl_records(path, max_record_bytes, error):
+        if isinstance(obj, BadRecord):
+            if on_torn_tail is not None and not obj.ended:
+                on_torn_tail()
+                continue
+            raise error(f"{path}:{lineno}: {describe(obj, max_record_bytes, limit_hint)}")
+        yield lineno, obj
+
+
+def read_jsonl(path: str | Path, error: type[Exception] = ValueError) -> list[dict[str, Any]]:
+    """All objects of a JSONL file (blank lines skipped); errors name file:line."""
+    return [obj for _, obj in iter_jsonl(path, error)]

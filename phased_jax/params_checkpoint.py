@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from phased_jax import distributed, fileio
+from phased_jax import atomic_dir, distributed, io_errors
 from phased_jax.errors import CheckpointError
 from phased_jax.model.config import ModelConfig
 from phased_jax.model.params import abstract_params
@@ -43,22 +43,22 @@ def save_params(directory: str | Path, cfg: ModelConfig, params: dict, *,
     """
     directory = Path(directory).absolute()
     first = jax.process_index() == 0
-    token = fileio.shared_token()
-    tmp = fileio.temp_path(directory, token)
+    token = distributed.shared_token()
+    tmp = atomic_dir.temp_path(directory, token)
     needed = params_nbytes(params)
     error: BaseException | None = None
     if first:  # one process prepares; every process learns whether it could
         try:
-            fileio.clean_leftovers(directory)
-            fileio.check_target(directory, overwrite)
-            fileio.make_temp_dir(directory, token)
+            atomic_dir.clean_leftovers(directory)
+            atomic_dir.check_target(directory, overwrite)
+            atomic_dir.make_temp_dir(directory, token)
         except Exception as e:
             error = e
     replacing = directory.exists()
     if not distributed.all_ok(error is None):
-        fileio.raise_agreed(error, directory, "another process could not prepare it", needed, replacing)
+        io_errors.raise_agreed(error, directory, "another process could not prepare it", needed, replacing)
     try:
-        with fileio.quiet_disk_full_noise():
+        with io_errors.quiet_disk_full_noise():
             checkpointer = ocp.StandardCheckpointer()
             try:
                 checkpointer.save(tmp / PARAMS_ITEM, params)
@@ -75,14 +75,14 @@ def save_params(directory: str | Path, cfg: ModelConfig, params: dict, *,
     ok = distributed.all_ok(error is None)
     if ok and first:
         try:
-            fileio.publish(tmp, directory)
+            atomic_dir.publish(tmp, directory)
         except Exception as e:
             error = e
         ok = error is None
     if not distributed.all_ok(ok):
         if first:
-            fileio.discard(tmp)
-        fileio.raise_agreed(error, directory, "another process could not write it", needed, replacing)
+            atomic_dir.discard(tmp)
+        io_errors.raise_agreed(error, directory, "another process could not write it", needed, replacing)
     return directory
 
 

@@ -18,10 +18,12 @@ in an `InvalidReport` (counts by reason), which the caller prints and writes to 
 output directory. Nothing is dropped silently. A syntax error inside a JSON list is always an
 error: the rest of the list cannot be located.
 
-Files are read as bytes, JSONL line by line, so a bad byte or a huge line spoils only its own
-record: a line that is not UTF-8 (`not_utf8`), or longer than `data.max_record_bytes`
-(`too_long`, refused unread: tokenising one 50 MB line took 10 GB), is a bad record like the
-others. A file with a NUL byte in its first block is binary: one error naming it.
+Rows are read by `phased_jax.formats` (the parser `phased-score` shares), which returns bad
+bytes, huge lines and bad JSON as bad records of their own: a line that is not UTF-8
+(`not_utf8`), or longer than `data.max_record_bytes` (`too_long`, refused unread: tokenising one
+50 MB line took 10 GB), is a bad record like the others. This module adds what training
+requires: no empty instruction or output (`phased-score` keeps those), scores in [1, 5], unique
+ids. A binary file (a NUL byte in its first block, or compressed) is one error naming it.
 
 A file is scored when its first record has a score field; then every record must have one.
 Unscored records (plain Alpaca) get `score=None` and can only be trained one-off.
@@ -31,20 +33,26 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from phased_jax.errors import DataError
-from phased_jax.fileio import write_text_atomic
+from phased_jax.fileio import BadRecord, read_head, sniff_binary, write_text_atomic
+from phased_jax.formats import (
+    DEFAULT_FIELDS,
+    MISSING,
+    FieldError,
+    ListError,
+    file_records,
+    parse_score_text,
+    row_fields,
+)
 
 FORMATS = ("auto", "alpaca", "authors", "scored", "jsonl", "hf")
 SCORE_RANGE = (1.0, 5.0)
-DEFAULT_FIELDS = {"instruction": "instruction", "input": "input", "output": "output",
-                  "score": "score", "id": "id"}
 _JSON_SUFFIXES = (".json", ".jsonl")
 
 
@@ -107,179 +115,57 @@ class _Invalid(Exception):
 
 def parse_score(value: Any) -> float:
     """A score as released ("4", "4.25\\n\\n", 3.5) -> float in [1, 5], else _Invalid."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
+    score = parse_score_text(value)
+    if score is None:
         raise _Invalid("bad_score", f"score {value!r} is not a number")
-    try:
-        score = float(value.strip()) if isinstance(value, str) else float(value)
-    except ValueError:
-        raise _Invalid("bad_score", f"score {value!r} is not a number") from None
     if not SCORE_RANGE[0] <= score <= SCORE_RANGE[1]:  # also rejects nan
         raise _Invalid("score_out_of_range", f"score {score} outside [1, 5]")
     return score
 
 
-def _text(obj: Mapping[str, Any], name: str, what: str) -> str:
-    if name not in obj:
-        raise _Invalid("missing_field", f"missing field {name!r} ({what})")
-    value = obj[name]
-    if not isinstance(value, str):
-        raise _Invalid("bad_type", f"field {name!r} is {type(value).__name__}, expected a string")
-    return value
-
-
 def _to_record(obj: Any, fields: Mapping[str, str], fmt: str, default_id: str, source: str,
                scored: bool) -> Record:
     """Validate one parsed row; `scored` says whether this file's rows carry scores."""
-    if not isinstance(obj, dict):
-        raise _Invalid("malformed", f"expected a JSON object, got {type(obj).__name__}")
-    authors = fmt == "authors" or (fmt in ("auto", "scored") and isinstance(obj.get("data"), list)
-                                   and fields["instruction"] not in obj)
-    if authors:
-        data = obj.get("data")
-        if not (isinstance(data, list) and len(data) == 2 and all(isinstance(d, str) for d in data)):
-            raise _Invalid("missing_field", "field 'data' must be [prompt, output] strings")
-        instruction, _, input_ = data[0].partition("\n")
-        output = data[1]
-        score_name, id_name = "score", "id"
-    else:
-        instruction = _text(obj, fields["instruction"], "instruction")
-        input_ = _text(obj, fields["input"], "input") if fields["input"] else ""
-        output = _text(obj, fields["output"], "output")
-        score_name, id_name = fields["score"], fields["id"]
-    if not instruction.strip():
+    try:
+        row = row_fields(obj, fields, fmt)
+    except FieldError as e:
+        raise _Invalid(e.reason, str(e)) from None
+    if not row.instruction.strip():
         raise _Invalid("empty_instruction", "empty instruction")
-    if not output.strip():
+    if not row.output.strip():
         raise _Invalid("empty_output", "empty output")
     score = None
     if scored:
-        if not score_name or score_name not in obj:
-            raise _Invalid("missing_field", f"missing field {score_name!r} (score)")
-        score = parse_score(obj[score_name])
-    rid = obj.get(id_name, default_id) if id_name else default_id
+        if row.score is MISSING:
+            raise _Invalid("missing_field", f"missing field {row.score_field!r} (score)")
+        score = parse_score(row.score)
+    rid = default_id if row.id is MISSING else row.id
     if not isinstance(rid, str | int) or isinstance(rid, bool):
         raise _Invalid("bad_type", f"id {rid!r} is not a string or integer")
-    return Record(str(rid), instruction, input_, output, score, source)
-
-
-def _json_list_items(path: Path, text: str) -> Iterator[tuple[int, int, int, Any]]:
-    """(line, start, end, element) of a JSON list, so every element can be named by its line."""
-    dec = json.JSONDecoder()
-    ws = " \t\r\n"
-    i, line, counted = 0, 1, 0
-
-    def skip(i: int) -> int:
-        while i < len(text) and text[i] in ws:
-            i += 1
-        return i
-
-    def fail(pos: int, msg: str):
-        ln = text.count("\n", 0, pos) + 1
-        bad = _NOT_UTF8.match(text, pos)  # a bad byte outside the strings breaks the list
-        if bad:
-            msg = f"not UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x})"
-        return DataError(f"{path}:{ln}: {msg}; a JSON list must be valid as a whole "
-                         "(fix the file or convert it to JSONL, where bad lines can be skipped)")
-
-    i = skip(i)
-    if text[i:i + 1] != "[":
-        raise fail(i, "expected a JSON list")
-    i = skip(i + 1)
-    if text[i:i + 1] == "]":
-        return
-    while True:
-        line += text.count("\n", counted, i)
-        counted = i
-        try:
-            obj, end = dec.raw_decode(text, i)
-        except json.JSONDecodeError as e:
-            raise fail(e.pos, f"malformed JSON ({e.msg})") from None
-        yield line, i, end, obj
-        i = skip(end)
-        if text[i:i + 1] == ",":
-            i = skip(i + 1)
-        elif text[i:i + 1] == "]":
-            return
-        else:
-            raise fail(i, "expected ',' or ']' in the JSON list")
-
-
-# Bytes that are not UTF-8 decode (errors="surrogateescape") to U+DC80..U+DCFF, which valid
-# UTF-8 never yields: a record holding one is a bad record, not a crash of the whole file.
-_NOT_UTF8 = re.compile("[\udc80-\udcff]")
-_BINARY_PROBE = 8192  # bytes read to tell text from a binary file (a NUL byte among them)
-_BOM = b"\xef\xbb\xbf"
+    return Record(str(rid), row.instruction, row.input, row.output, score, source)
 
 
 def _too_long(n: int, limit: int) -> _Invalid:
     return _Invalid("too_long", f"record too long ({n} bytes > data.max_record_bytes={limit})")
 
 
-def _not_utf8(raw: bytes, e: UnicodeDecodeError) -> _Invalid:
-    return _Invalid("not_utf8", f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
-
-
-def _rows_of_json_list(path: Path, data: bytes, limit: int) -> Iterator[tuple[str, Any]]:
-    text = data.decode("utf-8", errors="surrogateescape")
-    for line, start, end, obj in _json_list_items(path, text):
-        bad = _NOT_UTF8.search(text, start, end)
-        if bad:
-            obj = _Invalid("not_utf8", f"not UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x})")
-        elif (end - start) * 4 > limit:  # a char is at most 4 bytes: count only when it may matter
-            n = len(text[start:end].encode("utf-8", errors="surrogateescape"))
-            if n > limit:
-                obj = _too_long(n, limit)
-        yield f"{path}:{line}", obj
-
-
-def _rows_of_jsonl(path: Path, f: BinaryIO, limit: int) -> Iterator[tuple[str, Any]]:
-    """Line by line, never holding more than `limit` bytes of one line: a huge line is counted
-    and refused unread, and a bad byte spoils only its own line."""
-    line = 0
-    while True:
-        raw = f.readline(limit + 2)  # + room for the line's own "\r\n"
-        if not raw:
-            return
-        line += 1
-        source = f"{path}:{line}"
-        if len(raw) == limit + 2 and not raw.endswith(b"\n"):  # longer still: skip the rest
-            n, chunk = len(raw), raw
-            while not chunk.endswith(b"\n") and (chunk := f.readline(1 << 20)):
-                n += len(chunk)
-            n -= 2 if chunk.endswith(b"\r\n") else 1 if chunk.endswith(b"\n") else 0
-            yield source, _too_long(n, limit)
-            continue
-        body = raw.rstrip(b"\r\n")
-        if len(body) > limit:
-            yield source, _too_long(len(body), limit)
-            continue
-        if not body.strip():
-            continue
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError as e:
-            yield source, _not_utf8(body, e)
-            continue
-        try:
-            yield source, json.loads(text)
-        except json.JSONDecodeError as e:
-            yield source, _Invalid("malformed", f"malformed JSON ({e.msg})")
-
-
 def _rows_of_file(path: Path, limit: int) -> Iterator[tuple[str, Any]]:
     """(source, parsed object or _Invalid) for each row of a JSON list or JSONL file."""
-    with open(path, "rb") as f:
-        head = f.read(_BINARY_PROBE)
-        nul = head.find(b"\0")
-        if nul >= 0:
-            raise DataError(f"{path}: a binary file (NUL byte at offset {nul}), "
-                            "not JSON or JSONL text; check data.paths (convert UTF-16 text to "
-                            "UTF-8)")
-        start = len(_BOM) if head.startswith(_BOM) else 0
-        f.seek(start)
-        if head[start:].lstrip().startswith(b"["):
-            yield from _rows_of_json_list(path, f.read(), limit)
-        else:
-            yield from _rows_of_jsonl(path, f, limit)
+    binary = sniff_binary(read_head(path, DataError))
+    if binary is not None:
+        what = (binary.why if binary.nul_at is None else
+                f"a binary file (NUL byte at offset {binary.nul_at}), not JSON or JSONL text")
+        raise DataError(f"{path}: {what}; check data.paths (convert UTF-16 text to UTF-8)")
+    try:
+        for line, _, obj in file_records(path, limit, DataError):
+            if isinstance(obj, BadRecord):
+                obj = (_too_long(obj.size, limit) if obj.reason == "too_long"
+                       else _Invalid(obj.reason, obj.message))
+            yield f"{path}:{line}", obj
+    except ListError as e:
+        what = f"malformed JSON ({e.syntax})" if e.syntax else str(e)
+        raise DataError(f"{path}:{e.line}: {what}; a JSON list must be valid as a whole (fix "
+                        "the file or convert it to JSONL, where bad lines can be skipped)") from None
 
 
 def _text_bytes(obj: Any, limit: int) -> int:

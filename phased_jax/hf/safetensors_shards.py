@@ -1,4 +1,4 @@
-"""Write safetensors shards tensor by tensor (published atomically by `fileio.atomic_directory`).
+"""Write safetensors shards tensor by tensor (published atomically by `atomic_dir.atomic_directory`).
 
 `safetensors.numpy.save_file` wants a whole shard's tensors in memory (and copies each to bytes).
 The format is simple enough to stream instead: the header needs only names, dtypes and shapes,

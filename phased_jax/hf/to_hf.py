@@ -22,12 +22,13 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from phased_jax.atomic_dir import atomic_directory
 from phased_jax.distributed import all_ok
 from phased_jax.errors import CheckpointError
-from phased_jax.fileio import atomic_directory, raise_agreed
 from phased_jax.hf import mapping
 from phased_jax.hf.hf_config import generation_config_from, hf_config_from
 from phased_jax.hf.safetensors_shards import TensorSpec, parse_size, write_shards
+from phased_jax.io_errors import raise_agreed
 from phased_jax.model.config import ModelConfig
 from phased_jax.model.params import abstract_params
 from phased_jax.model.transformer import Transformer

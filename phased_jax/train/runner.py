@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from phased_jax import distributed, fileio
+from phased_jax import distributed, io_errors
 from phased_jax.checkpoint import RunCheckpoints
 from phased_jax.config import model_config, parse_config_argv, validate_config
 from phased_jax.errors import CheckpointError, ConfigError
@@ -83,7 +83,7 @@ def main(argv: list[str]) -> int:
         command = [sys.executable, "-m", "phased_jax.cli", "train", *_without_local_pod(argv)]
         return distributed.launch_local_pod(fv.local_pod, command, fv.local_devices)
     distributed.initialize(auto=fv.distributed)
-    with fileio.quiet_disk_full_noise():  # Orbax's threads echo a full disk at any moment
+    with io_errors.quiet_disk_full_noise():  # Orbax's threads echo a full disk at any moment
         run(fv.config)
     return 0
 
@@ -337,7 +337,7 @@ def _storage(path: str, needed_bytes: int | None = None) -> Iterator[None]:
     try:
         yield
     except Exception as e:
-        error = fileio.disk_full_error(e, path, needed_bytes)
+        error = io_errors.disk_full_error(e, path, needed_bytes)
         if error is None:
             raise
         raise CheckpointError(f"{error}; then rerun the same command: it resumes from the last "

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import phased_jax.hf as hf
-from phased_jax import fileio, params_checkpoint
+from phased_jax import atomic_dir, io_errors, params_checkpoint
 from phased_jax.errors import CheckpointError
 from phased_jax.params_checkpoint import load_params, params_complete, save_params
 
@@ -48,19 +48,19 @@ def _fake_temp(path, pid: int | None) -> None:
     path.mkdir()
     (path / "junk").write_text("partial")
     if pid is not None:
-        (path / fileio.MARKER).write_text(json.dumps({"host": os.uname().nodename, "pid": pid}))
+        (path / atomic_dir.MARKER).write_text(json.dumps({"host": os.uname().nodename, "pid": pid}))
 
 
 def test_failed_write_keeps_the_old_output_and_no_temp(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    with pytest.raises(RuntimeError, match="boom"), fileio.atomic_directory(out, overwrite=True) as t:
+    with pytest.raises(RuntimeError, match="boom"), atomic_dir.atomic_directory(out, overwrite=True) as t:
         (t / "new.txt").write_text("half")
         raise RuntimeError("boom")
     assert snapshot(out) == {"keep.txt": b"old"}
     assert listing(tmp_path) == ["out"]
-    with fileio.atomic_directory(out, overwrite=True) as t:
+    with atomic_dir.atomic_directory(out, overwrite=True) as t:
         (t / "new.txt").write_text("whole")
     assert snapshot(out) == {"new.txt": b"whole"}  # no marker, nothing of the old one
     assert listing(tmp_path) == ["out"]
@@ -110,8 +110,8 @@ def test_swap_failure_puts_the_old_output_back(tmp_path, monkeypatch):
             raise OSError(errno.EIO, "simulated I/O error")
         real_rename(src, dst)
 
-    monkeypatch.setattr(fileio.os, "rename", rename)
-    with pytest.raises(OSError, match="simulated"), fileio.atomic_directory(out, overwrite=True) as t:
+    monkeypatch.setattr(atomic_dir.os, "rename", rename)
+    with pytest.raises(OSError, match="simulated"), atomic_dir.atomic_directory(out, overwrite=True) as t:
         (t / "new.txt").write_text("whole")
     assert snapshot(out) == {"keep.txt": b"old"}
     assert listing(tmp_path) == ["out"]
@@ -221,40 +221,40 @@ TENSORSTORE_ENOSPC = ("RESOURCE_EXHAUSTED: Error writing \"embed/0\" in OCDBT da
 
 
 def test_is_disk_full_reads_the_whole_chain():
-    assert fileio.is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
-    assert fileio.is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
-    assert fileio.is_disk_full(ValueError(TENSORSTORE_ENOSPC))  # how Orbax/tensorstore raise it
+    assert io_errors.is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert io_errors.is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert io_errors.is_disk_full(ValueError(TENSORSTORE_ENOSPC))  # how Orbax/tensorstore raise it
     try:
         try:
             raise OSError(errno.ENOSPC, "No space left on device")
         except OSError as e:
             raise RuntimeError("checkpoint save failed") from e
     except RuntimeError as wrapped:
-        assert fileio.is_disk_full(wrapped)
+        assert io_errors.is_disk_full(wrapped)
     try:
         try:
             raise OSError(errno.ENOSPC, "full")
         except OSError:
             raise KeyError("while handling it") from None
     except KeyError as hidden:  # `from None` hides it from tracebacks, not from __context__
-        assert fileio.is_disk_full(hidden)
+        assert io_errors.is_disk_full(hidden)
     group = ExceptionGroup("writers", [ValueError("other"), ValueError(TENSORSTORE_ENOSPC)])
-    assert fileio.is_disk_full(group)
+    assert io_errors.is_disk_full(group)
     for other in (OSError(errno.EIO, "Input/output error"), ValueError("bad shape"),
                   PermissionError(errno.EACCES, "Permission denied"), RuntimeError("28 items")):
-        assert not fileio.is_disk_full(other), other
+        assert not io_errors.is_disk_full(other), other
 
 
 def test_disk_full_error_is_one_line_with_path_and_sizes(tmp_path):
-    err = fileio.disk_full_error(ValueError(TENSORSTORE_ENOSPC), tmp_path / "out", 123_456_789,
+    err = io_errors.disk_full_error(ValueError(TENSORSTORE_ENOSPC), tmp_path / "out", 123_456_789,
                                  replacing=True)
     assert isinstance(err, CheckpointError)
     msg = str(err)
     assert "\n" not in msg
     assert msg.startswith(f"{tmp_path / 'out'}: no space left on device")
     assert "needs about 123.5 MB" in msg and "is free there" in msg and "old output" in msg
-    assert fileio.disk_full_error(ValueError("bad shape"), tmp_path) is None
-    assert fileio.human_bytes(512) == "512 B" and fileio.human_bytes(2.5e12) == "2.5 TB"
+    assert io_errors.disk_full_error(ValueError("bad shape"), tmp_path) is None
+    assert io_errors.human_bytes(512) == "512 B" and io_errors.human_bytes(2.5e12) == "2.5 TB"
 
 
 def test_hf_save_disk_full_mid_write(tmp_path, tiny, monkeypatch):
@@ -293,5 +293,5 @@ def test_save_params_disk_full_from_orbax(tmp_path, tiny, monkeypatch):
     with pytest.raises(CheckpointError, match="no space left on device") as info:
         save_params(tmp_path / "params", model.cfg, params)
     assert "\n" not in str(info.value)
-    assert f"needs about {fileio.human_bytes(params_checkpoint.params_nbytes(params))}" in str(info.value)
+    assert f"needs about {io_errors.human_bytes(params_checkpoint.params_nbytes(params))}" in str(info.value)
     assert listing(tmp_path) == []

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 from conftest import FAST, STAGE3, write_alpaca
-from phased_tools.records import FORMATS, InputError, load_answers, load_records, parse_score_text
+from phased_tools.records import FORMATS, load_answers, load_records
 from phased_tools.score import main
+
+from phased_jax.formats import InputError, parse_score_text
 
 
 def test_authors_format_and_split(tmp_path: Path) -> None:

@@ -13,17 +13,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from phased_jax.fileio import DEFAULT_MAX_RECORD_BYTES, output_problem, write_jsonl_atomic
+from phased_jax.formats import AnswerRow, InputError
 from phased_tools.client_config import add_client_args, api_key_or_exit, config_from_args
 from phased_tools.jobs import Job, JobResult, answer_jobs, cached_count
 from phased_tools.judge_prompt import REASK_TEXT, judge_messages, parse_pair, question
-from phased_tools.outputs import atomic_write_text, jsonl, output_problem
-from phased_tools.records import (
-    DEFAULT_MAX_RECORD_BYTES,
-    AnswerRow,
-    InputError,
-    load_answers,
-    positive_bytes,
-)
+from phased_tools.records import load_answers, positive_bytes
 from phased_tools.report import write_all
 from phased_tools.summary import format_dry_run, format_summary
 from phased_tools.winrate import Tally, combine, judgment_outcome
@@ -65,19 +60,19 @@ def match(baseline: dict[tuple[str, str], AnswerRow], system: dict[tuple[str, st
     for key, row in system.items():
         if key not in baseline:
             raise InputError(
-                f"{sys_path}:{row.line}: (test_set, id) = {key} is not in the baseline {base_path}; "
+                f"{row.where}: (test_set, id) = {key} is not in the baseline {base_path}; "
                 "both files must answer the same questions"
             )
         b = baseline[key]
         if (row.instruction, row.input) != (b.instruction, b.input):
             raise InputError(
-                f"{sys_path}:{row.line}: {key} has a different instruction/input than "
-                f"{base_path}:{b.line}; the files answer different questions"
+                f"{row.where}: {key} has a different instruction/input than "
+                f"{b.where}; the files answer different questions"
             )
     for key, row in baseline.items():
         if key not in system:
             raise InputError(
-                f"{sys_path}: (test_set, id) = {key} (baseline {base_path}:{row.line}) has no answer; "
+                f"{sys_path}: (test_set, id) = {key} (baseline {row.where}) has no answer; "
                 "both files must answer the same questions"
             )
 
@@ -159,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             })
     extra = {"judge": {"model": cfg.model, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}}
     try:
-        atomic_write_text(args.outdir / "judgments.jsonl", jsonl(judgments))
+        write_jsonl_atomic(args.outdir / "judgments.jsonl", judgments)
         paths = write_all(args.outdir, tallies, base_name, test_sets, unparseable, extra)
     except OSError as e:
         print(f"phased-judge: error: cannot write {e.filename or args.outdir} ({e.strerror}); every "

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from phased_tools.outputs import atomic_write_bytes, atomic_write_text
+from phased_jax.fileio import write_bytes_atomic, write_text_atomic
 from phased_tools.winrate import Tally, weighted_average
 
 Results = Mapping[str, Mapping[str, Tally]]  # system -> test set -> tally
@@ -106,7 +106,7 @@ def to_png(results: Results, baseline: str, test_sets: list[str], path: Path) ->
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
     return True
 
 
@@ -115,9 +115,9 @@ def write_all(outdir: Path, results: Results, baseline: str, test_sets: list[str
     """Write winrate.{md,csv,json,png}; returns the paths written."""
     outdir.mkdir(parents=True, exist_ok=True)
     paths = [outdir / "winrate.md", outdir / "winrate.csv", outdir / "winrate.json"]
-    atomic_write_text(paths[0], to_markdown(results, baseline, test_sets, unparseable))
-    atomic_write_text(paths[1], to_csv(results, baseline))
-    atomic_write_text(paths[2], to_json(results, baseline, {**extra, "unparseable": unparseable}))
+    write_text_atomic(paths[0], to_markdown(results, baseline, test_sets, unparseable))
+    write_text_atomic(paths[1], to_csv(results, baseline))
+    write_text_atomic(paths[2], to_json(results, baseline, {**extra, "unparseable": unparseable}))
     if to_png(results, baseline, test_sets, outdir / "winrate.png"):
         paths.append(outdir / "winrate.png")
     return paths

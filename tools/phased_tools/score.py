@@ -18,19 +18,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from phased_jax.fileio import (
+    DEFAULT_MAX_RECORD_BYTES,
+    output_problem,
+    read_text,
+    write_jsonl_atomic,
+)
+from phased_jax.formats import InputError
 from phased_tools.chat import Messages, ParseError
 from phased_tools.client_config import add_client_args, api_key_or_exit, config_from_args
 from phased_tools.jobs import Job, JobResult, answer_jobs, cached_count
-from phased_tools.outputs import atomic_write_text, jsonl, output_problem
-from phased_tools.records import (
-    DEFAULT_MAX_RECORD_BYTES,
-    FORMATS,
-    InputError,
-    Record,
-    load_records,
-    positive_bytes,
-    read_text,
-)
+from phased_tools.records import FORMATS, Record, load_records, positive_bytes
 from phased_tools.summary import Stats, format_dry_run, format_summary
 
 REASK_TEXT = (
@@ -71,7 +69,7 @@ def load_template(path: str | Path | None = None) -> Template:
         name = "difficulty"
     else:
         path = Path(path)
-        text = read_text(path)
+        text = read_text(path, InputError)
         name = path.stem
     sections: dict[str, list[str]] = {}
     current: str | None = None
@@ -214,9 +212,9 @@ def _finish(args: argparse.Namespace, failed_path: Path, records: list[Record], 
                 }
             )
     try:
-        atomic_write_text(args.output, jsonl(out_rows))
+        write_jsonl_atomic(args.output, out_rows)
         if failed_rows:
-            atomic_write_text(failed_path, jsonl(failed_rows))
+            write_jsonl_atomic(failed_path, failed_rows)
         elif failed_path.exists():
             failed_path.unlink()  # stale from an earlier run
     except OSError as e:
