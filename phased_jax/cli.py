@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
 
 from phased_jax.errors import PhasedError, UsageError
 
@@ -34,8 +35,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"phased-jax: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
+    return run_subcommand(name, lambda: module.main(rest))
+
+
+def run_subcommand(name: str, call: Callable[[], int | None]) -> int:
+    """`call()`'s exit code, with the project's errors as one line on stderr, never a traceback."""
     try:
-        return int(module.main(rest) or 0)
+        return int(call() or 0)
     except UsageError as e:  # the command line or config file: one line, exit 2 (as argparse)
         print(f"phased-jax {name}: error: {e}", file=sys.stderr)
         return 2

@@ -69,7 +69,6 @@ def get_default_config() -> ConfigDict:
     c.data.eval_fraction = 0.0  # or hold out this fraction of each phase
     c.data.cache_dir = ""  # tokenisation cache; "" = <output_dir>/token_cache
     c.data.shuffle = True  # seeded per (seed, phase, epoch); False keeps read order
-    c.data.log_reads = False  # log each process's example ids per step (multi-host read tests)
 
     c.train = ConfigDict()
     c.train.global_batch = 128

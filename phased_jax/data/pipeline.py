@@ -1,6 +1,6 @@
 """A config's data, end to end: records -> phases -> tokenised examples -> a loader per phase.
 
-`prepare(cfg)` is what the phase runner calls once per process; every process reads and
+`prepare(config.data, batching, output_dir)` is what the phase runner calls once per process; every process reads and
 tokenises the whole data (cached on disk), then takes its own rows from `PhaseLoader`.
 """
 
@@ -24,6 +24,33 @@ from phased_jax.fileio import write_text_atomic
 REPORT_NAME = "data_report.json"
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How a run turns examples into steps, the same for every phase: the `train` section's
+    batch, epochs and step cap, the `data` section's packing and shuffle, the run's seed."""
+
+    global_batch: int
+    epochs: int
+    seed: int
+    packing: bool = False
+    shuffle: bool = True
+    max_steps: int = -1
+
+    @classmethod
+    def from_sections(cls, train_cfg: Any, data_cfg: Any, seed: int) -> Batching:
+        return cls(int(train_cfg.global_batch), int(train_cfg.epochs_per_phase), int(seed),
+                   bool(data_cfg.packing), bool(data_cfg.shuffle),
+                   int(train_cfg.max_steps_per_phase))
+
+    def loader(self, examples: TokenizedExamples, phase_index: int, process_index: int = 0,
+               process_count: int = 1, *, evaluation: bool = False) -> PhaseLoader:
+        """A phase's loader; `evaluation`: one pass in read order, no step cap."""
+        return PhaseLoader(examples, self.global_batch, 1 if evaluation else self.epochs,
+                           self.seed, phase_index, process_index, process_count,
+                           packing=self.packing, shuffle=self.shuffle and not evaluation,
+                           max_steps=-1 if evaluation else self.max_steps)
+
+
 @dataclass
 class PhaseData:
     """One phase in training order: its records' examples (and held-out eval examples)."""
@@ -33,12 +60,9 @@ class PhaseData:
     examples: TokenizedExamples
     eval_examples: TokenizedExamples | None = None
 
-    def loader(self, cfg: Any, process_index: int = 0, process_count: int = 1) -> PhaseLoader:
-        """The phase's loader with the config's batch, epochs, seed, packing and step cap."""
-        return PhaseLoader(self.examples, cfg.train.global_batch, cfg.train.epochs_per_phase,
-                           cfg.seed, self.index, process_index, process_count,
-                           packing=cfg.data.packing, shuffle=cfg.data.shuffle,
-                           max_steps=cfg.train.max_steps_per_phase)
+    def loader(self, batching: Batching, process_index: int = 0, process_count: int = 1
+               ) -> PhaseLoader:
+        return batching.loader(self.examples, self.index, process_index, process_count)
 
 
 @dataclass
@@ -62,8 +86,8 @@ class PreparedData:
         return "\n".join(lines + self.notes)
 
 
-def cache_dir_of(cfg: Any) -> str:
-    return cfg.data.cache_dir or os.path.join(cfg.output_dir, "token_cache")
+def cache_dir_of(data_cfg: Any, output_dir: str | Path) -> str:
+    return data_cfg.cache_dir or os.path.join(output_dir, "token_cache")
 
 
 def _split_eval(examples: TokenizedExamples, fraction: float, seed: int, index: int
@@ -74,49 +98,51 @@ def _split_eval(examples: TokenizedExamples, fraction: float, seed: int, index: 
     return examples.select(ids[np.sort(perm[n_eval:])]), examples.select(ids[np.sort(perm[:n_eval])])
 
 
-def _check_steps(data: PhaseData, tokenised: int, cfg: Any) -> None:
+def _check_steps(data: PhaseData, tokenised: int, d: Any, batching: Batching) -> None:
     """Raise a DataError if a phase with records would run 0 steps, with the numbers.
 
     Why: the runner would find out only when the phase starts, after the phases before it.
     """
-    steps = data.loader(cfg).steps if len(data.examples) else 0
+    steps = data.loader(batching).steps if len(data.examples) else 0
     if steps:
         return
-    ph, d, t = data.phase, cfg.data, cfg.train
+    ph = data.phase
     held = len(data.eval_examples) if data.eval_examples is not None else 0
     raise DataError(
         f"phase {data.index + 1} ({ph.label}) has {ph.size} records but {len(data.examples)} "
-        f"training examples, so 0 steps (train.global_batch={t.global_batch}, "
-        f"train.epochs_per_phase={t.epochs_per_phase}): {ph.size - tokenised} skipped because "
+        f"training examples, so 0 steps (train.global_batch={batching.global_batch}, "
+        f"train.epochs_per_phase={batching.epochs}): {ph.size - tokenised} skipped because "
         f"the prompt fills data.max_length={d.max_length}, {held} held out by "
         f"data.eval_fraction={d.eval_fraction}; raise data.max_length, lower "
         "data.eval_fraction or change data.order/data.thresholds")
 
 
-def prepare(cfg: Any, tokenizer: Any = None, write_report: bool = True) -> PreparedData:
-    """Read, validate, stratify, order and tokenise `cfg.data`; write `<output_dir>/data_report.json`.
+def prepare(d: Any, batching: Batching, output_dir: str | Path, tokenizer: Any = None,
+            write_report: bool = True) -> PreparedData:
+    """Read, validate, stratify, order and tokenise the `data` section `d`; write
+    `<output_dir>/data_report.json`.
 
-    Every phase must have records and steps (a DataError otherwise), so a run that cannot
-    finish fails here, before its first step, and not when a later phase starts.
+    Every phase must have records and steps under `batching` (a DataError otherwise), so a run
+    that cannot finish fails here, before its first step, and not when a later phase starts.
     """
-    d = cfg.data
+    seed = batching.seed
     if tokenizer is None and not d.tokenizer:
         raise ConfigError("data.tokenizer is empty: set it to a local HF tokenizer directory")
     records, invalid = read_config_records(d)
-    phases = config_phases(records, d, cfg.seed)
+    phases = config_phases(records, d, seed)
     check_phases(phases, records, d)  # before loading a tokenizer or tokenising: in seconds
     if tokenizer is None:
         tokenizer = load_tokenizer(d.tokenizer)
     examples, tok_report, _ = tokenize_cached(records, d.template, tokenizer, d.max_length,
-                                              cache_dir_of(cfg))
+                                              cache_dir_of(d, output_dir))
     out, notes = [], []
     for i, ph in enumerate(phases):
         ex = examples.select([r.id for r in ph.records])
         tokenised, ev = len(ex), None
         if d.eval_fraction > 0:
-            ex, ev = _split_eval(ex, d.eval_fraction, cfg.seed, i)
+            ex, ev = _split_eval(ex, d.eval_fraction, seed, i)
         data = PhaseData(i, ph, ex, ev)
-        _check_steps(data, tokenised, cfg)
+        _check_steps(data, tokenised, d, batching)
         out.append(data)
     eval_examples = None
     if d.eval_path:
@@ -125,13 +151,13 @@ def prepare(cfg: Any, tokenizer: Any = None, write_report: bool = True) -> Prepa
                                                   d.get("max_record_bytes"))
         invalid.extend(eval_invalid)
         eval_examples, eval_tok, _ = tokenize_cached(eval_records, d.template, tokenizer,
-                                                     d.max_length, cache_dir_of(cfg))
+                                                     d.max_length, cache_dir_of(d, output_dir))
         tok_report.truncated += eval_tok.truncated
         tok_report.skipped += eval_tok.skipped
     prepared = PreparedData(out, records, invalid, tok_report, tokenizer, eval_examples,
                             notes=notes)
     if write_report:
-        path = Path(cfg.output_dir) / REPORT_NAME
+        path = Path(output_dir) / REPORT_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
         body = {"invalid": invalid.to_dict(), "tokens": tok_report.to_dict(),
                 "phases": [{"index": p.index, "name": p.phase.name, "records": p.phase.size,

@@ -136,16 +136,16 @@ class MetricsWriter:
             self._bar.close()
 
 
-def make_writer(trainer: Any, log_dir: str | Path, total_steps: int, prefix: str = "train",
-                step_offset: int = 0, seq_len: int | None = None, console: bool = True
+def make_writer(trainer: Any, seq_len: int, log_dir: str | Path, total_steps: int,
+                prefix: str = "train", step_offset: int = 0, console: bool = True
                 ) -> MetricsWriter:
-    """A MetricsWriter sized from a Trainer and its config (seq length = data.max_length)."""
-    cfg = trainer.config
-    seq_len = int(seq_len or cfg.data.max_length)
-    peak, _ = peak_flops_per_device(configured=float(cfg.train.peak_flops))
+    """A MetricsWriter sized from a Trainer (its model, batch and `train` section) and the
+    sequence length of its batches."""
+    tc = trainer.train_cfg
+    peak, _ = peak_flops_per_device(configured=float(tc.peak_flops))
     return MetricsWriter(
         log_dir, flops_per_step=trainer.flops_per_step(seq_len),
         tokens_per_step=trainer.global_batch * seq_len, peak_flops_total=peak * jax.device_count(),
-        total_steps=total_steps, log_every=int(cfg.train.log_every),
-        tensorboard=bool(cfg.train.get("tensorboard", True)), console=console, prefix=prefix,
+        total_steps=total_steps, log_every=int(tc.log_every),
+        tensorboard=bool(tc.get("tensorboard", True)), console=console, prefix=prefix,
         step_offset=step_offset)

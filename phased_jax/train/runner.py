@@ -19,28 +19,40 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import os
-import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from absl import flags
 from ml_collections import ConfigDict
 
-from phased_jax import distributed, io_errors
+from phased_jax import distributed, hf, io_errors
 from phased_jax.checkpoint import RunCheckpoints
-from phased_jax.config import model_config, parse_config_argv, validate_config
+from phased_jax.config import model_config
+from phased_jax.config_checks import validate_config
+from phased_jax.config_cli import parse_config_argv
+from phased_jax.data.pipeline import Batching, prepare
 from phased_jax.errors import CheckpointError, ConfigError
+from phased_jax.model import Transformer
+from phased_jax.model.config import ModelConfig
+from phased_jax.params_checkpoint import (
+    load_params,
+    params_complete,
+    params_nbytes,
+    save_params,
+)
+from phased_jax.train.metrics import make_writer
 from phased_jax.train.runlog import RunLog
+from phased_jax.train.trainer import Trainer, build_trainer
 
-# Test hook: SIGKILL this process right after the given global step (and its checkpoint save
-# has started), as a preempted host would die. Used by tests/train/test_runner.py.
-FAULT_ENV = "PHASED_FAULT_AFTER_STEP"
+# A callback after each step (and the start of its checkpoint save, if any): (runner, phase
+# index, steps done in the phase). The tests install theirs (tests/runner/hooked_train.py).
+StepHook = Callable[["PhaseRunner", int, int], None]
+TRAIN_COMMAND = (sys.executable, "-m", "phased_jax.cli", "train")  # a local pod's workers
 
 USAGE = """usage: phased-jax train --config CONFIG_FILE [--config.SECTION.FIELD=VALUE ...]
                        [--local-pod N [--local-devices D]] [--distributed]
@@ -52,8 +64,6 @@ Runs the config's phases in order; rerun the same command to resume from the lat
 
 
 def _define_flags(fv) -> None:
-    from absl import flags
-
     flags.DEFINE_integer("local_pod", 0, "run as N local processes", flag_values=fv)
     flags.DEFINE_integer("local_devices", 4, "fake CPU devices per local process", flag_values=fv)
     flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() on a pod", flag_values=fv)
@@ -73,18 +83,21 @@ def _without_local_pod(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], hooks: Sequence[StepHook] = (),
+         worker_command: Sequence[str] = TRAIN_COMMAND) -> int:
+    """The `train` subcommand; `hooks` and the local pod's `worker_command` are for callers
+    that extend a run (the tests' fault injection runs each worker with its own hooks)."""
     argv = [a.replace("--local-pod", "--local_pod").replace("--local-devices", "--local_devices")
             if a.startswith("--local-") else a for a in argv]
     fv = parse_config_argv(argv, "phased-jax train", USAGE, _define_flags)
     if fv is None:
         return 0
     if fv.local_pod > 0:
-        command = [sys.executable, "-m", "phased_jax.cli", "train", *_without_local_pod(argv)]
+        command = [*worker_command, *_without_local_pod(argv)]
         return distributed.launch_local_pod(fv.local_pod, command, fv.local_devices)
     distributed.initialize(auto=fv.distributed)
     with io_errors.quiet_disk_full_noise():  # Orbax's threads echo a full disk at any moment
-        run(fv.config)
+        run(fv.config, hooks)
     return 0
 
 
@@ -102,21 +115,15 @@ def _say(message: str) -> None:
         print(message, flush=True)
 
 
-def _initial_params(config: ConfigDict, trainer: Any) -> Any:
+def _initial_params(path: str, want: ModelConfig, trainer: Trainer) -> Any:
     """Params from `model.init_from` (HF directory or phased-jax params checkpoint), or None."""
-    path = config.model.init_from
     if not path:
         return None
-    want = model_config(config.model)
     if Path(path, "config.json").is_file():
-        from phased_jax import hf
-
         model, params = hf.load(path, dtype=want.param_dtype, shardings=trainer.param_shardings)
         got = model.cfg
     elif Path(path, "model_config.json").is_file():
-        from phased_jax import params_checkpoint
-
-        got, params = params_checkpoint.load_params(path, trainer.param_shardings)
+        got, params = load_params(path, trainer.param_shardings)
     else:
         raise ConfigError(f"model.init_from={path!r} is neither an HF directory (config.json) "
                           "nor a phased-jax params checkpoint (model_config.json)")
@@ -130,11 +137,11 @@ def _initial_params(config: ConfigDict, trainer: Any) -> Any:
     return params
 
 
-def run(config: ConfigDict) -> dict[str, Any]:
+def run(config: ConfigDict, hooks: Sequence[StepHook] = ()) -> dict[str, Any]:
     """Train every phase of `config` (resuming if checkpoints exist); returns a summary."""
     validate_config(config)  # again: the demo and tests call run() without the command line
     t_start = time.time()
-    runner = PhaseRunner(config)
+    runner = PhaseRunner(config, hooks)
     pos = runner.resume()
     for k in range(pos.phase, len(runner.steps)):
         state = runner.train_phase(k, pos)
@@ -160,16 +167,14 @@ class PhaseRunner:
     did is read from the log (process 0's copy, shared), so a rerun does exactly the rest.
     """
 
-    def __init__(self, config: ConfigDict):
-        from phased_jax.data.pipeline import prepare
-        from phased_jax.params_checkpoint import params_nbytes
-        from phased_jax.train.state import Trainer
-
-        self.config, self.out = config, Path(config.output_dir)
-        self.trainer = Trainer(config)
-        self.data = prepare(config, write_report=jax.process_index() == 0)
+    def __init__(self, config: ConfigDict, hooks: Sequence[StepHook] = ()):
+        self.config, self.out, self.hooks = config, Path(config.output_dir), tuple(hooks)
+        self.trainer = build_trainer(config)
+        self.batching = Batching.from_sections(config.train, config.data, config.seed)
+        self.data = prepare(config.data, self.batching, self.out,
+                            write_report=jax.process_index() == 0)
         _say(self.data.summary())
-        self.loaders = [p.loader(config, jax.process_index(), jax.process_count())
+        self.loaders = [p.loader(self.batching, jax.process_index(), jax.process_count())
                         for p in self.data.phases]
         self.steps = [ld.steps for ld in self.loaders]
         self.starts = np.concatenate([[0], np.cumsum(self.steps)]).astype(int).tolist()
@@ -189,11 +194,6 @@ class PhaseRunner:
         self.log = RunLog(self.out / "logs" / "phase_log.jsonl")
         self.logged: set[tuple[Any, Any]] = set()  # (event, phase) lines a killed run wrote
         self.initial_params: Any = None
-        self.reads = None
-        if config.data.get("log_reads", False):
-            (self.out / "logs").mkdir(parents=True, exist_ok=True)
-            self.reads = open(self.out / "logs"  # noqa: SIM115 (closed in close())
-                              / f"reads-process{jax.process_index()}.jsonl", "a")
 
     def resume(self) -> Position:
         """Where to start: the newest checkpoint's position, or the beginning."""
@@ -213,7 +213,8 @@ class PhaseRunner:
             _say(f"resuming phase {pos.phase + 1} at step {pos.step}/{self.steps[pos.phase]} "
                  f"(global step {global_step}) from {self.ckpt_dir}")
         else:
-            self.initial_params = _initial_params(self.config, self.trainer)
+            self.initial_params = _initial_params(self.config.model.init_from,
+                                                  model_config(self.config.model), self.trainer)
         return pos
 
     def _start_state(self, k: int, pos: Position) -> Any:
@@ -230,8 +231,6 @@ class PhaseRunner:
 
     def train_phase(self, k: int, pos: Position) -> Any:
         """Phase k's steps from `pos.step` on, checkpointed; returns the phase-end state."""
-        from phased_jax.train.metrics import make_writer
-
         state, first = self._start_state(k, pos), pos.step
         if first >= self.steps[k]:
             return state
@@ -240,9 +239,9 @@ class PhaseRunner:
                        steps=self.steps[k], from_step=first, examples=len(phase.examples))
         _say(f"phase {k + 1}/{len(self.steps)} ({phase.phase.name}): {len(phase.examples)} "
              f"examples, {self.steps[k]} steps, starting at step {first}")
-        every, fault_step = int(self.config.checkpoint.every_steps), int(
-            os.environ.get(FAULT_ENV, "-1"))
-        writer = make_writer(self.trainer, self.out / "logs", self.steps[k] - first,
+        every = int(self.config.checkpoint.every_steps)
+        writer = make_writer(self.trainer, int(self.config.data.max_length), self.out / "logs",
+                             self.steps[k] - first,
                              prefix=_label(k, phase), step_offset=start)
         try:
             for s in range(first, self.steps[k]):
@@ -251,36 +250,25 @@ class PhaseRunner:
                 writer.write(s + 1, metrics)
                 self.log.write(event="step", phase=k + 1, step_in_phase=s + 1,
                                step=start + s + 1)
-                self._log_reads(start + s + 1, phase, loader.rows(s))
                 done = s + 1 == self.steps[k]
                 if done or (every > 0 and (s + 1) % every == 0):
                     with _storage(self.ckpt_dir, self.state_bytes):
                         self.ckpts.save(start + s + 1, state,
                                         _meta(self.config, k, s + 1, loader, phase, done))
-                if start + s + 1 == fault_step:  # test hook: die like a preempted host
-                    os.kill(os.getpid(), signal.SIGKILL)
+                for hook in self.hooks:
+                    hook(self, k, s + 1)
         finally:  # the progress bar ends its line before any error is printed
             writer.close()
         return state
 
-    def _log_reads(self, step: int, phase: Any, rows: list) -> None:
-        if self.reads is not None:
-            self.reads.write(json.dumps({"step": step, "rows": [
-                [] if r is None else phase.examples.record_ids[r].tolist() for r in rows]})
-                + "\n")
-
     def finish_phase(self, k: int, state: Any) -> None:
         """What phase k owes at its end, each part done unless the log shows it done: its eval
         loss, its `phases/<label>` params (also redone if incomplete), its `phase_end` line."""
-        from phased_jax.data.loader import PhaseLoader
-        from phased_jax.params_checkpoint import params_complete, save_params
-
         phase, data, end = self.data.phases[k], self.data, self.starts[k + 1]
         evals = phase.eval_examples if phase.eval_examples is not None else data.eval_examples
         if evals is not None and len(evals) and ("eval", k + 1) not in self.logged:
-            ev = PhaseLoader(evals, self.trainer.global_batch, 1, int(self.config.seed), k,
-                             jax.process_index(), jax.process_count(),
-                             packing=bool(self.config.data.packing), shuffle=False)
+            ev = self.batching.loader(evals, k, jax.process_index(), jax.process_count(),
+                                      evaluation=True)
             loss = _eval_loss(self.trainer, state.params, ev)
             self.log.write(event="eval", phase=k + 1, step=end, eval_loss=loss)
             _say(f"phase {k + 1} eval loss {loss:.4f}")
@@ -295,20 +283,16 @@ class PhaseRunner:
     def close(self) -> None:
         with _storage(self.ckpt_dir, self.state_bytes):
             self.ckpts.close()
-        if self.reads is not None:
-            self.reads.close()
 
     def finish_run(self, final: Any) -> None:
         """The HF export (unless a finished run already wrote it whole) and the `done` line."""
-        from phased_jax.hf import export_complete
-
         finished = ("done", None) in self.logged
         if self.config.export.at_end:
-            if finished and distributed.from_process_0(export_complete(self.hf_dir)):
+            if finished and distributed.from_process_0(hf.export_complete(self.hf_dir)):
                 _say(f"the run was already complete; its final model is in {self.hf_dir}")
             else:
-                _export(self.config, self.trainer, final.params, self.data.tokenizer,
-                        self.hf_dir)
+                _export(self.config.export.dtype, self.trainer.model_cfg, final.params,
+                        self.data.tokenizer, self.hf_dir)
         if not finished:
             self.log.write(event="done", step=self.starts[-1])
         self.log.close()
@@ -320,13 +304,9 @@ def _label(k: int, phase: Any) -> str:
     return f"phase{k + 1}-" + (f"stage{name}" if name[0].isdigit() else name)
 
 
-def _export(config: ConfigDict, trainer: Any, params: Any, tokenizer: Any, hf_dir: str) -> None:
+def _export(dtype: str, model_cfg: ModelConfig, params: Any, tokenizer: Any, hf_dir: str) -> None:
     """Every process takes part (one layer slice gathered at a time); process 0 writes."""
-    from phased_jax import hf
-    from phased_jax.model import Transformer
-
-    export_cfg = trainer.model_cfg.replace(param_dtype=config.export.dtype,
-                                           dtype=config.export.dtype)
+    export_cfg = model_cfg.replace(param_dtype=dtype, dtype=dtype)
     hf.save(hf_dir, Transformer(export_cfg), params, tokenizer=tokenizer, overwrite=True)
     _say(f"exported the final model to {hf_dir}")
 

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from phased_jax.data.pipeline import Batching, PreparedData, prepare
 from phased_jax.data.records import Record
-from phased_jax.data.tokenizer import build_tokenizer
+from phased_jax.data.toy_tokenizer import build_tokenizer
 
 CORPUS = [
     "Give three tips for staying healthy.", "Eat a balanced diet and exercise regularly.",
@@ -47,3 +48,9 @@ def make_records(n: int, seed: int = 0, with_input_every: int = 3) -> list[Recor
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
+
+
+def prepare_config(c, tokenizer=None) -> PreparedData:
+    """`prepare` with a whole experiment config's sections, as the phase runner calls it."""
+    return prepare(c.data, Batching.from_sections(c.train, c.data, c.seed), c.output_dir,
+                   tokenizer)

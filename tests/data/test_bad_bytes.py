@@ -10,6 +10,7 @@ from phased_jax.config import get_default_config
 from phased_jax.data import pipeline
 from phased_jax.data.records import read_records
 from phased_jax.errors import DataError
+from tests.data.conftest import prepare_config
 
 MB = 1_000_000
 
@@ -123,7 +124,7 @@ def test_prepare_skips_huge_record_before_tokenising(tmp_path, tokenizer, monkey
     c.data.on_invalid = "skip"
     c.data.max_length = 64
     c.train.global_batch = 4
-    prep = pipeline.prepare(c, tokenizer)
+    prep = prepare_config(c, tokenizer)
     assert len(seen) == 29 and max(len(r.output) for r in seen) < 100
     report = json.loads(prep.report_path.read_text())["invalid"]
     assert report["counts"] == {"too_long": 1} and report["records"][0]["source"] == f"{path}:5"

@@ -7,11 +7,11 @@ import pytest
 from phased_jax.cli import main as cli_main
 from phased_jax.config import get_default_config
 from phased_jax.data.phases import build_phases
-from phased_jax.data.pipeline import prepare
+from phased_jax.data.pipeline import Batching
 from phased_jax.data.records import read_records
 from phased_jax.data.tokens import tokenize
 from phased_jax.errors import DataError
-from tests.data.conftest import make_records, write_jsonl
+from tests.data.conftest import make_records, prepare_config, write_jsonl
 
 CONFIG = '''
 from phased_jax.config import get_default_config
@@ -96,11 +96,11 @@ def test_prepare_end_to_end(tmp_path, tokenizer):
     c.data.max_length = 128
     c.data.packing = True
     c.train.global_batch = 4
-    prep = prepare(c, tokenizer)
+    prep = prepare_config(c, tokenizer)
     assert [p.phase.name for p in prep.phases] == ["1", "2", "3"]
     assert sum(len(p.examples) for p in prep.phases) == 39
     report = json.loads(prep.report_path.read_text())
     assert report["invalid"]["counts"] == {"empty_output": 1}
-    loader = prep.phases[1].loader(c)
+    loader = prep.phases[1].loader(Batching.from_sections(c.train, c.data, c.seed))
     assert loader.batch(0)["input_ids"].shape == (4, 128) and loader.phase_index == 1
     assert list((tmp_path / "run" / "token_cache").glob("tokens-*.npz"))

@@ -20,7 +20,6 @@ def get_config():
     c.data.paths = ("{data}",)
     c.data.tokenizer = "{tok}"
     c.data.max_length = 48
-    c.data.log_reads = True
     c.train.global_batch = 8
     c.train.epochs_per_phase = 1
     c.train.lr = 1e-3
@@ -29,7 +28,7 @@ def get_config():
     # +-lr steps on entries whose gradient is noise (eps=1e-8 turns noise into a full step).
     c.train.eps = 1e-3
     c.train.log_every = 1
-    c.train.compute_dtype = "float32"  # float32 noise, not bfloat16 rounding, between meshes
+    c.model.dtype = "float32"  # float32 noise, not bfloat16 rounding, between meshes
     c.train.peak_flops = 1e11
     c.checkpoint.every_steps = 2
     c.checkpoint.keep = 2
@@ -50,13 +49,16 @@ def write_config(exp: dict, out: Path, name: str = "cfg.py", extra: str = "") ->
 
 
 def train(config: Path, *args: str, devices: int = 8, env: dict | None = None,
-          check: bool = True) -> subprocess.CompletedProcess:
-    """`phased-jax train` in a fresh process (as a user or a pod worker runs it)."""
+          check: bool = True, kill_after: int | None = None) -> subprocess.CompletedProcess:
+    """`phased-jax train` in a fresh process (as a user or a pod worker runs it), with the
+    tests' hooks (tests/runner/hooked_train.py): every run logs its reads; `kill_after=N`
+    SIGKILLs it right after global step N."""
     full_env = dict(os.environ, JAX_PLATFORMS="cpu",
                     XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
-    proc = subprocess.run([sys.executable, "-m", "phased_jax.cli", "train", "--config",
-                           str(config), *args], cwd=REPO, env=full_env, capture_output=True,
-                          text=True, timeout=600)
+    hooks = ["--log-reads"] + (["--kill-after", str(kill_after)] if kill_after else [])
+    proc = subprocess.run([sys.executable, "-m", "tests.runner.hooked_train", *hooks,
+                           "--config", str(config), *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-5000:]}")

@@ -56,7 +56,7 @@ def _assert_same_params(a: dict, b: dict) -> None:
 def test_sigkill_then_rerun_is_exact(tiny_experiment, reference, tmp_path, kill_after):
     out = tmp_path / "run"
     cfg = write_config(tiny_experiment, out)
-    killed = train(cfg, env={"PHASED_FAULT_AFTER_STEP": str(kill_after)}, check=False)
+    killed = train(cfg, kill_after=kill_after, check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (out / "hf").exists()
     assert max(step_lines(out)) == kill_after
@@ -87,7 +87,7 @@ def test_restore_onto_fewer_devices(tiny_experiment, reference, tmp_path):
     """Saved on 8 fake devices, killed, resumed on 4: training continues to the end."""
     out = tmp_path / "run"
     cfg = write_config(tiny_experiment, out)
-    train(cfg, env={"PHASED_FAULT_AFTER_STEP": "20"}, check=False, devices=8)
+    train(cfg, kill_after=20, check=False, devices=8)
     resumed = train(cfg, devices=4)
     assert "resuming phase 2" in resumed.stdout
     assert step_lines(out) == list(range(1, PHASE_ENDS[-1] + 1))
@@ -119,7 +119,7 @@ def test_local_pod_resumes_past_a_corrupt_checkpoint(tiny_experiment, reference,
     out = tmp_path / "run"
     cfg = write_config(tiny_experiment, out)
     pod = ("--local-pod", "2", "--local-devices", "4")
-    killed = train(cfg, *pod, env={"PHASED_FAULT_AFTER_STEP": "21"}, check=False)
+    killed = train(cfg, *pod, kill_after=21, check=False)
     assert killed.returncode != 0
     steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     latest = out / "checkpoints" / str(steps[-1])

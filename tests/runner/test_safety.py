@@ -67,7 +67,7 @@ def test_kill_right_after_a_phase_end_commit_completes_that_phase(tiny_experimen
     held_out.write_text("".join(Path(tiny_experiment["data"]).read_text().splitlines(True)[:16]))
     cfg = write_config(tiny_experiment, out, extra="c.checkpoint.async_save = False\n"
                                                    f"c.data.eval_path = '{held_out}'")
-    killed = train(cfg, env={"PHASED_FAULT_AFTER_STEP": str(PHASE_ENDS[0])}, check=False)
+    killed = train(cfg, kill_after=PHASE_ENDS[0], check=False)
     assert killed.returncode == -9
     assert (out / "checkpoints" / str(PHASE_ENDS[0])).is_dir()
     assert not (out / "phases").exists()
@@ -82,7 +82,7 @@ def test_kill_right_after_a_phase_end_commit_completes_that_phase(tiny_experimen
 def test_torn_log_lines_do_not_stop_a_resume(tiny_experiment, reference, tmp_path):
     out = tmp_path / "run"
     cfg = write_config(tiny_experiment, out)
-    assert train(cfg, env={"PHASED_FAULT_AFTER_STEP": "19"}, check=False).returncode == -9
+    assert train(cfg, kill_after=19, check=False).returncode == -9
     for name in ("phase_log.jsonl", "metrics.jsonl"):
         with open(out / "logs" / name, "a") as f:
             f.write('{"event": "step", "phase": 2, "st')  # a kill mid-write
