@@ -23,8 +23,8 @@ import numpy as np
 from phased_jax.data.loader import PhaseLoader
 from phased_jax.data.phases import build_phases
 from phased_jax.data.records import Record, read_records
-from phased_jax.data.tokenizer import build_tokenizer
 from phased_jax.data.tokens import tokenize, tokenize_cached
+from phased_jax.data.toy_tokenizer import build_tokenizer
 from phased_jax.model import get_preset
 from phased_jax.model.flops import flops_per_token
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +30,7 @@ import numpy as np
 from phased_jax.data.records import Record
 from phased_jax.data.templates import Special, render, special_id
 from phased_jax.errors import ConfigError, DataError
+from phased_jax.fileio import write_bytes_atomic
 
 CACHE_VERSION = "tokens-v1"  # bump when the layout or the rules above change
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
@@ -89,14 +88,15 @@ def pad_id_of(tokenizer: Any) -> int:
     return 0
 
 
-def load_tokenizer(path: str) -> Any:
-    """A Hugging Face tokenizer from a local directory (no network)."""
+def load_tokenizer(path: str, setting: str = "data.tokenizer") -> Any:
+    """A Hugging Face tokenizer from a local directory (no network); `setting` names where the
+    path came from (a config field, a flag), for the error."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:
-        raise ConfigError(f"data.tokenizer {path!r}: cannot load a tokenizer ({e})") from e
+        raise ConfigError(f"{setting} {path!r}: cannot load a tokenizer ({e})") from e
 
 
 def tokenize(records: Sequence[Record], template: str, tokenizer: Any, max_length: int
@@ -174,13 +174,7 @@ def _save_atomic(path: Path, examples: TokenizedExamples, report: TokenReport) -
              record_ids=examples.record_ids,
              meta=np.array(json.dumps({"max_length": examples.max_length,
                                        "pad_id": examples.pad_id, "report": report.to_dict()})))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{uuid.uuid4().hex[:8]}")  # unique across hosts
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # a crash leaves the old file or none, never half of one
+    write_bytes_atomic(path, buf.getvalue())  # a crash leaves the old file or none
 
 
 def _load(path: Path) -> tuple[TokenizedExamples, TokenReport]:

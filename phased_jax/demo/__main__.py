@@ -52,9 +52,10 @@ class Stages:
 
 def build_data(out: Path, sizes: dict[str, int]) -> dict:
     """The graded data and a character tokenizer plus one token per fixed prompt phrase."""
-    from phased_jax.data.tokenizer import build_tokenizer
+    from phased_jax.data.toy_tokenizer import build_tokenizer
     from phased_jax.demo.config import BYTE_VOCAB, TOKENIZER_VOCAB
-    from phased_jax.demo.tasks import build_dataset, prompt_phrases, read_jsonl, texts_for_tokenizer
+    from phased_jax.demo.tasks import build_dataset, prompt_phrases, texts_for_tokenizer
+    from phased_jax.fileio import read_jsonl
 
     info = build_dataset(out / "data", **sizes, seed=0)
     tok = build_tokenizer(texts_for_tokenizer(read_jsonl(info["train"])), BYTE_VOCAB,
@@ -72,9 +73,9 @@ def answer(model_dir: Path, tokenizer_dir: Path, test_path: Path, answers_path: 
     """Greedy answers of an HF export or a phase checkpoint, in the format `phased-judge` reads."""
     from phased_jax import hf
     from phased_jax.data.tokens import load_tokenizer
-    from phased_jax.demo.tasks import read_jsonl
+    from phased_jax.fileio import read_jsonl, write_jsonl_atomic
+    from phased_jax.formats import AnswerRow
     from phased_jax.generate.decode import generate
-    from phased_jax.generate.testsets import write_jsonl_atomic
 
     if (model_dir / "config.json").is_file():
         model, params = hf.load(model_dir, dtype="float32")
@@ -91,8 +92,8 @@ def answer(model_dir: Path, tokenizer_dir: Path, test_path: Path, answers_path: 
                        template="authors", max_new_tokens=max_new_tokens, max_length=48,
                        batch_size=100)
     write_jsonl_atomic(answers_path, [
-        {"test_set": r.get("test_set", "demo"), "id": r["id"], "instruction": r["instruction"],
-         "input": r["input"], "output": o} for r, o in zip(items, outputs, strict=True)])
+        AnswerRow(r.get("test_set", "demo"), r["id"], r["instruction"], r["input"], o).to_row()
+        for r, o in zip(items, outputs, strict=True)])
 
 
 def answer_phases(phases_dir: Path, tokenizer_dir: Path, test_path: Path, out: Path,

@@ -23,10 +23,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from phased_tools.records import iter_jsonl
 from phased_tools.winrate import Outcome, combine, judgment_outcome, tally
 
 from phased_jax.demo.tasks import THRESHOLDS, phase_of
+from phased_jax.fileio import iter_jsonl
 
 BANDS = ("phase1", "phase2", "phase3")
 BAND_LABELS = {

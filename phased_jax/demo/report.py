@@ -11,10 +11,9 @@ The first run in `runs` is the candidate (phased); it is judged against each oth
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from phased_jax.demo import judge  # noqa: E402
-from phased_jax.demo.tasks import THRESHOLDS, phase_stats, read_jsonl  # noqa: E402
+from phased_jax.demo.tasks import THRESHOLDS, phase_stats  # noqa: E402
+from phased_jax.fileio import iter_jsonl, read_jsonl, write_bytes_atomic, write_text_atomic  # noqa: E402
 
 SETS = (*judge.BANDS, "all")
 
@@ -43,24 +43,11 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     mid-write) is skipped and reported; any other line that is not JSON is an error naming
     file:line, since a corrupt log should not plot as a clean curve.
     """
-    try:
-        lines = Path(path).read_bytes().split(b"\n")
-    except OSError as e:
-        raise ReportError(f"{path}: cannot read it ({e.strerror})") from None
+    def torn() -> None:
+        print(f"note: skipped a torn last line in {path} (a kill mid-write)")
+
     rows = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            if lineno == len(lines):  # no newline after it: the write was cut short
-                print(f"note: skipped a torn last line in {path} (a kill mid-write)")
-                continue
-            raise ReportError(f"{path}:{lineno}: not valid JSON; a log line must be one "
-                              "JSON object") from None
-        if not isinstance(obj, dict):
-            raise ReportError(f"{path}:{lineno}: expected a JSON object")
+    for lineno, obj in iter_jsonl(path, ReportError, on_torn_tail=torn):
         loss, step = obj.get("loss"), obj.get("step")
         if not isinstance(loss, int | float) or isinstance(loss, bool) or math.isnan(loss):
             continue
@@ -70,29 +57,13 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-# --- atomic writes ----------------------------------------------------------------------
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
 def _save_fig(fig, path: Path) -> None:
+    buf = io.BytesIO()
     try:
-        _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 # --- plots ------------------------------------------------------------------------------
@@ -327,8 +298,8 @@ def write_report(out_dir: str | Path, *, runs: Mapping[str, Mapping[str, Any]],
     results = {"accuracy": acc, "accuracy_after_phase": phase_acc, "winrate": comparisons,
                "timings": dict(timings),
                "phase_boundaries": boundaries, "extra": dict(extra or {})}
-    _write_text(out / "results.json",
+    write_text_atomic(out / "results.json",
                 json.dumps(_no_nan(results), indent=2, default=str, allow_nan=False) + "\n")
     path = out / "report.md"
-    _write_text(path, "\n".join(md) + "\n")
+    write_text_atomic(path, "\n".join(md) + "\n")
     return path

@@ -23,16 +23,13 @@ never memorised from a list. Answers are at most 8 characters, so exact match is
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phased_tools.records import iter_jsonl
+from phased_jax.fileio import write_jsonl_atomic
 
 THRESHOLDS = (1.5, 3.5)  # the paper's phase boundaries on the 1-5 difficulty scale
 PAPER_PHASE_SIZES = (30.3, 14.7, 6.8)  # Alpaca 52K per phase, thousands (paper Table 1)
@@ -174,19 +171,6 @@ def _generate(family: Family, phase: int, n: int, rng: random.Random,
     return records
 
 
-def _write_jsonl_atomic(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary shared outputs
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def phase_stats(records: Iterable[Mapping[str, Any]]) -> list[dict[str, float]]:
     """Per phase: size and mean difficulty (the columns of the paper's Table 1)."""
     by_phase: dict[int, list[float]] = {1: [], 2: [], 3: []}
@@ -236,8 +220,8 @@ def build_dataset(out_dir: str | Path, n_train: int = DEFAULT_N_TRAIN,
              for r in _generate(f, p, train_counts[f.name, p], rng, taken, "train")]
     rng.shuffle(train)  # the phase pipeline re-stratifies; a mixed file reads like real data
     paths = {"train": out / "train.jsonl", "test": out / "test.jsonl"}
-    _write_jsonl_atomic(paths["train"], train)
-    _write_jsonl_atomic(paths["test"], test)
+    write_jsonl_atomic(paths["train"], train)
+    write_jsonl_atomic(paths["test"], test)
     train_phases = phase_stats(train)
     return {
         **paths,
@@ -267,7 +251,3 @@ def prompt_phrases() -> list[str]:
     return (["User: ", "Assistant: "]
             + [o.lead for o in OPS.values()] + [o.then for o in OPS.values()])
 
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """All objects of a JSONL file (blank lines skipped); errors name file:line."""
-    return [obj for _, obj in iter_jsonl(path, ValueError)]

@@ -22,7 +22,9 @@ from phased_jax import params_checkpoint
 from phased_jax.config import get_default_config
 from phased_jax.config_cli import parse_config_argv, split_config_argv
 from phased_jax.data.templates import TEMPLATES, encode_prompt
-from phased_jax.errors import CheckpointError, ConfigError, UsageError
+from phased_jax.data.tokens import load_tokenizer
+from phased_jax.errors import ConfigError, UsageError
+from phased_jax.fileio import write_jsonl_atomic
 from phased_jax.generate import testsets
 from phased_jax.generate.decode import Sampling, generate_ids
 from phased_jax.hf import load
@@ -76,7 +78,7 @@ def load_items(args: argparse.Namespace) -> list[testsets.TestItem]:
     if args.input:
         if not Path(args.input).is_file():
             raise ConfigError(f"--input {args.input}: file not found")
-        items = testsets.read_jsonl(Path(args.input))
+        items = testsets.read_test_set(Path(args.input))
     elif args.test_sets == "paper":
         items = testsets.paper_sets(args.cache_dir, alpaca_eval_source=args.alpaca_eval_source,
                                     wizardlm_source=args.wizardlm_source,
@@ -135,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     items = load_items(args)
     model_dir = args.hf or args.checkpoint
-    tokenizer = load_tokenizer(args.tokenizer or model_dir)
+    tokenizer = load_tokenizer(args.tokenizer or model_dir, "--tokenizer" if args.tokenizer
+                               else "--tokenizer (default: the model directory)")
     placement = Placement.from_config(config.mesh)
     model, params = load_model(args, placement, precision)
     prompts = [encode_prompt(i.instruction, i.input, template, tokenizer) for i in items]
@@ -154,20 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed, placement=placement, length_multiple=args.length_multiple)
     seconds = time.perf_counter() - t0
     generator = args.generator or Path(model_dir).resolve().name
-    rows = [dict(i.record(), output=tokenizer.decode(a, skip_special_tokens=True),
+    rows = [dict(i.answer(tokenizer.decode(a, skip_special_tokens=True)).to_row(),
                  generator=generator) for i, a in zip(items, answers, strict=True)]
     if jax.process_index() == 0:  # every host decoded the same rows; one writes them
-        testsets.write_jsonl_atomic(Path(args.output), rows)
+        write_jsonl_atomic(args.output, rows)
     n_tokens = sum(len(a) for a in answers)
     log.info("wrote %d answers to %s (%d tokens in %.1fs, %.1f tokens/s incl. compile)",
              len(rows), args.output, n_tokens, seconds, n_tokens / max(seconds, 1e-9))
     return 0
-
-
-def load_tokenizer(path: str) -> Any:
-    import transformers
-
-    try:
-        return transformers.AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"no tokenizer in {path} ({e}); pass --tokenizer DIR") from e

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from phased_jax.errors import DataError
-from phased_jax.fileio import write_text_atomic
+from phased_jax.fileio import iter_jsonl, write_jsonl_atomic, write_text_atomic
+from phased_jax.formats import AnswerRow
 
 # The sizes the paper reports (DESIGN.md section 1); a built set of another size is an error.
 EXPECTED_SIZES: dict[str, int] = {
@@ -60,22 +61,14 @@ class TestItem:
         return {"test_set": self.test_set, "id": self.id, "instruction": self.instruction,
                 "input": self.input}
 
+    def answer(self, output: str) -> AnswerRow:
+        return AnswerRow(self.test_set, self.id, self.instruction, self.input, output)
 
-def read_jsonl(path: Path, test_set: str | None = None) -> list[TestItem]:
+
+def read_test_set(path: Path, test_set: str | None = None) -> list[TestItem]:
     """Items of one JSONL file; `test_set` defaults to each line's field, else the file stem."""
-    items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            items.append(_item(row, where, test_set or row.get("test_set") or path.stem,
-                               default_id=str(lineno)))
-    return items
+    return [_item(row, f"{path}:{lineno}", test_set or row.get("test_set") or path.stem,
+                  default_id=str(lineno)) for lineno, row in iter_jsonl(path, DataError)]
 
 
 def _item(row: Any, where: str, test_set: str, default_id: str) -> TestItem:
@@ -104,7 +97,7 @@ def load_dir(path: str | Path, names: Iterable[str] | None = None) -> list[TestI
         files = [f for f in files if f.stem in wanted]
     if not files:
         raise DataError(f"{path}: no *.jsonl test sets")
-    items = [item for f in files for item in read_jsonl(f, test_set=f.stem)]
+    items = [item for f in files for item in read_test_set(f, test_set=f.stem)]
     manifest = path / MANIFEST
     if manifest.exists():
         sizes = json.loads(manifest.read_text())["sizes"]
@@ -221,6 +214,3 @@ def paper_sets(cache_dir: str | Path, **sources: str) -> list[TestItem]:
         build_paper(cache_dir, **sources)
     return load_dir(cache_dir, names=EXPECTED_SIZES)
 
-
-def write_jsonl_atomic(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

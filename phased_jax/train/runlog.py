@@ -1,8 +1,8 @@
 """`logs/phase_log.jsonl`: one line per step run and per phase event, written by process 0.
 
 The log is also how a resumed run knows what a finished phase still owes (its eval, its
-`phases/` params, its `phase_end` line). A kill can tear the last line; readers skip torn lines
-(and say how many), and `rewind` rewrites the file whole, so appends always start on a new line.
+`phases/` params, its `phase_end` line). A kill can tear the last line; readers skip it (and say
+so), and `rewind` rewrites the file whole, so appends always start on a new line.
 """
 
 from __future__ import annotations
@@ -14,27 +14,18 @@ from typing import Any
 
 import jax
 
-from phased_jax.fileio import write_text_atomic
+from phased_jax.errors import DataError
+from phased_jax.fileio import iter_jsonl, write_text_atomic
 
 
 def read_events(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """The JSON objects of a JSONL log, and the number of torn (unparseable) lines skipped."""
+    """The JSON objects of a JSONL log, and the number of torn lines skipped (0 or 1: only the
+    last line, cut by a kill mid-write, can be torn; any other bad line is a DataError)."""
     if not path.exists():
         return [], 0
-    events, torn = [], 0
-    for line in path.read_bytes().splitlines():
-        if not line.strip():
-            continue
-        try:
-            event = json.loads(line)
-        except ValueError:
-            torn += 1
-            continue
-        if isinstance(event, dict):
-            events.append(event)
-        else:
-            torn += 1
-    return events, torn
+    torn: list[None] = []
+    events = [e for _, e in iter_jsonl(path, DataError, on_torn_tail=lambda: torn.append(None))]
+    return events, len(torn)
 
 
 class RunLog:

@@ -5,13 +5,14 @@ import json
 import pytest
 
 from phased_jax.demo import tasks
+from phased_jax.fileio import read_jsonl
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
     info = tasks.build_dataset(out, seed=0)
-    return info, tasks.read_jsonl(info["train"]), tasks.read_jsonl(info["test"])
+    return info, read_jsonl(info["train"]), read_jsonl(info["test"])
 
 
 PHRASES = {"Reverse the word": "r", ", then reverse": "r", "Uppercase the word": "u",
@@ -45,7 +46,7 @@ def test_deterministic_for_a_seed(tmp_path):
     for split in ("train", "test"):
         assert a[split].read_bytes() == b[split].read_bytes()
         assert a[split].read_bytes() != c[split].read_bytes()
-    assert not list(tmp_path.glob("*/.*.tmp")), "temporary files left behind"
+    assert not list(tmp_path.glob("*/.*.tmp*")), "temporary files left behind"
 
 
 def test_every_answer_is_right(built):
@@ -112,7 +113,7 @@ def test_texts_for_tokenizer(built):
 
 def test_fits_the_demo_model_with_char_level_answers(built):
     """With the demo's tokenizer, examples fit max_length and answers are one token a letter."""
-    build_tokenizer = pytest.importorskip("phased_jax.data.tokenizer").build_tokenizer
+    build_tokenizer = pytest.importorskip("phased_jax.data.toy_tokenizer").build_tokenizer
     from phased_jax.data.templates import encode_parts, render
     from phased_jax.demo.config import BYTE_VOCAB, TOKENIZER_VOCAB, demo_config
 
@@ -135,7 +136,7 @@ def test_scales_to_larger_budgets(tmp_path):
 
 def test_family_subset(tmp_path):
     info = tasks.build_dataset(tmp_path, n_train=600, n_test=60, families=["reverse", "rotate"])
-    test = tasks.read_jsonl(info["test"])
+    test = read_jsonl(info["test"])
     assert info["families"] == ["reverse", "rotate"]
     assert info["test_phase_counts"] == [20, 20, 20] and {r["task"] for r in test} == set(info["families"])
     with pytest.raises(ValueError, match="unknown"):

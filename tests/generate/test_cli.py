@@ -22,7 +22,7 @@ TEXTS = ["Give three tips for staying healthy.", "What is the capital of France?
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from phased_jax.data.tokenizer import build_tokenizer
+    from phased_jax.data.toy_tokenizer import build_tokenizer
 
     d = tmp_path_factory.mktemp("cli_model")
     save_tiny_hf("llama", d, vocab_size=300)

@@ -11,7 +11,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_experiment(tmp_path_factory) -> dict:
     """Data (200 graded records: phases of 15, 8 and 4 steps at batch 8) and a tokenizer."""
-    from phased_jax.data.tokenizer import build_tokenizer
+    from phased_jax.data.toy_tokenizer import build_tokenizer
     from phased_jax.demo.tasks import build_dataset, texts_for_tokenizer
 
     root = tmp_path_factory.mktemp("tiny_experiment")
