@@ -51,8 +51,9 @@ class InputError(ValueError):
     what to do."""
 
 
-class FieldError(ValueError):
-    """A row whose fields do not fit its format; `reason` is its key in a skip report."""
+class RowError(ValueError):
+    """A row that cannot be used as it stands; `reason` is its key in a skip report
+    (`missing_field`, `bad_type`, ...; training's validation adds its own)."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -214,17 +215,17 @@ def _text(obj: Mapping[str, Any], name: str, optional: bool) -> str:
         if optional:
             return ""
         if name not in obj:
-            raise FieldError("missing_field",
+            raise RowError("missing_field",
                              f"missing field {name!r} (fields present: {sorted(obj)})")
     value = obj[name]
     if not isinstance(value, str):
-        raise FieldError("bad_type", f"field {name!r} must be a string, got {type(value).__name__}")
+        raise RowError("bad_type", f"field {name!r} must be a string, got {type(value).__name__}")
     return value
 
 
 def row_fields(obj: Any, fields: Mapping[str, str] = DEFAULT_FIELDS, fmt: str = "auto",
                optional: Collection[str] = ()) -> Row:
-    """The fields of one parsed row; FieldError if its shape does not fit.
+    """The fields of one parsed row; RowError if its shape does not fit.
 
     Authors-shaped rows (`fmt` "authors", or under "auto"/"scored" `looks_like_authors`) split
     their prompt; other rows read `fields` (an empty name: the format has no such field). A
@@ -232,12 +233,12 @@ def row_fields(obj: Any, fields: Mapping[str, str] = DEFAULT_FIELDS, fmt: str = 
     a string.
     """
     if not isinstance(obj, dict):
-        raise FieldError("malformed", f"expected a JSON object, got {type(obj).__name__}")
+        raise RowError("malformed", f"expected a JSON object, got {type(obj).__name__}")
     if fmt == "authors" or (fmt in ("auto", "scored")
                             and looks_like_authors(obj, fields["instruction"])):
         data = obj.get("data")
         if not (isinstance(data, list) and len(data) == 2 and all(isinstance(d, str) for d in data)):
-            raise FieldError("missing_field", "field 'data' must be a list of two strings "
+            raise RowError("missing_field", "field 'data' must be a list of two strings "
                                               "[prompt, output] (authors' format)")
         instruction, _, input_ = data[0].partition("\n")
         return Row(instruction, input_, data[1], obj.get("score", MISSING),

@@ -31,7 +31,6 @@ Unscored records (plain Alpaca) get `score=None` and can only be trained one-off
 
 from __future__ import annotations
 
-import functools
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -39,13 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phased_jax.config import get_default_config
 from phased_jax.errors import DataError
 from phased_jax.fileio import BadRecord, read_head, sniff_binary, write_text_atomic
 from phased_jax.formats import (
     DEFAULT_FIELDS,
     MISSING,
-    FieldError,
     ListError,
+    RowError,
     file_records,
     parse_score_text,
     row_fields,
@@ -107,50 +107,41 @@ class InvalidReport:
         return path
 
 
-class _Invalid(Exception):
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason, self.message = reason, message
-
-
 def parse_score(value: Any) -> float:
-    """A score as released ("4", "4.25\\n\\n", 3.5) -> float in [1, 5], else _Invalid."""
+    """A score as released ("4", "4.25\\n\\n", 3.5) -> float in [1, 5], else RowError."""
     score = parse_score_text(value)
     if score is None:
-        raise _Invalid("bad_score", f"score {value!r} is not a number")
+        raise RowError("bad_score", f"score {value!r} is not a number")
     if not SCORE_RANGE[0] <= score <= SCORE_RANGE[1]:  # also rejects nan
-        raise _Invalid("score_out_of_range", f"score {score} outside [1, 5]")
+        raise RowError("score_out_of_range", f"score {score} outside [1, 5]")
     return score
 
 
 def _to_record(obj: Any, fields: Mapping[str, str], fmt: str, default_id: str, source: str,
                scored: bool) -> Record:
     """Validate one parsed row; `scored` says whether this file's rows carry scores."""
-    try:
-        row = row_fields(obj, fields, fmt)
-    except FieldError as e:
-        raise _Invalid(e.reason, str(e)) from None
+    row = row_fields(obj, fields, fmt)
     if not row.instruction.strip():
-        raise _Invalid("empty_instruction", "empty instruction")
+        raise RowError("empty_instruction", "empty instruction")
     if not row.output.strip():
-        raise _Invalid("empty_output", "empty output")
+        raise RowError("empty_output", "empty output")
     score = None
     if scored:
         if row.score is MISSING:
-            raise _Invalid("missing_field", f"missing field {row.score_field!r} (score)")
+            raise RowError("missing_field", f"missing field {row.score_field!r} (score)")
         score = parse_score(row.score)
     rid = default_id if row.id is MISSING else row.id
     if not isinstance(rid, str | int) or isinstance(rid, bool):
-        raise _Invalid("bad_type", f"id {rid!r} is not a string or integer")
+        raise RowError("bad_type", f"id {rid!r} is not a string or integer")
     return Record(str(rid), row.instruction, row.input, row.output, score, source)
 
 
-def _too_long(n: int, limit: int) -> _Invalid:
-    return _Invalid("too_long", f"record too long ({n} bytes > data.max_record_bytes={limit})")
+def _too_long(n: int, limit: int) -> RowError:
+    return RowError("too_long", f"record too long ({n} bytes > data.max_record_bytes={limit})")
 
 
 def _rows_of_file(path: Path, limit: int) -> Iterator[tuple[str, Any]]:
-    """(source, parsed object or _Invalid) for each row of a JSON list or JSONL file."""
+    """(source, parsed object or RowError) for each row of a JSON list or JSONL file."""
     binary = sniff_binary(read_head(path, DataError))
     if binary is not None:
         what = (binary.why if binary.nul_at is None else
@@ -160,7 +151,7 @@ def _rows_of_file(path: Path, limit: int) -> Iterator[tuple[str, Any]]:
         for line, _, obj in file_records(path, limit, DataError):
             if isinstance(obj, BadRecord):
                 obj = (_too_long(obj.size, limit) if obj.reason == "too_long"
-                       else _Invalid(obj.reason, obj.message))
+                       else RowError(obj.reason, obj.message))
             yield f"{path}:{line}", obj
     except ListError as e:
         what = f"malformed JSON ({e.syntax})" if e.syntax else str(e)
@@ -223,13 +214,6 @@ def _expand(paths: Sequence[str], fmt: str) -> list[tuple[str, str]]:
     return out
 
 
-@functools.cache
-def _default_max_record_bytes() -> int:
-    from phased_jax.config import get_default_config  # the number lives in the config defaults
-
-    return int(get_default_config().data.max_record_bytes)
-
-
 def read_records(paths: str | Sequence[str], format: str = "auto",
                  fields: Mapping[str, str] | None = None, on_invalid: str = "error",
                  hf_split: str = "train", max_record_bytes: int | None = None
@@ -238,7 +222,8 @@ def read_records(paths: str | Sequence[str], format: str = "auto",
 
     `max_record_bytes` (None: the config default `data.max_record_bytes`) bounds one record.
     """
-    limit = _default_max_record_bytes() if max_record_bytes is None else int(max_record_bytes)
+    limit = int(get_default_config().data.max_record_bytes if max_record_bytes is None
+                else max_record_bytes)
     if limit < 1:
         raise DataError(f"data.max_record_bytes must be >= 1, not {max_record_bytes}")
     if format not in FORMATS:
@@ -262,18 +247,18 @@ def read_records(paths: str | Sequence[str], format: str = "auto",
         for n, (source, obj) in enumerate(rows):
             report.read += 1
             try:
-                if isinstance(obj, _Invalid):
+                if isinstance(obj, RowError):
                     raise obj
                 if scored is None and isinstance(obj, dict):  # decided by the file's first row
                     scored = (fields["score"] in obj) or ("score" in obj and "data" in obj)
                 rec = _to_record(obj, fields, format, f"{stem}:{n}", source, bool(scored))
                 if rec.id in seen:
-                    raise _Invalid("duplicate_id", f"duplicate id {rec.id!r} (first at {seen[rec.id]})")
-            except _Invalid as e:
+                    raise RowError("duplicate_id", f"duplicate id {rec.id!r} (first at {seen[rec.id]})")
+            except RowError as e:
                 if on_invalid == "error":
-                    raise DataError(f"{source}: {e.message} [{e.reason}]; fix the record or set "
+                    raise DataError(f"{source}: {e} [{e.reason}]; fix the record or set "
                                     "--config.data.on_invalid=skip to skip and report it") from None
-                report.add(source, e.reason, e.message)
+                report.add(source, e.reason, str(e))
                 continue
             seen[rec.id] = source
             records.append(rec)

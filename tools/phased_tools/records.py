@@ -28,9 +28,9 @@ from phased_jax.fileio import (
 )
 from phased_jax.formats import (
     AnswerRow,
-    FieldError,
     InputError,
     ListError,
+    RowError,
     detect_format,
     file_records,
     is_json_list,
@@ -107,7 +107,7 @@ def load_records(
             where = item or line  # a list item is named by its position
             try:
                 row = row_fields(obj, fields, fmt, optional=("input",))
-            except FieldError as e:
+            except RowError as e:
                 hint = f"; {FIELD_HINT}" if e.reason == "missing_field" else ""
                 raise InputError(f"{path}:{where}: {e}{hint}") from None
             records.append(Record(row.instruction, row.input, row.output, obj, where,
