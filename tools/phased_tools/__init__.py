@@ -1,7 +1,9 @@
 """Difficulty scoring and pairwise judging against OpenAI-compatible servers.
 
-Depends on `openai` and the standard library (tqdm and matplotlib are optional extras for the
-progress bar and the chart), so it runs on any laptop without JAX.
+Depends on `openai`, the standard library and phased_jax's JAX-free file layer (`fileio`,
+`formats`: the same reader and record parser training uses); tqdm and matplotlib are optional
+extras for the progress bar and the chart. It runs on any laptop without JAX
+(tests/tools/test_no_jax.py checks it).
 """
 
 __all__ = ["__version__"]
