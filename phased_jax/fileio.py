@@ -154,8 +154,9 @@ def sniff_binary(head: bytes) -> Binary | None:
     return None
 
 
-def open_bytes(path: Path, error: type[Exception] = ValueError) -> BinaryIO:
+def open_bytes(path: str | Path, error: type[Exception] = ValueError) -> BinaryIO:
     """`path` opened for reading bytes; a folder, a missing or unreadable file is one `error`."""
+    path = Path(path)
     if path.is_dir():
         raise error(f"{path}: is a folder; give a data file")
     try:
@@ -166,7 +167,7 @@ def open_bytes(path: Path, error: type[Exception] = ValueError) -> BinaryIO:
         raise error(f"{path}: cannot read ({e.strerror})") from None
 
 
-def read_head(path: Path, error: type[Exception] = ValueError) -> bytes:
+def read_head(path: str | Path, error: type[Exception] = ValueError) -> bytes:
     """The first block of `path` (for `sniff_binary` and format detection)."""
     with open_bytes(path, error) as f:
         try:
