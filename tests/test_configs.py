@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from phased_jax.config import model_config, validate_config
-from phased_jax.data.phases import parse_order
+from phased_jax.config import model_config
+from phased_jax.config_checks import validate_config
+from phased_jax.data.phases import build_phases
+from phased_jax.data.records import Record
 from phased_jax.model.flops import param_count
 from phased_jax.sharding import resolve_mesh_shape, rules_from_config
 
@@ -42,7 +44,10 @@ def test_config_loads_and_validates(path):
     rules_from_config(c.mesh)
     resolve_mesh_shape(c.mesh.shape, c.mesh.dcn_shape, 256)  # e.g. a v5e-256 pod
     assert c.train.global_batch % c.train.grad_accum == 0
-    assert parse_order(c.data.order, len(c.data.thresholds) + 1)
+    records = [Record(str(i), "i", "", "o", score, f"f:{i}")
+               for i, score in enumerate((1.0, 2.0, 4.0) * 4)]  # every stage has records
+    phases = build_phases(records, c.data.order, tuple(c.data.thresholds), c.data.quantiles, c.seed)
+    assert phases and all(p.size for p in phases)
     if c.model.preset in PAPER:  # the paper's runs: its hyperparameters
         assert param_count(cfg) == PAPER[c.model.preset]
         assert (c.train.lr, c.train.epochs_per_phase, c.train.global_batch) == (5e-6, 2, 128)

@@ -17,6 +17,26 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from phased_jax import hf  # noqa: E402
+from phased_jax.data.tokens import load_tokenizer  # noqa: E402
+from phased_jax.data.toy_tokenizer import build_tokenizer  # noqa: E402
+from phased_jax.demo.config import (  # noqa: E402
+    BYTE_VOCAB,
+    DATA_SIZES,
+    TOKENIZER_VOCAB,
+    demo_config,
+)
+from phased_jax.demo.judge import accuracy, pairwise  # noqa: E402
+from phased_jax.demo.report import write_report  # noqa: E402
+from phased_jax.demo.tasks import build_dataset, prompt_phrases, texts_for_tokenizer  # noqa: E402
+from phased_jax.fileio import read_jsonl, write_jsonl_atomic  # noqa: E402
+from phased_jax.formats import AnswerRow  # noqa: E402
+from phased_jax.generate.decode import generate  # noqa: E402
+from phased_jax.model import Transformer  # noqa: E402
+from phased_jax.params_checkpoint import load_params  # noqa: E402
+from phased_jax.train.runner import run  # noqa: E402
+
 MAX_NEW_TOKENS = 12  # answers are at most 8 characters and EOS
 
 
@@ -52,11 +72,6 @@ class Stages:
 
 def build_data(out: Path, sizes: dict[str, int]) -> dict:
     """The graded data and a character tokenizer plus one token per fixed prompt phrase."""
-    from phased_jax.data.toy_tokenizer import build_tokenizer
-    from phased_jax.demo.config import BYTE_VOCAB, TOKENIZER_VOCAB
-    from phased_jax.demo.tasks import build_dataset, prompt_phrases, texts_for_tokenizer
-    from phased_jax.fileio import read_jsonl
-
     info = build_dataset(out / "data", **sizes, seed=0)
     tok = build_tokenizer(texts_for_tokenizer(read_jsonl(info["train"])), BYTE_VOCAB,
                           out / "tokenizer")
@@ -71,18 +86,9 @@ def build_data(out: Path, sizes: dict[str, int]) -> dict:
 def answer(model_dir: Path, tokenizer_dir: Path, test_path: Path, answers_path: Path,
            max_new_tokens: int) -> None:
     """Greedy answers of an HF export or a phase checkpoint, in the format `phased-judge` reads."""
-    from phased_jax import hf
-    from phased_jax.data.tokens import load_tokenizer
-    from phased_jax.fileio import read_jsonl, write_jsonl_atomic
-    from phased_jax.formats import AnswerRow
-    from phased_jax.generate.decode import generate
-
     if (model_dir / "config.json").is_file():
         model, params = hf.load(model_dir, dtype="float32")
     else:  # a phase-boundary checkpoint (Orbax params + model_config.json)
-        from phased_jax.model import Transformer
-        from phased_jax.params_checkpoint import load_params
-
         cfg, params = load_params(model_dir)
         model = Transformer(cfg)
     tokenizer = load_tokenizer(str(tokenizer_dir))
@@ -123,10 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_compilation_cache_dir", str((out / "jax_cache").absolute()))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-    from phased_jax.demo.config import DATA_SIZES, demo_config
-    from phased_jax.demo.judge import accuracy, pairwise
-    from phased_jax.demo.report import write_report
-    from phased_jax.train.runner import run
 
     sizes = dict(DATA_SIZES)
     epochs = None
