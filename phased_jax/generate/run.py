@@ -43,6 +43,11 @@ either, the checkpoint's own precision is used."""
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="phased-jax generate", description=__doc__.split("\n")[0],
                                 epilog=CONFIG_HELP)
+    exp = p.add_argument_group("experiment config (read as in `phased-jax train`)")
+    exp.add_argument("--config", metavar="FILE", help="experiment config file (configs/*.py); "
+                     "default: phased_jax.config's defaults")
+    exp.add_argument("--config.SECTION.FIELD", metavar="VALUE", dest="config_override",
+                     help="override one field, e.g. --config.mesh.shape='(2,-1,1)'")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", metavar="DIR", help="Hugging Face model directory")
     src.add_argument("--checkpoint", metavar="DIR",

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from phased_jax.config import get_default_config
-from phased_jax.train import metrics as M
 from phased_jax.train import build_trainer
+from phased_jax.train import metrics as M
 from phased_jax.train.optimizer import (
     decay_mask,
     make_optimizer,
