@@ -3,7 +3,7 @@
 Prompts of different lengths share a batch by left padding: pads are segment 0 (never attended
 to), and each row's positions start at 0 at its first real token. All rows then write the same
 cache slot each step, so the cache needs one index for the whole batch, and a row's logits are
-those it would get alone (the mask rule of `phased_jax.model.transformer`).
+those it would get alone (the mask rule of `phased_jax.model.attention`).
 
 The loop stops when every row has hit EOS or its own budget (`min(max_new_tokens,
 max_length - prompt length)`), so a batch of short answers does not pay for the longest budget.
@@ -22,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from phased_jax import sharding
-from phased_jax.model.transformer import KVCache, Transformer, unstack_layers
+from phased_jax.generate import cpu
+from phased_jax.model.cache import KVCache
+from phased_jax.model.transformer import Transformer
 
 Array = jax.Array
 
@@ -72,11 +74,15 @@ def _decode(model: Transformer, max_new: int, sampling: Sampling, unstack: bool,
             ids_BxP: Array, seg_BxP: Array, budget_B: Array, eos_ids: Array, key: Array) -> Array:
     """Tokens [batch, max_new]; a row's entries past its EOS or budget are pad (-1)."""
     B, P = ids_BxP.shape
-    if unstack and not isinstance(params["layers"], tuple):  # not split by the caller yet:
-        params = unstack_layers(params)  # once, outside the loop (a copy, under jit)
+    if unstack:
+        if not isinstance(params["layers"], tuple):  # not split by the caller yet:
+            params = cpu.unstack_layers(params)  # once, outside the loop (a copy, under jit)
+        model = cpu.UnrolledTransformer(model.cfg)
+        cache = cpu.per_layer_cache(model.cfg, B, P + max_new)
+    else:
+        cache = KVCache.empty(model.cfg, B, P + max_new)
     lens_B = jnp.sum(seg_BxP, axis=-1)
     pos_BxP = jnp.maximum(jnp.cumsum(seg_BxP, axis=-1) - 1, 0)
-    cache = KVCache.empty(model.cfg, B, P + max_new, per_layer=unstack)
     logits_Bx1xV, cache = model.apply({"params": params}, ids_BxP, positions_BxL=pos_BxP,
                                       segment_ids_BxL=seg_BxP, cache=cache, last_only=True)
     key, sub = jax.random.split(key)
@@ -110,37 +116,13 @@ def _decode(model: Transformer, max_new: int, sampling: Sampling, unstack: bool,
 def decode_fn(model: Transformer, max_new: int, sampling: Sampling, unstack: bool | None = None):
     """The jitted decoder for one model, output length and sampling rule (shapes retrace).
 
-    unstack: run the layers unrolled on per-layer weights (`unstack_layers`; params may come
-    split already) rather than by the layer scan. None: on the CPU backend, where the scan copies
-    each layer's weights out of the stack at every step (1.2-1.3x slower at batch 8); elsewhere
-    the split would cost device memory the size of the layer weights, and the unrolled layers
-    compile time, without a measured gain.
+    unstack: decode layer by layer on per-layer weights (`cpu.UnrolledTransformer`; params
+    may come split already by `cpu.unstack_layers`) rather than by the layer scan. None: on the
+    CPU backend only (see `phased_jax.generate.cpu`).
     """
-    unstack = _unstack(unstack)
+    unstack = cpu.unstack_by_default(unstack)
     return jax.jit(functools.partial(_decode, model, max_new, sampling, unstack),
-                   compiler_options=_compiler_options())
-
-
-def _unstack(unstack: bool | None) -> bool:
-    return jax.default_backend() == "cpu" if unstack is None else unstack
-
-
-# XLA's CPU backend gives dots to YNNPACK by default. A decode step's matmuls have only `batch`
-# rows, and for those Eigen's (the option's empty list) were 1.2-1.4x faster a step at batch 8
-# and level at batch 1 (58M Llama of benchmarks/generate.py, 2 cores); tokens are unchanged.
-_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
-@functools.cache
-def _compiler_options() -> dict[str, str]:
-    """`_CPU_OPTIONS` on the CPU backend if this jaxlib knows them; none elsewhere."""
-    if jax.default_backend() != "cpu":
-        return {}
-    try:
-        jax.jit(jnp.sin, compiler_options=_CPU_OPTIONS).lower(jnp.ones(2)).compile()
-    except jax.errors.JaxRuntimeError:  # an option this jaxlib lacks: keep its defaults
-        return {}
-    return dict(_CPU_OPTIONS)
+                   compiler_options=cpu.compiler_options())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,8 +174,8 @@ def generate_ids(model: Transformer, params: Any, prompts: Sequence[Sequence[int
     if placement is not None:
         batch_size = _round_up(batch_size, placement.data_size)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    if _unstack(unstack):  # once for all batches, and without a copy where it can
-        params = unstack_layers(params)
+    if cpu.unstack_by_default(unstack):  # once for all batches, and without a copy where it can
+        params = cpu.unstack_layers(params)
     eos_ids = jnp.asarray(list(eos_token_ids) or [-2], jnp.int32)
     key = jax.random.key(seed)
     answers: list[list[int]] = [[] for _ in prompts]

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
+ATTENTION_IMPLS = ("xla", "dot_product_attention")  # see phased_jax.model.attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +36,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters
     remat_policy: str = "none"  # one of REMAT_POLICIES
-    attention_impl: str = "xla"  # "xla" (einsum) | "dot_product_attention" (jax.nn)
+    attention_impl: str = "xla"  # one of ATTENTION_IMPLS
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -51,8 +52,8 @@ class ModelConfig:
             problems.append(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
         if self.architecture not in ("llama", "mistral"):
             problems.append(f"architecture {self.architecture!r} is not 'llama' or 'mistral'")
-        if self.attention_impl not in ("xla", "dot_product_attention"):
-            problems.append(f"attention_impl {self.attention_impl!r} is not 'xla' or 'dot_product_attention'")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            problems.append(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
         if problems:
             raise ValueError("invalid model config: " + "; ".join(problems))
 

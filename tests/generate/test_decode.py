@@ -77,7 +77,7 @@ def test_unstack_layers_views_and_copies_agree(tiny_hf):
     """Outside jit the split is views of the stack (no copy); inside jit, slices: same values."""
     import jax
 
-    from phased_jax.model.transformer import unstack_layers
+    from phased_jax.generate.cpu import unstack_layers
 
     _, params = load_hf(tiny_hf["llama"])
     stacked = params["layers"]["attn"]["qkv"]
