@@ -20,8 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from phased_jax import sharding
+from phased_jax.data.templates import encode_prompt
 from phased_jax.generate import cpu
 from phased_jax.model.cache import KVCache
 from phased_jax.model.transformer import Transformer
@@ -125,36 +127,6 @@ def decode_fn(model: Transformer, max_new: int, sampling: Sampling, unstack: boo
                    compiler_options=cpu.compiler_options())
 
 
-@dataclasses.dataclass(frozen=True)
-class Placement:
-    """Where decoding runs: the training mesh and its logical-axis rule table."""
-
-    mesh: jax.sharding.Mesh
-    rules: sharding.Rules
-
-    @classmethod
-    def from_config(cls, mesh_cfg: Any) -> Placement:
-        """The mesh a config's `mesh` section describes, over this process's devices."""
-        return cls(sharding.make_mesh(mesh_cfg), sharding.rules_from_config(mesh_cfg))
-
-    @property
-    def data_size(self) -> int:
-        """How many ways the batch is split (the mesh axes the `batch` rule names)."""
-        return sharding.batch_shards(self.mesh, self.rules)
-
-
-def param_shardings(model: Transformer, placement: Placement) -> Any:
-    """Shardings of the params by the model's logical axis names, as training places them."""
-    boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-    return sharding.tree_shardings(nn.meta.unbox(boxed), sharding.logical_specs(boxed),
-                                   placement.mesh, placement.rules)
-
-
-def place_params(model: Transformer, params: Any, placement: Placement) -> Any:
-    """Params moved onto the placement's mesh (a no-op for params already placed there)."""
-    return jax.device_put(nn.meta.unbox(params), param_shardings(model, placement))
-
-
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -162,7 +134,7 @@ def _round_up(n: int, multiple: int) -> int:
 def generate_ids(model: Transformer, params: Any, prompts: Sequence[Sequence[int]], *,
                  eos_token_ids: Sequence[int], max_new_tokens: int = 1024,
                  max_length: int = 1024, batch_size: int = 8, sampling: Sampling = Sampling(),
-                 seed: int = 0, pad_id: int = 0, placement: Placement | None = None,
+                 seed: int = 0, pad_id: int = 0, placement: sharding.Placement | None = None,
                  keep_eos: bool = False, length_multiple: int = 16,
                  unstack: bool | None = None) -> list[list[int]]:
     """Answer token ids for each prompt, in input order (`unstack`: see `decode_fn`).
@@ -172,7 +144,7 @@ def generate_ids(model: Transformer, params: Any, prompts: Sequence[Sequence[int
     no room under `max_length` gets an empty answer.
     """
     if placement is not None:
-        batch_size = _round_up(batch_size, placement.data_size)
+        batch_size = _round_up(batch_size, placement.batch_shards)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     if cpu.unstack_by_default(unstack):  # once for all batches, and without a copy where it can
         params = cpu.unstack_layers(params)
@@ -196,8 +168,7 @@ def generate_ids(model: Transformer, params: Any, prompts: Sequence[Sequence[int
             out_BxT = fn(params, ids_BxP, seg_BxP, budget_B, eos_ids, sub)
         else:
             with jax.set_mesh(placement.mesh), nn.logical_axis_rules(placement.rules):
-                put = functools.partial(_put_global, sharding=sharding.batch_sharding(
-                    placement.mesh, placement.rules))
+                put = functools.partial(_put_global, sharding=placement.batch_sharding)
                 out_BxT = fn(params, put(ids_BxP), put(seg_BxP), budget_B, eos_ids, sub)
         out_BxT = _to_host(out_BxT)
         for row, i in enumerate(rows):
@@ -214,8 +185,6 @@ def _to_host(x: Array) -> np.ndarray:
     """The whole array on this host, gathering from other processes when it spans hosts."""
     if x.is_fully_addressable:
         return np.asarray(x)
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -236,15 +205,11 @@ def encode(tokenizer: Any, prompt: str | Sequence[int] | Mapping[str, str],
            template: str | None) -> list[int]:
     """Prompt ids: a record or an instruction rendered with the training template, or as given."""
     if isinstance(prompt, Mapping):
-        from phased_jax.data.templates import encode_prompt
-
         return encode_prompt(prompt["instruction"], prompt.get("input") or "", template or "authors",
                              tokenizer)
     if isinstance(prompt, str):
         if template is None:
             return tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        from phased_jax.data.templates import encode_prompt
-
         return encode_prompt(prompt, "", template, tokenizer)
     return [int(t) for t in prompt]
 
@@ -253,7 +218,7 @@ def generate(model: Transformer, params: Any, tokenizer: Any,
              prompts: Sequence[str | Sequence[int] | Mapping[str, str]], *,
              template: str | None = "authors", max_new_tokens: int = 1024,
              max_length: int = 1024, batch_size: int = 8, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, placement: Placement | None = None,
+             top_p: float = 1.0, seed: int = 0, placement: sharding.Placement | None = None,
              length_multiple: int = 16) -> list[str]:
     """Answers (decoded text, EOS dropped), in input order.
 
