@@ -1,8 +1,8 @@
 """`logs/phase_log.jsonl`: one line per step run and per phase event, written by process 0.
 
 The log is also how a resumed run knows what a finished phase still owes (its eval, its
-`phases/` params, its `phase_end` line). A kill can tear the last line; readers skip it (and say
-so), and `rewind` rewrites the file whole, so appends always start on a new line.
+`phases/` params, its `phase_end` line). A kill can tear the last line; readers skip it, or any
+unreadable line (and say so), and `rewind` rewrites the file whole, so appends always start on a new line.
 """
 
 from __future__ import annotations
@@ -15,17 +15,18 @@ from typing import Any
 import jax
 
 from phased_jax.errors import DataError
-from phased_jax.fileio import iter_jsonl, write_text_atomic
+from phased_jax.fileio import BadRecord, jsonl_records, write_text_atomic
 
 
 def read_events(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """The JSON objects of a JSONL log, and the number of torn lines skipped (0 or 1: only the
-    last line, cut by a kill mid-write, can be torn; any other bad line is a DataError)."""
+    """The JSON objects of a JSONL log, and the number of unreadable lines skipped (a kill
+    mid-write tears the last line; a log line never stops a resume: at worst a phase redoes
+    work it owes, which is idempotent)."""
     if not path.exists():
         return [], 0
-    torn: list[None] = []
-    events = [e for _, e in iter_jsonl(path, DataError, on_torn_tail=lambda: torn.append(None))]
-    return events, len(torn)
+    rows = [row for _, row in jsonl_records(path, error=DataError)]
+    events = [r for r in rows if not isinstance(r, BadRecord)]
+    return events, len(rows) - len(events)
 
 
 class RunLog:
