@@ -11,6 +11,7 @@ from phased_jax.errors import PhasedError, UsageError
 # name -> (module with `main(argv) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("phased_jax.train.runner", "run the phases of a config in order (resumes by itself)"),
+    "score": ("phased_jax.score.run", "difficulty from the base model: answer loss or IFD, 1-5"),
     "stats": ("phased_jax.data.stats", "print the paper's Table 1 for a config's data"),
     "convert": ("phased_jax.hf.convert", "HF directory <-> Orbax checkpoint"),
     "plan": ("phased_jax.train.plan", "per-device memory and whether a model fits a device"),

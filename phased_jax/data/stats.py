@@ -20,6 +20,7 @@ from phased_jax.data.phases import build_phases, check_phases, config_phases, st
 from phased_jax.data.records import Record, read_config_records
 from phased_jax.data.templates import user_text
 from phased_jax.data.tokens import load_tokenizer
+from phased_jax.score.scale import PAPER_SHARES, histogram, suggest_thresholds
 
 USAGE = "usage: phased-jax stats --config CONFIG_FILE [--config.data.FIELD=VALUE ...]\n"
 
@@ -75,6 +76,18 @@ def table(records: Sequence[Record], cfg: Any, tokenizer: Any, tokenizer_name: s
     return "\n".join(lines)
 
 
+def score_summary(scores: Sequence[float]) -> str:
+    """The score histogram and the thresholds that give the paper's stage shares, whatever the
+    scorer (GPT-4's steps of 0.5 or `phased-jax score`'s continuous ranks)."""
+    thresholds, got = suggest_thresholds(scores)
+    shares = "/".join(f"{100 * s:.0f}%" for s in PAPER_SHARES)
+    gives = "/".join(f"{100 * s:.1f}%" for s in got)
+    return "\n".join(["score histogram", *histogram(scores), "",
+                      f"thresholds for the paper's stage shares ({shares} by count): "
+                      f"--config.data.thresholds='({', '.join(f'{t:g}' for t in thresholds)})' "
+                      f"gives {gives}"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     fv = parse_config_argv(argv, "phased-jax stats", USAGE + __doc__.split("\n\n", 1)[1])
@@ -87,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(invalid.summary())
     print()
     print(table(records, cfg, tokenizer, cfg.data.tokenizer))
+    if all(r.score is not None for r in records):
+        print()
+        print(score_summary([float(r.score) for r in records]))
     # After the table, which shows where the data's scores lie: an empty phase fails here as
     # it would in `train`, with the fix.
     check_phases(config_phases(records, cfg.data, cfg.seed), records, cfg.data)

@@ -1,0 +1,93 @@
+"""Each answer's mean token loss under the base model, with and without its instruction.
+
+The answer is the template's target (the output and its EOS: exactly the tokens training puts
+loss on, see `data/tokens.py`). With the instruction, an example is the training example (prompt
++ answer, cut at `max_length`), its loss training's masked cross-entropy over the answer's
+tokens. Alone, it is `BOS + answer`, cut to the answer tokens the first example kept, so both
+means run over the same tokens; the loss is on every answer token (BOS predicts the first).
+
+Forward passes are batched and sharded on the experiment's mesh: a fixed number of rows (a
+multiple of the batch shards, empty rows padding the last batch) and row lengths rounded up to
+a multiple of `length_multiple`, so one compile serves each length bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from phased_jax.data.templates import special_id
+from phased_jax.data.tokens import TokenizedExamples, build_rows
+from phased_jax.sharding import Placement
+from phased_jax.train.loss import cross_entropy_sums
+
+ForwardFn = Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]
+
+
+def answers_alone(examples: TokenizedExamples, tokenizer: Any) -> TokenizedExamples:
+    """`BOS + answer` for each example: the answer tokens it kept, with no instruction."""
+    bos = special_id(tokenizer, "bos")
+    parts = [np.concatenate([[bos], ids[p:]]).astype(np.int32)
+             for ids, p in (examples.example(i) for i in range(len(examples)))]
+    lengths = np.array([len(x) for x in parts], np.int64)
+    return TokenizedExamples(
+        ids=np.concatenate(parts) if parts else np.zeros(0, np.int32),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        prompt_lens=np.ones(len(parts), np.int32), record_ids=examples.record_ids,
+        max_length=examples.max_length, pad_id=examples.pad_id)
+
+
+def make_forward(model: nn.Module, placement: Placement) -> ForwardFn:
+    """jit(params, rows) -> (summed answer loss [B], answer tokens [B]), per row, float32."""
+    def forward(params: Any, rows: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        with nn.logical_axis_rules(placement.rules):
+            logits_BxLxV = model.apply({"params": params}, rows["input_ids"],
+                                       positions_BxL=rows["positions"],
+                                       segment_ids_BxL=rows["segment_ids"])
+        ce_B, _ = jax.vmap(cross_entropy_sums)(logits_BxLxV, rows["targets"], rows["loss_mask"])
+        return ce_B, rows["loss_mask"].sum(axis=-1)
+    # Replicated results: every host reads them whole (no cross-host gather).
+    replicated = NamedSharding(placement.mesh, PartitionSpec())
+    return jax.jit(forward, out_shardings=(replicated, replicated))
+
+
+def bucket_length(n: int, multiple: int, max_length: int) -> int:
+    return min(-(-n // multiple) * multiple, max_length)
+
+
+def to_global(rows: dict[str, np.ndarray], placement: Placement) -> dict[str, jax.Array]:
+    """Every host holds the whole batch: each device takes its slice of it."""
+    sharding = placement.batch_sharding
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+            for k, v in rows.items()}
+
+
+def mean_losses(forward: ForwardFn, params: Any, examples: TokenizedExamples,
+                placement: Placement, batch_size: int, length_multiple: int) -> np.ndarray:
+    """Mean answer loss per example (float64 [N]; nan where no answer token is left).
+
+    Examples go in length order, so a batch's rows need little padding; results come back in
+    the examples' order.
+    """
+    shards = placement.batch_shards
+    rows_per_batch = -(-batch_size // shards) * shards
+    order = np.argsort(examples.lengths, kind="stable")
+    sums, counts = np.zeros(len(examples)), np.zeros(len(examples))
+    for start in range(0, len(order), rows_per_batch):
+        batch: Sequence[int] = order[start:start + rows_per_batch].tolist()
+        length = bucket_length(int(examples.lengths[batch].max()), length_multiple,
+                               examples.max_length)
+        shaped = dataclasses.replace(examples, max_length=length)
+        rows = build_rows(shaped, [np.array([i]) for i in batch]
+                          + [None] * (rows_per_batch - len(batch)))
+        ce_B, n_B = forward(params, to_global(rows, placement))
+        ce_B, n_B = np.asarray(jax.device_get(ce_B)), np.asarray(jax.device_get(n_B))
+        sums[batch], counts[batch] = ce_B[:len(batch)], n_B[:len(batch)]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)

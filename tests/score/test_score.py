@@ -1,0 +1,162 @@
+"""`phased-jax score` end to end: a tiny random HF Llama, its losses checked against transformers'
+PyTorch model on the same directory, resume by chunk, and the output trained by `phased-jax train`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from phased_jax.cli import main as cli_main
+from tests.generate.conftest import save_tiny_hf
+
+TEXTS = ["Give three tips for staying healthy.", "What is the capital of France?",
+         "Write a haiku about the sea.", "User: Assistant: Input: Response:",
+         "Eat a balanced diet and exercise regularly. Paris is the capital."] * 20
+ROWS = [
+    {"id": "a", "instruction": "Give three tips for staying healthy.", "input": "",
+     "output": "Eat a balanced diet and exercise regularly.", "extra": {"kept": [1, 2]}},
+    {"id": "b", "instruction": "What is the capital of France?", "input": "",
+     "output": "Paris is the capital."},
+    {"id": "c", "instruction": "Write a haiku about the sea.", "input": "short",
+     "output": "Waves on the sea, the sea on waves. " * 12},  # cut at max_length
+    {"id": "d", "instruction": "Translate", "input": "The cat sat on the mat.",
+     "output": "Le chat.", "score": 2.5},
+    {"id": "e", "instruction": "Give three tips for the sea.", "input": "",
+     "output": "Water, rivers, oceans."},
+    {"id": "f", "instruction": "Summarize: Paris.", "input": "", "output": "Paris."},
+    {"id": "g", "instruction": "What is the capital?", "input": "France", "output": "Paris, France."},
+]
+MAX_LENGTH = 96
+CONFIG = '''
+from phased_jax.config import get_default_config, model_section
+
+def get_config():
+    c = get_default_config()
+    c.output_dir = "{out}"
+    c.model = model_section("tiny-llama", vocab_size=300)
+    c.model.init_from = "{model}"
+    c.model.dtype = "float32"
+    c.data.paths = ("{data}",)
+    c.data.max_length = {max_length}
+    c.mesh.shape = (2, -1, 1)
+    return c
+'''
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from phased_jax.data.toy_tokenizer import build_tokenizer
+
+    root = tmp_path_factory.mktemp("score")
+    model = save_tiny_hf("llama", root / "model", vocab_size=300)
+    build_tokenizer(TEXTS, 300, model)
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    config = root / "score_cfg.py"
+    config.write_text(CONFIG.format(out=root / "run", model=model, data=data, max_length=MAX_LENGTH))
+    return {"root": root, "model": model, "data": data, "config": config}
+
+
+def score(setup, method: str, out: Path, *extra: str) -> int:
+    return cli_main(["score", "--config", str(setup["config"]), "--method", method,
+                     "--output", str(out), "--batch-size", "2", "--length-multiple", "32", *extra])
+
+
+def torch_losses(model_dir: Path) -> dict[str, tuple[float, float]]:
+    """(mean answer loss given the instruction, alone) per id, by transformers in float32."""
+    import torch
+    import transformers
+
+    from phased_jax.data.records import Record
+    from phased_jax.data.tokens import tokenize
+
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    records = [Record(r["id"], r["instruction"], r["input"], r["output"], None, "x") for r in ROWS]
+    examples, _ = tokenize(records, "authors", tok, MAX_LENGTH)
+
+    def mean_loss(ids: list[int], first: int) -> float:  # tokens first.. are the answer
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[0].double()
+        logp = torch.log_softmax(logits, -1)
+        return float(-np.mean([logp[t - 1, ids[t]].item() for t in range(first, len(ids))]))
+
+    out = {}
+    for i, rid in enumerate(examples.record_ids.tolist()):
+        ids, p = examples.example(i)
+        ids = ids.tolist()
+        out[rid] = (mean_loss(ids, p), mean_loss([tok.bos_token_id, *ids[p:]], 1))
+    return out
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_ifd_and_loss_equal_transformers(setup):
+    expected = torch_losses(setup["model"])
+    for method in ("ifd", "loss"):
+        out = setup["root"] / f"{method}.jsonl"
+        assert score(setup, method, out) == 0
+        got = read(out)
+        assert [g["id"] for g in got] == [r["id"] for r in ROWS]  # input order, every row
+        for g, row in zip(got, ROWS, strict=True):
+            given, alone = expected[g["id"]]
+            want = given / alone if method == "ifd" else given
+            assert g["score_raw"] == pytest.approx(want, rel=1e-4), (method, g["id"])
+            assert 1.0 <= g["score"] <= 5.0
+            assert g["scorer"]["method"] == method and g["scorer"]["model"] == str(setup["model"])
+            kept = {k: v for k, v in row.items() if k != "score"}
+            assert {k: g[k] for k in kept} == kept  # the input row whole
+        assert got[3]["score_input"] == 2.5
+        raw, scores = [g["score_raw"] for g in got], [g["score"] for g in got]
+        assert np.argsort(raw, kind="stable").tolist() == np.argsort(scores, kind="stable").tolist()
+
+
+def test_resume_skips_finished_chunks(setup, caplog):
+    out = setup["root"] / "resume.jsonl"
+    assert score(setup, "ifd", out, "--chunk-size", "3") == 0
+    chunks = sorted(Path(f"{out}.chunks").iterdir())
+    assert len(chunks) == 3  # 7 records by 3
+    first = out.read_text()
+    mtimes = {p: p.stat().st_mtime_ns for p in chunks}
+    out.unlink()  # as if killed before the output was written
+    chunks[1].unlink()  # and before the second chunk was saved
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert score(setup, "ifd", out, "--chunk-size", "3") == 0
+    assert "chunks: 2 done before, 3 records computed" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in (chunks[0], chunks[2])} == {
+        p: mtimes[p] for p in (chunks[0], chunks[2])}
+    assert out.read_text() == first
+
+
+def test_prompt_filling_max_length_is_reported_and_output_trains(setup, tmp_path):
+    from phased_jax.config import get_default_config
+
+    rows = [*ROWS, {"id": "long", "instruction": "What is the capital of France? " * 30,
+                    "input": "", "output": "Paris."}]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "scored.jsonl"
+    assert score(setup, "ifd", out, f"--config.data.paths=('{data}',)") == 3
+    assert [f["id"] for f in read(Path(f"{out}.failed.jsonl"))] == ["long"]
+    assert len(read(out)) == len(ROWS)
+    # The default thresholds (1.5, 3.5) and order 1,2,3 give three non-empty phases.
+    train_cfg = tmp_path / "train_cfg.py"
+    train_cfg.write_text(CONFIG.format(out=tmp_path / "run", model="", data=out,
+                                       max_length=MAX_LENGTH).replace(
+        "    return c", f"""    c.data.tokenizer = "{setup['model']}"
+    c.train.global_batch = 8
+    c.train.max_steps_per_phase = 1
+    c.train.log_every = 1
+    c.checkpoint.async_save = False
+    c.export.at_end = False
+    return c"""))
+    assert get_default_config().data.thresholds == (1.5, 3.5)
+    assert cli_main(["stats", "--config", str(train_cfg)]) == 0
+    assert cli_main(["train", "--config", str(train_cfg)]) == 0
+    assert len([p for p in (tmp_path / "run" / "phases").iterdir() if p.is_dir()]) == 3
