@@ -8,7 +8,7 @@ same parser (`phased_jax.formats`). A record from a Hugging Face dataset (no fil
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,9 +42,14 @@ def input_rows(records: Sequence[Record], max_record_bytes: int) -> list[dict[st
     records were read with (`data.max_record_bytes`)."""
     files = sorted({src for r in records if Path(src := r.source.rsplit(":", 1)[0]).is_file()})
     by_source = rows_by_source(files, max_record_bytes)
+    per_source = Counter(r.source for r in records)
     out = []
     for r in records:
         found = by_source.get(r.source)
-        obj = found.pop(0) if found else None
+        # A line whose rows were not all kept (a skipped record in a one-line JSON list) cannot
+        # be paired row by row: its records get the fallback row, never a neighbour's row.
+        obj = found.pop(0) if found and len(found) == per_source[r.source] else None
+        if obj is not None:
+            per_source[r.source] -= 1
         out.append(dict(obj) if isinstance(obj, dict) else fallback_row(r))
     return out
