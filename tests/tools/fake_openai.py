@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -62,6 +63,38 @@ def judge_reply(user_content: str) -> str:
     return f"{scores[0]} {scores[1]}\n"
 
 
+def completion(body: dict[str, Any], fault: str | None, body_key: str, t_in: float) -> dict[str, Any]:
+    """The chat completion the server answers `body` with (`fault`: an unparseable kind or None)."""
+    messages = body["messages"]
+    first_user = next(m["content"] for m in messages if m["role"] == "user")
+    if first_user.startswith("[Question]"):
+        content = judge_reply(first_user)
+    elif NEVER_PARSEABLE in first_user:
+        content = "I would rather not give a number.\nIt depends."
+    elif fault == "unparseable":
+        content = "This task is moderately hard.\nScore: maybe 3"
+    elif fault == "out_of_range":
+        content = "7\nVery hard indeed."
+    else:
+        s = expected_score(first_user)
+        content = f"{s:g}\nRated {s:g}: the task needs about that much reasoning."
+    prompt_chars = sum(len(m["content"]) for m in messages)
+    return {
+        "id": f"chatcmpl-{body_key[:12]}",
+        "object": "chat.completion",
+        "created": int(t_in),
+        "model": body.get("model", "fake"),
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+        ],
+        "usage": {
+            "prompt_tokens": prompt_chars // 4,
+            "completion_tokens": len(content) // 4,
+            "total_tokens": prompt_chars // 4 + len(content) // 4,
+        },
+    }
+
+
 @dataclass
 class FakeOpenAI:
     """Start with `with FakeOpenAI(...) as srv:`; `srv.base_url` is the /v1 root."""
@@ -74,6 +107,7 @@ class FakeOpenAI:
     hold_after: int | None = None  # park every request after the first N until release_held()
     retry_after: str | None = "0.05"
     retry_after_ms: str | None = None
+    missing_models: tuple[str, ...] = ()  # answered 404 model_not_found, as OpenAI does for a retired model
     log: list[dict[str, Any]] = field(default_factory=list)
     _attempts: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -103,10 +137,17 @@ class FakeOpenAI:
             def do_POST(self) -> None:  # noqa: N802
                 fake._handle(self)
 
+            def do_GET(self) -> None:  # noqa: N802
+                fake._handle(self)
+
         class Server(ThreadingHTTPServer):
             request_queue_size = 512
             daemon_threads = True
             allow_reuse_address = True
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                if not isinstance(sys.exc_info()[1], OSError):  # a client that hung up is not news
+                    super().handle_error(request, client_address)
 
         self._server = Server(("127.0.0.1", 0), Handler)
         # A short poll interval: shutdown() waits for one, and every test stops a server.
@@ -171,9 +212,19 @@ class FakeOpenAI:
                 self.log.append(entry)
             return
         if not h.path.rstrip("/").endswith("/chat/completions"):
+            if self.route_other(h, raw):
+                return
             self._send(h, 404, b'{"error": {"message": "not found"}}')
             return
         body = json.loads(raw)
+        if body.get("model") in self.missing_models:
+            msg = {"error": {"message": f"The model `{body['model']}` does not exist or you do not have access to it.",
+                             "type": "invalid_request_error", "param": None, "code": "model_not_found"}}
+            self._send(h, 404, json.dumps(msg).encode())
+            entry.update(status=404, t_out=time.time())
+            with self._lock:
+                self.log.append(entry)
+            return
         messages = body["messages"]
         first_user = next(m["content"] for m in messages if m["role"] == "user")
         item = item_hash(first_user)
@@ -212,36 +263,15 @@ class FakeOpenAI:
         elif fault == "malformed":
             self._send(h, 200, b'{"id": "chatcmpl-x", "object": "chat.completion", "choices": [{"index": 0, "mess')
         else:
-            if first_user.startswith("[Question]"):
-                content = judge_reply(first_user)
-            elif NEVER_PARSEABLE in first_user:
-                content = "I would rather not give a number.\nIt depends."
-            elif fault == "unparseable":
-                content = "This task is moderately hard.\nScore: maybe 3"
-            elif fault == "out_of_range":
-                content = "7\nVery hard indeed."
-            else:
-                s = expected_score(first_user)
-                content = f"{s:g}\nRated {s:g}: the task needs about that much reasoning."
-            prompt_chars = sum(len(m["content"]) for m in messages)
-            resp = {
-                "id": f"chatcmpl-{body_key[:12]}",
-                "object": "chat.completion",
-                "created": int(t_in),
-                "model": body.get("model", "fake"),
-                "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
-                ],
-                "usage": {
-                    "prompt_tokens": prompt_chars // 4,
-                    "completion_tokens": len(content) // 4,
-                    "total_tokens": prompt_chars // 4 + len(content) // 4,
-                },
-            }
+            resp = completion(body, fault, body_key, t_in)
             answered = self._send(h, 200, json.dumps(resp).encode())
         entry.update(status=status, answered=answered, t_out=time.time())
         with self._lock:
             self.log.append(entry)
+
+    def route_other(self, h: BaseHTTPRequestHandler, raw: bytes) -> bool:
+        """Serve a path other than /chat/completions (subclasses add endpoints); False: 404."""
+        return False
 
     # ------------------------------------------------------------------ helpers
     def entries(self) -> list[dict[str, Any]]:

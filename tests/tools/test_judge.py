@@ -158,3 +158,36 @@ def test_bad_answer_files_and_outdir_are_refused_before_any_request(server, tmp_
     assert run(tmp_path, srv, "--system", str(sys_file), "--baseline", str(base_file)) == 2
     assert f"-o: {tmp_path / 'out' / 'winrate.md'} is a folder" in capsys.readouterr().err
     assert srv.entries() == []
+
+
+def test_bias_section_and_judge_model_in_every_output(server, tmp_path: Path, capsys) -> None:
+    # Whatever is shown as Assistant 1 scores 8, Assistant 2 scores 2: pure position bias.
+    rows = [{"test_set": t, "id": str(i), "instruction": f"Q {t} {i}", "input": ""} for t in ("setA", "setB")
+            for i in range(4)]
+    sys_file = answers(tmp_path / "sys.jsonl", [{**r, "output": "A long answer <<8,2>>"} for r in rows])
+    base_file = answers(tmp_path / "base.jsonl", [{**r, "output": "Short <<8,2>>"} for r in rows])
+    srv = server()
+    assert run(tmp_path, srv, "--system", f"phased={sys_file}", "--baseline", f"base={base_file}",
+               "--model", "judge-x") == 0
+    out = tmp_path / "out"
+    md = (out / "winrate.md").read_text()
+    assert "Judge: `judge-x`" in md and "## Judge bias" in md
+    assert "| phased | setA | 4 | 0.00 | 1.00 | n/a / n/a | +0.00 (+8..+8) |" in md
+    assert "| phased | all | 8 | 0.00 | 1.00 |" in md
+    assert "## Judge bias" in capsys.readouterr().out
+    data = json.loads((out / "winrate.json").read_text())
+    assert data["judge"]["model"] == "judge-x"
+    b = data["systems"]["phased"]["bias"]
+    assert b["all"]["position_consistency"] == 0.0 and b["setB"]["first_position_wins"] == 1.0
+    assert [q["items"] for q in b["all"]["length_quartiles"]] == [2, 2, 2, 2]
+    rows_csv = list(csv.DictReader((out / "winrate.csv").open()))
+    assert {r["judge_model"] for r in rows_csv} == {"judge-x"}
+    assert [r["position_consistency"] for r in rows_csv] == ["0.0000"] * 3
+    assert [r["first_position_wins"] for r in rows_csv] == ["1.0000"] * 3
+    j = read_jsonl(out / "judgments.jsonl")
+    assert {r["judge_model"] for r in j} == {"judge-x"}
+    assert {(r["system_chars"], r["baseline_chars"]) for r in j} == {(len("A long answer <<8,2>>"), len("Short <<8,2>>"))}
+    # the judgments file compares with itself as two identical judges
+    assert main(["--agreement", str(out / "judgments.jsonl"), str(out / "judgments.jsonl")]) == 0
+    # every item a tie, so chance agreement is certain: kappa undefined
+    assert "agreement: 1.000 (8/8)" in (text := capsys.readouterr().out) and "kappa (win/tie/lose): n/a" in text

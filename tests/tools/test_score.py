@@ -69,6 +69,7 @@ def test_unfixable_items_are_listed_as_failed(server, tmp_path: Path, capsys) ->
         assert NEVER_PARSEABLE in row["record"]["instruction"]
         assert "first line is not a score" in row["error"] and "after 3 replies" in row["error"]
         assert len(row["replies"]) == 3 and row["score_raw"] == "I would rather not give a number."
+        assert row["scorer"]["model"] == "gpt-4-0613"  # the model whose replies these are
     # re-asks are real follow-up turns: 3 conversations per failed item
     never = [e for e in srv.entries() if e["status"] == 200 and e["n_messages"] > 2]
     assert len(never) == 3 * 2

@@ -33,23 +33,38 @@ class Answer:
     from_cache: bool
 
 
-def _redactor(secret: str | None) -> Callable[[str], str]:
+def redactor(secret: str | None) -> Callable[[str], str]:
+    """A function that blanks `secret` out of a message (servers may echo the key back)."""
     if not secret or len(secret) < 4:
         return lambda s: s
     return lambda s: s.replace(secret, "[REDACTED]")
 
 
+def cached_answer(cfg: ClientConfig, cache: AnswerCache, messages: Messages, stats: Stats,
+                  fresh: set[str] | frozenset[str]) -> tuple[str, Answer | None]:
+    """The request's cache key and its stored answer, if any (a cache hit unless in `fresh`)."""
+    key = request_key(cfg.model, messages, cfg.params())
+    hit = cache.get(key)
+    if hit is None:
+        return key, None
+    from_cache = key not in fresh
+    stats.cache_hits += from_cache
+    return key, Answer(hit.content, from_cache=from_cache)
+
+
 class Asker:
     """Sends chat requests: cache first, then limiter, then the server, retrying what can be retried."""
 
-    def __init__(self, cfg: ClientConfig, cache: AnswerCache, api_key: str, stats: Stats) -> None:
+    def __init__(self, cfg: ClientConfig, cache: AnswerCache, api_key: str, stats: Stats,
+                 fresh: set[str] | frozenset[str] = frozenset()) -> None:
         import openai
 
         self.cfg = cfg
+        self.fresh = fresh  # keys this run paid for already (in a batch): not counted as cache hits
         self.cache = cache
         self.writer = GroupCommitter(cache)
         self.stats = stats
-        self.redact = _redactor(api_key)
+        self.redact = redactor(api_key)
         self._openai = openai
         self._httpx = import_httpx()
         self.transport = pick_transport(cfg.http)
@@ -74,13 +89,11 @@ class Asker:
 
     async def ask(self, messages: Messages) -> Answer:
         """One reply for `messages`: from the cache if paid for before, else from the server."""
-        key = request_key(self.cfg.model, messages, self.cfg.params())
-        hit = self.cache.get(key)
-        if hit is not None:
-            self.stats.cache_hits += 1
-            return Answer(hit.content, from_cache=True)
+        key, stored = cached_answer(self.cfg, self.cache, messages, self.stats, self.fresh)
+        if stored is not None:
+            return stored
         oa = self._openai
-        payload = {"model": self.cfg.model, "messages": messages, **self.cfg.params()}
+        payload = request_body(self.cfg, messages)
         reason = "no attempt made"
         for attempt in range(self.cfg.max_retries + 1):
             await self._wait_pause()
@@ -102,7 +115,7 @@ class Asker:
                 resp = await client.post(
                     "/chat/completions", body=payload, cast_to=self._httpx.Response
                 )
-                content, finish, usage = _extract(json.loads(resp.content))
+                content, finish, usage = extract_reply(json.loads(resp.content))
             except oa.APIStatusError as e:
                 status = e.status_code
                 headers = getattr(e.response, "headers", None)
@@ -112,6 +125,8 @@ class Asker:
                         f"authentication failed (HTTP {status}); check OPENAI_API_KEY and --base-url"
                     ) from None
                 if status == 404:
+                    if model_not_found(e, self.cfg.model):
+                        raise FatalError(retired_model_message(self.cfg.model)) from None
                     raise FatalError(
                         f"HTTP 404 for model {self.cfg.model!r}: {self.redact(_message(e))}; "
                         "check --model and --base-url"
@@ -158,6 +173,23 @@ class Asker:
         raise RequestFailed(f"{reason} (gave up after {self.cfg.max_retries + 1} attempts)")
 
 
+def model_not_found(e: Any, model: str) -> bool:
+    """Whether an HTTP 404 error says the model is unknown (code `model_not_found`, or a message
+    naming it), not that the URL is wrong."""
+    message = _message(e)
+    return getattr(e, "code", None) == "model_not_found" or (model in message and "model" in message.lower())
+
+
+def retired_model_message(model: str) -> str:
+    """One line for a model the server does not know: it may have been retired; what to do."""
+    return (
+        f"the server does not know model {model!r} (HTTP 404 model_not_found): it may be retired "
+        "(OpenAI lists the paper's gpt-4-0613 snapshot for shutdown in October 2026); choose "
+        "another with --model (e.g. gpt-4o) or a local model with --base-url "
+        "http://localhost:8000/v1 (a vLLM server)"
+    )
+
+
 def _message(e: Any) -> str:
     body = getattr(e, "body", None)
     if isinstance(body, dict):
@@ -167,7 +199,12 @@ def _message(e: Any) -> str:
     return str(getattr(e, "message", "") or type(e).__name__)[:300]
 
 
-def _extract(data: Any) -> tuple[str, str | None, tuple[int, int]]:
+def request_body(cfg: ClientConfig, messages: Messages) -> dict[str, Any]:
+    """The JSON body of a chat request (live, or one line of a batch file)."""
+    return {"model": cfg.model, "messages": messages, **cfg.params()}
+
+
+def extract_reply(data: Any) -> tuple[str, str | None, tuple[int, int]]:
     """Content, finish reason and (prompt, completion) tokens; ParseError if not a chat completion."""
     try:
         choice = data["choices"][0]

@@ -3,7 +3,9 @@
 Every question is judged twice (system as Assistant 1, then as Assistant 2) with the authors'
 prompt. Items whose judgment cannot be parsed in either order (after --reask, default 0 as in the
 paper) are listed separately and left out of the rate; the paper's code counted them.
-Writes OUTDIR/winrate.{md,csv,json,png} and OUTDIR/judgments.jsonl (every raw reply).
+Writes OUTDIR/winrate.{md,csv,json,png} and OUTDIR/judgments.jsonl (every raw reply), each naming
+the judge model, with the judge's position and length biases (bias.py) beside every WinRate.
+`--agreement A.jsonl B.jsonl` compares two judges' judgments.jsonl instead (agreement.py).
 """
 
 from __future__ import annotations
@@ -15,8 +17,12 @@ from typing import Any
 
 from phased_jax.fileio import DEFAULT_MAX_RECORD_BYTES, output_problem, write_jsonl_atomic
 from phased_jax.formats import AnswerRow, InputError
+from phased_tools.agreement import compare, format_agreement, load_judgments
+from phased_tools.batch import get_answers
+from phased_tools.batch_files import exchange_batch_file
+from phased_tools.bias import bias_by_system
 from phased_tools.client_config import add_client_args, api_key_or_exit, config_from_args
-from phased_tools.jobs import Job, JobResult, answer_jobs, cached_count
+from phased_tools.jobs import Job, JobResult, cached_count
 from phased_tools.judge_prompt import REASK_TEXT, judge_messages, parse_pair, question
 from phased_tools.records import load_answers, positive_bytes
 from phased_tools.report import write_all
@@ -30,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="phased-judge",
         description="Judge answer files pairwise with GPT-4 (the Phased IFT prompt, both orders) "
-        "and report WinRate per test set and the size-weighted average.",
+        "and report WinRate per test set and the size-weighted average, with the judge's position "
+        "and length biases; or compare two judges' judgments (--agreement).",
         epilog="Answer files: JSONL with {test_set, id, instruction, input, output} per line. "
         "A system may be given as NAME=PATH. Exit status: 0 done, 3 some requests failed "
         "(run again to retry them), 1 fatal error, 2 bad arguments or input.",
@@ -39,8 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a system's answers (repeatable)")
     p.add_argument("--systems", nargs="+", default=[], metavar="[NAME=]A.jsonl",
                    help="several systems at once, each against the baseline")
-    p.add_argument("--baseline", required=True, metavar="[NAME=]B.jsonl", help="the baseline's answers")
-    p.add_argument("-o", "--outdir", type=Path, required=True, help="folder for the tables and judgments")
+    p.add_argument("--baseline", metavar="[NAME=]B.jsonl", help="the baseline's answers (required to judge)")
+    p.add_argument("-o", "--outdir", type=Path, help="folder for the tables and judgments (required to judge)")
+    p.add_argument("--agreement", nargs=2, type=Path, metavar=("A.jsonl", "B.jsonl"),
+                   help="judge nothing: compare two judgments.jsonl files item by item (matched by "
+                   "test_set, id, system, baseline) and print agreement and Cohen's kappa on win/tie/lose")
     p.add_argument("--max-record-bytes", type=positive_bytes, default=DEFAULT_MAX_RECORD_BYTES,
                    help="refuse an answer line longer than this (default: %(default)s)")
     add_client_args(p, reask_default=0)
@@ -80,10 +90,13 @@ def match(baseline: dict[tuple[str, str], AnswerRow], system: dict[tuple[str, st
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `phased-judge`."""
     args = build_parser().parse_args(argv)
+    if args.agreement:
+        return agreement_main(*args.agreement)
     cfg = config_from_args(args)
     specs = args.system + args.systems
-    if not specs:
-        print("phased-judge: error: give at least one --system or --systems", file=sys.stderr)
+    if not specs or args.baseline is None or args.outdir is None:
+        print("phased-judge: error: give --baseline, -o and at least one --system or --systems "
+              "(or --agreement A.jsonl B.jsonl)", file=sys.stderr)
         return 2
     base_name, base_path = _named(args.baseline)
     try:
@@ -113,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_dry_run(len(keys) * len(systems), msgs, cached_count(cfg, msgs), cfg,
                              f"pairs ({len(systems)} system(s) x {len(keys)} questions, 2 orders each)"))
         return 0
+    if (status := exchange_batch_file("phased-judge", jobs, cfg)) is not None:
+        return status
     problem = output_problem(args.outdir, folder=True)
     if problem is None and args.outdir.is_dir():
         for name in OUTPUT_FILES:
@@ -122,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"phased-judge: error: -o: {problem}", file=sys.stderr)
         return 2
     api_key = api_key_or_exit(cfg)
-    done = answer_jobs("phased-judge", "judging", jobs, cfg, api_key)
+    done = get_answers("phased-judge", "judging", jobs, cfg, api_key)
     if isinstance(done, int):
         return done
     results, stats = done.results, done.stats
@@ -149,13 +164,15 @@ def main(argv: list[str] | None = None) -> int:
             per_set[key[0]].add(outcome)
             judgments.append({
                 "system": name, "baseline": base_name, "test_set": key[0], "id": key[1],
-                "outcome": outcome, "error": error,
+                "outcome": outcome, "error": error, "judge_model": cfg.model,
+                "system_chars": len(systems[name][key].output), "baseline_chars": len(baseline[key].output),
                 "system_first": _order(r1, system_pos=0), "baseline_first": _order(r2, system_pos=1),
             })
     extra = {"judge": {"model": cfg.model, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}}
     try:
         write_jsonl_atomic(args.outdir / "judgments.jsonl", judgments)
-        paths = write_all(args.outdir, tallies, base_name, test_sets, unparseable, extra)
+        paths = write_all(args.outdir, tallies, base_name, test_sets, unparseable, extra,
+                          bias_by_system(judgments, test_sets), cfg.model)
     except OSError as e:
         print(f"phased-judge: error: cannot write {e.filename or args.outdir} ({e.strerror}); every "
               "judgment is cached, so fix that and run again: nothing is sent twice", file=sys.stderr)
@@ -166,6 +183,22 @@ def main(argv: list[str] | None = None) -> int:
     print((args.outdir / "winrate.md").read_text(encoding="utf-8"))
     print("wrote " + ", ".join(str(p) for p in paths + [args.outdir / "judgments.jsonl"]), file=sys.stderr)
     return 3 if request_failures else 0
+
+
+def agreement_main(path_a: Path, path_b: Path) -> int:
+    """`phased-judge --agreement A B`: print how far two judges agree; 2 on a bad file."""
+    try:
+        files = load_judgments(path_a), load_judgments(path_b)
+    except InputError as e:
+        print(f"phased-judge: error: {e}", file=sys.stderr)
+        return 2
+    result = compare(*files)
+    if not result.pairs:
+        print(f"phased-judge: error: no item judged in both {path_a} and {path_b}; are they "
+              "judgments of the same answers?", file=sys.stderr)
+        return 2
+    print(format_agreement(result, (path_a, path_b), files), end="")
+    return 0
 
 
 def _order(r: JobResult, system_pos: int) -> dict[str, Any]:

@@ -25,9 +25,11 @@ from phased_jax.fileio import (
     write_jsonl_atomic,
 )
 from phased_jax.formats import InputError
+from phased_tools.batch import get_answers
+from phased_tools.batch_files import exchange_batch_file
 from phased_tools.chat import Messages, ParseError
 from phased_tools.client_config import add_client_args, api_key_or_exit, config_from_args
-from phased_tools.jobs import Job, JobResult, answer_jobs, cached_count
+from phased_tools.jobs import Job, JobResult, cached_count
 from phased_tools.records import FORMATS, Record, load_records, positive_bytes
 from phased_tools.summary import Stats, format_dry_run, format_summary
 
@@ -179,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         print(format_dry_run(len(records), messages, cached_count(cfg, messages), cfg,
                              f"records from {args.input} ({report.format})"))
         return 0
+    jobs = [Job(m, parse_score, REASK_TEXT) for m in messages]
+    if (status := exchange_batch_file("phased-score", jobs, cfg)) is not None:
+        return status
     failed_path = args.failed or args.output.with_name(args.output.name + ".failed.jsonl")
     for flag, path in (("-o", args.output), ("--failed", failed_path)):
         problem = output_problem(path)
@@ -187,8 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     api_key = api_key_or_exit(cfg)
     scorer = {"model": cfg.model, "template": template.name, "template_sha256": template.sha256}
-    jobs = [Job(m, parse_score, REASK_TEXT) for m in messages]
-    done = answer_jobs("phased-score", "scoring", jobs, cfg, api_key)
+    done = get_answers("phased-score", "scoring", jobs, cfg, api_key)
     if isinstance(done, int):
         return done
     return _finish(args, failed_path, records, done.results, scorer, done.stats, cfg, done.wall)
@@ -208,6 +212,7 @@ def _finish(args: argparse.Namespace, failed_path: Path, records: list[Record], 
                     "error": res.error,
                     "score_raw": first_line(res.replies[-1]) if res.replies else None,
                     "replies": res.replies,
+                    "scorer": scorer,
                     "record": rec.raw,
                 }
             )
