@@ -20,6 +20,11 @@ PRICES: dict[str, tuple[float, float]] = {
     "gpt-4.1-mini": (0.4, 1.6),
     "gpt-3.5-turbo": (0.5, 1.5),
 }
+# The OpenAI Batch API bills every token at this fraction of the live price.
+BATCH_DISCOUNT = 0.5
+# Per-batch limits of the OpenAI Batch API (requests, bytes of the input file).
+BATCH_MAX_REQUESTS = 50_000
+BATCH_MAX_BYTES = 200 * 1024 * 1024
 
 
 @dataclass
@@ -43,6 +48,14 @@ class ClientConfig:
     cache_path: Path = field(default_factory=lambda: default_cache_path())
     progress: bool = True
     http: str = "auto"
+    batch: bool = False
+    batch_fallback: str = "batch"  # "batch": re-send what failed in a follow-up batch; "live": live
+    batch_retries: int = 2
+    batch_poll: float = 30.0
+    batch_max_requests: int = BATCH_MAX_REQUESTS
+    batch_max_bytes: int = BATCH_MAX_BYTES
+    batch_export: Path | None = None
+    batch_import: Path | None = None
 
     def params(self) -> dict[str, Any]:
         """The sampling parameters that are part of the cache key."""
@@ -95,6 +108,23 @@ def add_client_args(p: argparse.ArgumentParser, *, reask_default: int) -> None:
     g.add_argument("--price-out", type=float, default=None, help="USD per 1M completion tokens (default: built-in table)")
     g.add_argument("--dry-run", action="store_true", help="print the number of requests and the estimated tokens and cost, send nothing")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("OpenAI Batch API (half price, answers within 24 h)")
+    g.add_argument("--batch", action="store_true", help="send through the Batch API: upload, create, poll, download "
+                   "into the same cache; a killed run started again re-attaches to its batches")
+    g.add_argument("--batch-fallback", choices=("batch", "live"), default="batch",
+                   help="what failed, expired or did not parse is re-sent in a follow-up batch, or live "
+                   "(default: %(default)s)")
+    g.add_argument("--batch-retries", type=int, default=2, metavar="N", help="rounds of batches in all: 1 + --reask + this, "
+                   "so failed or expired items get this many more tries (default: %(default)s)")
+    g.add_argument("--batch-poll", type=float, default=30.0, metavar="S", help="seconds between status checks (default: %(default)s)")
+    g.add_argument("--batch-max-requests", type=int, default=BATCH_MAX_REQUESTS, metavar="N",
+                   help="split into batches of at most N requests (default: %(default)s, the API's limit)")
+    g.add_argument("--batch-max-bytes", type=int, default=BATCH_MAX_BYTES, metavar="N",
+                   help="... and at most N bytes of JSONL (default: %(default)s, the API's limit)")
+    g.add_argument("--batch-export", type=Path, default=None, metavar="FILE",
+                   help="write the requests not yet cached as batch JSONL (e.g. for vLLM's run-batch), send nothing")
+    g.add_argument("--batch-import", type=Path, default=None, metavar="FILE",
+                   help="store a batch output JSONL (OpenAI's or vLLM's format) in the cache, send nothing")
 
 
 def config_from_args(a: argparse.Namespace) -> ClientConfig:
@@ -106,8 +136,12 @@ def config_from_args(a: argparse.Namespace) -> ClientConfig:
         v = getattr(a, name)
         if v is not None and v <= 0:
             raise SystemExit(f"error: --{name} must be > 0")
-    if a.max_retries < 0 or a.reask < 0:
-        raise SystemExit("error: --max-retries and --reask must be >= 0")
+    if a.max_retries < 0 or a.reask < 0 or a.batch_retries < 0:
+        raise SystemExit("error: --max-retries, --reask and --batch-retries must be >= 0")
+    if a.batch_poll <= 0 or a.batch_max_requests < 1 or a.batch_max_bytes < 1:
+        raise SystemExit("error: --batch-poll, --batch-max-requests and --batch-max-bytes must be > 0")
+    if a.batch_export and a.batch_import:
+        raise SystemExit("error: give --batch-export or --batch-import, not both")
     return ClientConfig(
         model=a.model,
         temperature=a.temperature,
@@ -126,6 +160,14 @@ def config_from_args(a: argparse.Namespace) -> ClientConfig:
         cache_path=a.cache or default_cache_path(),
         progress=not a.no_progress,
         http=a.http,
+        batch=a.batch,
+        batch_fallback=a.batch_fallback,
+        batch_retries=a.batch_retries,
+        batch_poll=a.batch_poll,
+        batch_max_requests=a.batch_max_requests,
+        batch_max_bytes=a.batch_max_bytes,
+        batch_export=a.batch_export,
+        batch_import=a.batch_import,
     )
 
 

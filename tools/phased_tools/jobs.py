@@ -128,16 +128,18 @@ class Answered:
     wall: float
 
 
-def answer_jobs(prog: str, desc: str, jobs: Sequence[Job], cfg: ClientConfig, api_key: str) -> Answered | int:
+def answer_jobs(prog: str, desc: str, jobs: Sequence[Job], cfg: ClientConfig, api_key: str,
+                stats: Stats | None = None, fresh: set[str] | frozenset[str] = frozenset()) -> Answered | int:
     """Answer `jobs` through the cache with a progress bar labelled `desc`.
 
     A fatal error or Ctrl-C is reported under `prog` and gives its exit status instead (1 or
-    130); answers received by then are in the cache either way.
+    130); answers received by then are in the cache either way. `stats` and `fresh` (keys paid
+    for earlier in this run, not cache hits) carry on the count of a run that began in batches.
     """
-    stats = Stats()
+    stats = stats if stats is not None else Stats()
     t0 = time.monotonic()
     try:
-        results = asyncio.run(_answer_jobs(desc, jobs, cfg, api_key, stats))
+        results = asyncio.run(_answer_jobs(desc, jobs, cfg, api_key, stats, fresh))
     except FatalError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
@@ -147,13 +149,13 @@ def answer_jobs(prog: str, desc: str, jobs: Sequence[Job], cfg: ClientConfig, ap
     return Answered(results, stats, time.monotonic() - t0)
 
 
-async def _answer_jobs(desc: str, jobs: Sequence[Job], cfg: ClientConfig, api_key: str, stats: Stats
-                       ) -> list[JobResult]:
+async def _answer_jobs(desc: str, jobs: Sequence[Job], cfg: ClientConfig, api_key: str, stats: Stats,
+                       fresh: set[str] | frozenset[str]) -> list[JobResult]:
     try:
         cache = AnswerCache(cfg.cache_path)
     except CacheError as e:
         raise FatalError(str(e)) from None
-    asker = Asker(cfg, cache, api_key, stats)
+    asker = Asker(cfg, cache, api_key, stats, fresh)
     progress = Progress(len(jobs), cfg.progress, stats, cfg.prices(), desc)
     try:
         return await run_jobs(jobs, asker, reask=cfg.reask, progress=progress)

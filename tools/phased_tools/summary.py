@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from phased_tools.chat import Messages
-from phased_tools.client_config import ClientConfig
+from phased_tools.client_config import BATCH_DISCOUNT, ClientConfig
 from phased_tools.rate_limits import estimate_tokens
 
 
@@ -22,6 +22,10 @@ class Stats:
     completion_tokens: int = 0
     first_sent: float | None = None  # monotonic time of the first request on the wire
     last_answer: float | None = None  # ... and of the last answer, the window --rpm governs
+    batch_prompt_tokens: int = 0  # tokens answered through the Batch API, billed at BATCH_DISCOUNT
+    batch_completion_tokens: int = 0
+    batches_created: int = 0
+    batches_attached: int = 0  # left unfinished by a killed run, waited for again
 
     def sending_window(self) -> float | None:
         """Seconds from the first request to the last answer (None before there are both)."""
@@ -32,7 +36,9 @@ class Stats:
     def cost(self, prices: tuple[float, float] | None) -> float | None:
         if prices is None:
             return None
-        return (self.prompt_tokens * prices[0] + self.completion_tokens * prices[1]) / 1e6
+        live = self.prompt_tokens * prices[0] + self.completion_tokens * prices[1]
+        batch = self.batch_prompt_tokens * prices[0] + self.batch_completion_tokens * prices[1]
+        return (live + batch * BATCH_DISCOUNT) / 1e6
 
 
 def format_summary(stats: Stats, cfg: ClientConfig, counts: dict[str, int], wall: float) -> str:
@@ -52,7 +58,13 @@ def format_summary(stats: Stats, cfg: ClientConfig, counts: dict[str, int], wall
         if cost is not None and prices is not None
         else f"cost unknown for {cfg.model} (give --price-in/--price-out)"
     )
-    lines.append(f"tokens {stats.prompt_tokens:,} in + {stats.completion_tokens:,} out = {price_note}")
+    if stats.batches_created or stats.batches_attached:
+        lines.append(f"batches created {stats.batches_created:,}, re-attached {stats.batches_attached:,};"
+                     f" {stats.batch_prompt_tokens + stats.batch_completion_tokens:,} of the tokens at batch"
+                     f" prices (x{BATCH_DISCOUNT:g})")
+    tokens_in = stats.prompt_tokens + stats.batch_prompt_tokens
+    tokens_out = stats.completion_tokens + stats.batch_completion_tokens
+    lines.append(f"tokens {tokens_in:,} in + {tokens_out:,} out = {price_note}")
     line = f"wall {wall:.1f} s"
     window = stats.sending_window()
     if window is not None:
@@ -77,12 +89,20 @@ def format_dry_run(
         f"  prompt tokens:     ~{prompt:,} (4 characters a token)",
         f"  completion tokens: <= {completion:,} (max_tokens {cfg.max_tokens} each)",
     ]
-    if prices is not None:
-        est_prompt = prompt * (to_send / len(first_requests)) if first_requests else 0
-        cost = (est_prompt * prices[0] + completion * prices[1]) / 1e6
-        lines.append(
-            f"  estimated cost:    <= ${cost:,.2f} ({cfg.model} at ${prices[0]:g}/${prices[1]:g} per 1M in/out)"
-        )
-    else:
+    if prices is None:
         lines.append(f"  estimated cost:    unknown for {cfg.model} (give --price-in/--price-out)")
+        return "\n".join(lines)
+    est_prompt = prompt * (to_send / len(first_requests)) if first_requests else 0
+    live = (est_prompt * prices[0] / 1e6, completion * prices[1] / 1e6)
+    batch = (live[0] * BATCH_DISCOUNT, live[1] * BATCH_DISCOUNT)
+    lines += [
+        f"  estimated cost:    <= ${sum(live):,.2f} live, <= ${sum(batch):,.2f} with --batch"
+        f" ({cfg.model}, USD per 1M tokens in/out)",
+        f"    {'':12} {'live':>14} {'batch':>14}",
+        f"    {'price in/out':12} {f'{prices[0]:g}/{prices[1]:g}':>14}"
+        f" {f'{prices[0] * BATCH_DISCOUNT:g}/{prices[1] * BATCH_DISCOUNT:g}':>14}",
+        f"    {'prompt':12} {f'${live[0]:,.2f}':>14} {f'${batch[0]:,.2f}':>14}",
+        f"    {'completion':12} {f'${live[1]:,.2f}':>14} {f'${batch[1]:,.2f}':>14}",
+        f"    {'total':12} {f'${sum(live):,.2f}':>14} {f'${sum(batch):,.2f}':>14}",
+    ]
     return "\n".join(lines)
