@@ -15,10 +15,14 @@ import pytest
 from conftest import FAST, STAGE3, read_jsonl, write_alpaca
 from fake_batches import FakeBatches
 from fake_openai import completion
+from phased_tools.asker import redactor
+from phased_tools.batch_api import BatchClient
+from phased_tools.client_config import ClientConfig
 from phased_tools.judge import main as judge_main
 from phased_tools.records import load_records
 from phased_tools.score import main as score_main
 from test_judge import make_files
+from test_retired_model import assert_retired_message
 
 BATCH = ["--batch", "--batch-poll", "0.01"]
 
@@ -129,6 +133,61 @@ def test_sigkill_while_waiting_then_restart_reattaches(server, batches, tmp_path
     assert srv.count("POST", "/v1/batches") == created and srv.count("POST", "/v1/files") == 3
     assert srv.entries() == []
     assert read_jsonl(out) == live_reference(server, tmp_path, inp)
+
+
+@pytest.mark.parametrize("killed_at", ["/v1/batches", "/v1/files"])
+def test_killed_before_the_batch_id_is_recorded_pays_once(server, batches, tmp_path: Path, killed_at) -> None:
+    """A SIGKILL after the first create (or upload) took effect, before its reply: the restart
+    finds the batch by its metadata token (or learns it was never created) and sends each item once."""
+    inp = write_alpaca(tmp_path / "in.json", 25)
+    procs: list[subprocess.Popen] = []
+
+    def kill_first(method: str, path: str) -> None:
+        if path == killed_at and not kill_first.done:  # type: ignore[attr-defined]
+            kill_first.done = True  # type: ignore[attr-defined]
+            procs[0].send_signal(signal.SIGKILL)
+            procs[0].wait()
+    kill_first.done = False  # type: ignore[attr-defined]
+    srv = batches(on_call=kill_first)
+    out = tmp_path / "out.jsonl"
+    args = [sys.executable, "-m", "phased_tools.score", str(inp), "-o", str(out), "--base-url", srv.base_url,
+            "--cache", str(tmp_path / "cache.sqlite"), *FAST, *BATCH, "--batch-max-requests", "10"]
+    procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    assert procs[0].wait(timeout=120) == -signal.SIGKILL and not out.exists()
+    assert srv.count("POST", "/v1/batches") == (killed_at == "/v1/batches")
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    assert srv.count("GET", "/v1/batches") >= 1  # the restart looked for its intent's batch
+    assert srv.count("POST", "/v1/batches") == 3 and srv.entries() == []
+    sent = [json.loads(x)["custom_id"] for b in srv.batches.values()
+            for x in srv.files[b["input_file_id"]].splitlines()]
+    assert len(sent) == 25 and len(set(sent)) == 25  # every item in exactly one created batch
+    assert read_jsonl(out) == live_reference(server, tmp_path, inp)
+
+
+def test_find_tokens_pages_through_the_batch_list(batches, secret: str) -> None:
+    srv = batches()
+    for i in range(250):  # three pages of 100, newest first
+        srv._create({"endpoint": "/v1/chat/completions", "input_file_id": "f", "completion_window": "24h",
+                     "metadata": {"phased_token": f"t{i}"}})
+    api = BatchClient(ClientConfig(base_url=srv.base_url, max_retries=0), secret, redactor(secret))
+    try:
+        assert api.find_tokens({"t3", "t200"}, since=0) == {"t3": "batch_4", "t200": "batch_201"}
+        assert api.find_tokens({"gone"}, since=0) == {}
+    finally:
+        api.close()
+    assert srv.count("GET", "/v1/batches") == 6
+
+
+@pytest.mark.parametrize("at_create", [False, True])
+def test_retired_model_in_batch_mode_stops_with_one_line(batches, tmp_path: Path, capsys, at_create) -> None:
+    srv = batches(missing_models=("gpt-4-0613",), missing_model_at_create=at_create)
+    inp = write_alpaca(tmp_path / "in.json", 6)
+    capsys.readouterr()
+    assert score(tmp_path, srv, inp, "out.jsonl", *BATCH) == 1 and not (tmp_path / "out.jsonl").exists()
+    err = capsys.readouterr().err
+    assert err.startswith("phased-score: error: ")
+    assert_retired_message(err, "gpt-4-0613")
+    assert srv.count("POST", "/v1/batches") == 1 and srv.entries() == []  # no follow-up batch, no live request
 
 
 def run_batch_file(requests: Path, output: Path) -> None:

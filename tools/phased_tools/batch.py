@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from phased_tools.asker import Answer, cached_answer, redactor, request_body
+from phased_tools.asker import Answer, cached_answer, redactor, request_body, retired_model_message
 from phased_tools.batch_api import (
     TERMINAL,
     BatchClient,
@@ -31,6 +31,8 @@ from phased_tools.chat import FatalError, Messages, RequestFailed
 from phased_tools.client_config import ClientConfig
 from phased_tools.jobs import Answered, Job, JobResult, answer_jobs, run_jobs
 from phased_tools.summary import Stats
+
+SERVER_CLOCK_SLACK_S = 3600.0  # how far the server's created_at may trail this machine's clock
 
 
 class CacheOnlyAsker:
@@ -69,6 +71,8 @@ def open_cache(cfg: ClientConfig) -> AnswerCache:
 def store(cache: AnswerCache, cfg: ClientConfig, bodies: dict[str, dict[str, Any]], lines: list[OutputLine],
           stats: Stats, fresh: set[str], reasons: dict[str, str]) -> int:
     """Commit the answers among `lines` whose request is in `bodies`; note why the others failed."""
+    if any(line.code == "model_not_found" for line in lines):
+        raise FatalError(retired_model_message(cfg.model))
     writer = GroupCommitter(cache)
     stored = []
     for line in lines:
@@ -140,8 +144,9 @@ def run_round(pending: dict[str, dict[str, Any]], cfg: ClientConfig, api: BatchC
     waiting = set().union(*holds.values())
     lines = {k: request_line(k, body) for k, body in pending.items() if k not in waiting}
     for group in split_lines(lines, cfg.batch_max_requests, cfg.batch_max_bytes):
-        batch_id = api.submit(b"".join(group.values()))
-        ledger.record(batch_id, cfg.model, list(group))  # before waiting: a killed run re-attaches
+        token = ledger.intend(cfg.model, list(group))  # a run killed before the id is recorded finds it
+        batch_id = api.submit(b"".join(group.values()), token)
+        ledger.record(batch_id, cfg.model, list(group), token)  # before waiting: a killed run re-attaches
         holds[batch_id] = set(group)
         stats.batches_created += 1
         stats.requests += len(group)
@@ -152,6 +157,21 @@ def run_round(pending: dict[str, dict[str, Any]], cfg: ClientConfig, api: BatchC
             reasons[key] = f"batch {batch.id} ended {batch.status} without an answer"
         ledger.mark_done(batch.id)
 
+
+def resolve_intents(api: BatchClient, ledger: BatchLedger, model: str) -> None:
+    """Record the batches a killed run created without recording their id; forget the others."""
+    intents = ledger.intents(model)
+    if not intents:
+        return
+    since = intents[0].created - SERVER_CLOCK_SLACK_S
+    found = api.find_tokens({i.token for i in intents}, since)
+    for intent in intents:
+        if intent.token in found:
+            ledger.record(found[intent.token], model, intent.keys, intent.token)
+        else:
+            ledger.drop_intent(intent.token)
+
+
 def batch_results(desc: str, jobs: Sequence[Job], cfg: ClientConfig, api_key: str, stats: Stats,
                   fresh: set[str]) -> list[JobResult] | None:
     """Every job answered through rounds of batches; None when what is left should go live."""
@@ -160,6 +180,7 @@ def batch_results(desc: str, jobs: Sequence[Job], cfg: ClientConfig, api_key: st
     api = BatchClient(cfg, api_key, redactor(api_key))
     reasons: dict[str, str] = {}
     try:
+        resolve_intents(api, ledger, cfg.model)
         for _ in range(cfg.reask + 1 + cfg.batch_retries):
             _, pending = from_cache(jobs, cfg, cache, fresh=fresh, reasons=reasons)
             if not pending:

@@ -15,13 +15,14 @@ from typing import Any
 
 import openai
 
-from phased_tools.asker import extract_reply
+from phased_tools.asker import extract_reply, model_not_found, retired_model_message
 from phased_tools.cache import CachedAnswer
 from phased_tools.chat import FatalError, ParseError
 from phased_tools.client_config import ClientConfig
 
 ENDPOINT = "/v1/chat/completions"
 TERMINAL = ("completed", "expired", "failed", "cancelled")
+TOKEN = "phased_token"  # the batch metadata key naming the ledger intent it was created for
 
 
 def request_line(key: str, body: dict[str, Any]) -> bytes:
@@ -50,6 +51,7 @@ class OutputLine:
     key: str
     answer: CachedAnswer | None
     error: str | None
+    code: str | None = None  # the error's code, e.g. model_not_found
 
 
 def read_output_line(obj: Any) -> OutputLine:
@@ -65,11 +67,14 @@ def read_output_line(obj: Any) -> OutputLine:
             return OutputLine(key, None, f"malformed response: {e}")
         return OutputLine(key, CachedAnswer(content, finish, *usage), None)
     if isinstance(error, dict) and error:
-        return OutputLine(key, None, f"{error.get('code') or 'error'}: {str(error.get('message'))[:200]}")
+        code = error.get("code")
+        return OutputLine(key, None, f"{code or 'error'}: {str(error.get('message'))[:200]}", code)
     if isinstance(response, dict):
         body = response.get("body")
-        msg = (body.get("error") or {}).get("message", "") if isinstance(body, dict) else ""
-        return OutputLine(key, None, f"HTTP {response.get('status_code')}: {str(msg)[:200]}")
+        err = body.get("error") if isinstance(body, dict) else None
+        err = err if isinstance(err, dict) else {}
+        return OutputLine(key, None, f"HTTP {response.get('status_code')}: {str(err.get('message', ''))[:200]}",
+                          err.get("code"))
     raise ValueError("a batch output line needs a \"response\" or an \"error\"")
 
 
@@ -77,7 +82,7 @@ class BatchClient:
     """Upload, create, retrieve and download through the openai client; errors become FatalError."""
 
     def __init__(self, cfg: ClientConfig, api_key: str, redact: Callable[[str], str]) -> None:
-        self.redact = redact
+        self.redact, self.model = redact, cfg.model
         self.client = openai.OpenAI(api_key=api_key, base_url=cfg.base_url, timeout=cfg.timeout,
                                     max_retries=cfg.max_retries)
 
@@ -87,6 +92,8 @@ class BatchClient:
         except openai.APIStatusError as e:
             if e.status_code in (401, 403):
                 why = "authentication failed; check OPENAI_API_KEY and --base-url"
+            elif e.status_code == 404 and model_not_found(e, self.model):
+                raise FatalError(retired_model_message(self.model)) from None
             elif e.status_code == 404 and what in ("upload", "create"):
                 why = ("this server has no Batch API; for a local server use --batch-export, "
                        "vLLM's run-batch, then --batch-import")
@@ -97,13 +104,28 @@ class BatchClient:
             raise FatalError(f"Batch API {what}: {self.redact(type(e).__name__)}; batches already created are "
                              "recorded in the cache: run again to re-attach to them") from None
 
-    def submit(self, data: bytes) -> str:
-        """Upload one input file and create its batch; the batch id."""
+    def submit(self, data: bytes, token: str) -> str:
+        """Upload one input file and create its batch, tagged with `token`; the batch id."""
         f = self._call("upload", lambda: self.client.files.create(
             file=("requests.jsonl", data, "application/jsonl"), purpose="batch"))
         b = self._call("create", lambda: self.client.batches.create(
-            input_file_id=f.id, endpoint=ENDPOINT, completion_window="24h"))
+            input_file_id=f.id, endpoint=ENDPOINT, completion_window="24h", metadata={TOKEN: token}))
         return str(b.id)
+
+    def find_tokens(self, tokens: set[str], since: float) -> dict[str, str]:
+        """token -> batch id for the batches carrying these tokens, looking back (newest first)
+        to the batches created before `since` (a unix time)."""
+        def scan() -> dict[str, str]:
+            found: dict[str, str] = {}
+            for b in self.client.batches.list(limit=100):  # every page, while iterating
+                token = (getattr(b, "metadata", None) or {}).get(TOKEN)
+                if token in tokens:
+                    found[token] = str(b.id)
+                if len(found) == len(tokens) or (b.created_at or since) < since:
+                    break
+            return found
+
+        return self._call("list", scan)
 
     def retrieve(self, batch_id: str) -> Any:
         return self._call("retrieve", lambda: self.client.batches.retrieve(batch_id))

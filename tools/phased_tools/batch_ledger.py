@@ -4,11 +4,17 @@ A row is written (and committed) as soon as the server gives a batch its id, bef
 poll, so a run killed while waiting, started again, finds its batches and waits for them
 instead of paying for new ones. The row lists the cache keys the batch answers; it is marked
 done once its answers are in the cache. The table lives in the answer cache's own file.
+
+The id comes back only after the batch exists, so an intent (a random token, also sent as the
+batch's metadata, with the keys) is committed before the upload: a run killed between the
+create call and the id's record leaves an intent, which the next run resolves by listing the
+server's batches for that token (re-attach) or, when none carries it, drops (send again).
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -21,7 +27,13 @@ CREATE TABLE IF NOT EXISTS batches (
     keys TEXT NOT NULL,
     done INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL
-)
+);
+CREATE TABLE IF NOT EXISTS batch_intents (
+    token TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    keys TEXT NOT NULL,
+    created REAL NOT NULL
+);
 """
 
 
@@ -33,18 +45,49 @@ class OpenBatch:
     keys: frozenset[str]
 
 
+@dataclass(frozen=True)
+class Intent:
+    """A batch about to be created (or created, its id not yet recorded), named by its token."""
+
+    token: str
+    keys: list[str]
+    created: float
+
+
 class BatchLedger:
-    """The `batches` table of the cache file (open it after AnswerCache, which makes the file WAL)."""
+    """The `batches` and `batch_intents` tables of the cache file (open it after AnswerCache, which
+    makes the file WAL)."""
 
     def __init__(self, path: Path, timeout: float = 60.0) -> None:
         self._db = sqlite3.connect(str(path), isolation_level=None, timeout=timeout)
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(_SCHEMA)
+        self._db.executescript(_SCHEMA)
 
-    def record(self, batch_id: str, model: str, keys: list[str]) -> None:
-        """Remember a created batch (committed before this returns)."""
-        self._db.execute("INSERT OR IGNORE INTO batches VALUES (?, ?, ?, 0, ?)",
-                         (batch_id, model, json.dumps(keys), time.time()))
+    def intend(self, model: str, keys: list[str]) -> str:
+        """Commit an intent to create a batch of `keys`; its token (for the batch's metadata)."""
+        token = secrets.token_hex(16)
+        self._db.execute("INSERT INTO batch_intents VALUES (?, ?, ?, ?)",
+                         (token, model, json.dumps(keys), time.time()))
+        return token
+
+    def intents(self, model: str) -> list[Intent]:
+        """Every intent for `model` whose batch id was never recorded, oldest first."""
+        rows = self._db.execute(
+            "SELECT token, keys, created FROM batch_intents WHERE model = ? ORDER BY created", (model,)
+        ).fetchall()
+        return [Intent(t, json.loads(k), c) for t, k, c in rows]
+
+    def drop_intent(self, token: str) -> None:
+        """Forget an intent whose batch was never created (its keys are sent again)."""
+        self._db.execute("DELETE FROM batch_intents WHERE token = ?", (token,))
+
+    def record(self, batch_id: str, model: str, keys: list[str], token: str | None = None) -> None:
+        """Remember a created batch, settling its intent (both committed before this returns)."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("INSERT OR IGNORE INTO batches VALUES (?, ?, ?, 0, ?)",
+                             (batch_id, model, json.dumps(keys), time.time()))
+            self._db.execute("DELETE FROM batch_intents WHERE token = ?", (token,))
 
     def mark_done(self, batch_id: str) -> None:
         self._db.execute("UPDATE batches SET done = 1 WHERE batch_id = ?", (batch_id,))

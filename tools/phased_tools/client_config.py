@@ -82,7 +82,9 @@ def default_cache_path() -> Path:
 def add_client_args(p: argparse.ArgumentParser, *, reask_default: int) -> None:
     """The options shared by phased-score and phased-judge."""
     g = p.add_argument_group("model and server")
-    g.add_argument("--model", default="gpt-4-0613", help="model name (default: %(default)s)")
+    g.add_argument("--model", default="gpt-4-0613",
+                   help="model name (default: %(default)s, the paper's snapshot, which OpenAI lists for "
+                        "shutdown in October 2026: name another here, or a local vLLM server with --base-url)")
     g.add_argument("--temperature", type=float, default=0.0, help="default: %(default)s")
     g.add_argument("--max-tokens", type=int, default=256, help="default: %(default)s")
     g.add_argument(
