@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib.util
 import traceback
@@ -123,6 +124,16 @@ def split_config_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
         else:
             rest.append(a)
     return config, rest
+
+
+def add_config_help(parser: argparse.ArgumentParser, example: str) -> None:
+    """List `--config` and its overrides in an argparse subcommand's --help. They are never
+    parsed there: `split_config_argv` takes those words out first."""
+    group = parser.add_argument_group("experiment config (read as in `phased-jax train`)")
+    group.add_argument("--config", metavar="FILE", help="experiment config file (configs/*.py); "
+                       "default: phased_jax.config's defaults")
+    group.add_argument("--config.SECTION.FIELD", metavar="VALUE", dest="config_override",
+                       help=f"override one field, e.g. {example}")
 
 
 def parse_config_argv(argv: Sequence[str], prog: str, usage: str,

@@ -95,6 +95,11 @@ class Placement:
     def batch_sharding(self) -> NamedSharding:
         return batch_sharding(self.mesh, self.rules)
 
+    def put_batch(self, x: np.ndarray) -> jax.Array:
+        """A global batch array from the whole batch every process holds (each device takes
+        its slice; unlike training's batches, which each host builds only its rows of)."""
+        return jax.make_array_from_callback(x.shape, self.batch_sharding, lambda index: x[index])
+
 
 def mesh_sizes(mesh_cfg: ConfigDict, num_devices: int) -> dict[str, int]:
     """{axis: size} of the whole mesh a `mesh` section gives on `num_devices` devices."""

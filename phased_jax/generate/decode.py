@@ -168,17 +168,12 @@ def generate_ids(model: Transformer, params: Any, prompts: Sequence[Sequence[int
             out_BxT = fn(params, ids_BxP, seg_BxP, budget_B, eos_ids, sub)
         else:
             with jax.set_mesh(placement.mesh), nn.logical_axis_rules(placement.rules):
-                put = functools.partial(_put_global, sharding=placement.batch_sharding)
+                put = placement.put_batch
                 out_BxT = fn(params, put(ids_BxP), put(seg_BxP), budget_B, eos_ids, sub)
         out_BxT = _to_host(out_BxT)
         for row, i in enumerate(rows):
             answers[i] = _trim(out_BxT[row], set(eos_token_ids), keep_eos)
     return answers
-
-
-def _put_global(x: np.ndarray, sharding: jax.sharding.Sharding) -> Array:
-    """A global array from the same host array on every process (each keeps its shards)."""
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def _to_host(x: Array) -> np.ndarray:

@@ -20,7 +20,7 @@ import jax
 
 from phased_jax import params_checkpoint
 from phased_jax.config import get_default_config
-from phased_jax.config_cli import parse_config_argv, split_config_argv
+from phased_jax.config_cli import add_config_help, parse_config_argv, split_config_argv
 from phased_jax.data.templates import TEMPLATES, encode_prompt
 from phased_jax.data.tokens import load_tokenizer
 from phased_jax.errors import ConfigError, UsageError
@@ -43,11 +43,7 @@ either, the checkpoint's own precision is used."""
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="phased-jax generate", description=__doc__.split("\n")[0],
                                 epilog=CONFIG_HELP)
-    exp = p.add_argument_group("experiment config (read as in `phased-jax train`)")
-    exp.add_argument("--config", metavar="FILE", help="experiment config file (configs/*.py); "
-                     "default: phased_jax.config's defaults")
-    exp.add_argument("--config.SECTION.FIELD", metavar="VALUE", dest="config_override",
-                     help="override one field, e.g. --config.mesh.shape='(2,-1,1)'")
+    add_config_help(p, "--config.mesh.shape='(2,-1,1)'")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", metavar="DIR", help="Hugging Face model directory")
     src.add_argument("--checkpoint", metavar="DIR",
@@ -98,19 +94,19 @@ def load_items(args: argparse.Namespace) -> list[testsets.TestItem]:
     return items
 
 
-def load_model(args: argparse.Namespace, placement: Placement,
-               precision: tuple[str, str] | None) -> tuple[Any, Any]:
-    """(model, params) from an HF directory or an Orbax params checkpoint, placed on the mesh,
-    in `precision` (compute dtype, param dtype) or, if None, the checkpoint's own."""
+def load_model(path: str, placement: Placement, precision: tuple[str, str] | None, *,
+               hf: bool) -> tuple[Any, Any]:
+    """(model, params) from an HF directory (`hf`) or an Orbax params checkpoint, placed on the
+    mesh, in `precision` (compute dtype, param dtype) or, if None, the checkpoint's own."""
     compute, stored = precision or (None, None)
-    if args.hf:
-        model, params = load(args.hf, dtype=stored, compute_dtype=compute)
+    if hf:
+        model, params = load(path, dtype=stored, compute_dtype=compute)
         return model, place_params(model.cfg, params, placement)
-    cfg = params_checkpoint.read_model_config(args.checkpoint)
+    cfg = params_checkpoint.read_model_config(path)
     if precision:
         cfg = cfg.replace(dtype=compute, param_dtype=stored)
     # Restored straight into the mesh's shardings: never gathered on one host.
-    _, params = params_checkpoint.load_params(args.checkpoint, param_shardings(cfg, placement))
+    _, params = params_checkpoint.load_params(path, param_shardings(cfg, placement))
     if precision:
         params = jax.tree.map(lambda x: x.astype(stored), params)
     return Transformer(cfg), params
@@ -145,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(args.tokenizer or model_dir, "--tokenizer" if args.tokenizer
                                else "--tokenizer (default: the model directory)")
     placement = Placement.from_config(config.mesh)
-    model, params = load_model(args, placement, precision)
+    model, params = load_model(model_dir, placement, precision, hf=bool(args.hf))
     prompts = [encode_prompt(i.instruction, i.input, template, tokenizer) for i in items]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -61,13 +61,6 @@ def bucket_length(n: int, multiple: int, max_length: int) -> int:
     return min(-(-n // multiple) * multiple, max_length)
 
 
-def to_global(rows: dict[str, np.ndarray], placement: Placement) -> dict[str, jax.Array]:
-    """Every host holds the whole batch: each device takes its slice of it."""
-    sharding = placement.batch_sharding
-    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
-            for k, v in rows.items()}
-
-
 def mean_losses(forward: ForwardFn, params: Any, examples: TokenizedExamples,
                 placement: Placement, batch_size: int, length_multiple: int) -> np.ndarray:
     """Mean answer loss per example (float64 [N]; nan where no answer token is left).
@@ -86,7 +79,7 @@ def mean_losses(forward: ForwardFn, params: Any, examples: TokenizedExamples,
         shaped = dataclasses.replace(examples, max_length=length)
         rows = build_rows(shaped, [np.array([i]) for i in batch]
                           + [None] * (rows_per_batch - len(batch)))
-        ce_B, n_B = forward(params, to_global(rows, placement))
+        ce_B, n_B = forward(params, {k: placement.put_batch(v) for k, v in rows.items()})
         ce_B, n_B = np.asarray(jax.device_get(ce_B)), np.asarray(jax.device_get(n_B))
         sums[batch], counts[batch] = ce_B[:len(batch)], n_B[:len(batch)]
     with np.errstate(invalid="ignore", divide="ignore"):

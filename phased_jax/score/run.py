@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from phased_jax.config import get_default_config
-from phased_jax.config_cli import parse_config_argv, split_config_argv
+from phased_jax.config_cli import add_config_help, parse_config_argv, split_config_argv
 from phased_jax.data.records import Record, read_config_records
 from phased_jax.data.tokens import load_tokenizer, tokenize, tokenizer_fingerprint
 from phased_jax.errors import ConfigError, DataError
@@ -56,10 +56,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="phased-jax score", description=__doc__.split("\n")[0],
                                 epilog="The experiment config comes as in `phased-jax train`: "
                                        "--config FILE and --config.SECTION.FIELD=VALUE overrides.")
-    exp = p.add_argument_group("experiment config (read as in `phased-jax train`)")
-    exp.add_argument("--config", metavar="FILE", help="experiment config file (configs/*.py)")
-    exp.add_argument("--config.SECTION.FIELD", metavar="VALUE", dest="config_override",
-                     help="override one field, e.g. --config.model.init_from=DIR")
+    add_config_help(p, "--config.model.init_from=DIR")
     p.add_argument("--method", choices=METHODS, required=True,
                    help="ifd: loss with instruction / loss without; loss: loss with instruction")
     p.add_argument("--output", required=True, metavar="FILE")
@@ -91,11 +88,9 @@ class Scorer:
                                         "data.tokenizer" if config.data.tokenizer
                                         else "data.tokenizer (default: model.init_from)")
         self.placement = Placement.from_config(config.mesh)
-        hf_dir = Path(model_dir, "config.json").is_file()
-        source = argparse.Namespace(hf=model_dir if hf_dir else None,
-                                    checkpoint=None if hf_dir else model_dir)
         self.model, self.params = load_model(
-            source, self.placement, (config.model.dtype, config.model.param_dtype))
+            model_dir, self.placement, (config.model.dtype, config.model.param_dtype),
+            hf=Path(model_dir, "config.json").is_file())
         self.forward = make_forward(self.model, self.placement)
 
     def settings(self) -> str:

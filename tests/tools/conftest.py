@@ -7,6 +7,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,14 +36,14 @@ def secret(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
     return key
 
 
-@pytest.fixture
-def server(secret: str) -> Iterator[Callable[..., FakeOpenAI]]:
-    """Factory: server(**options) starts a FakeOpenAI that checks the key; all stop at teardown."""
-    started: list[FakeOpenAI] = []
+def server_factory(cls: type, secret: str) -> Iterator[Callable[..., Any]]:
+    """A factory fixture's body: make(**options) starts a `cls` server that checks the key;
+    every server it started stops at teardown."""
+    started: list[Any] = []
 
-    def make(**kw: object) -> FakeOpenAI:
+    def make(**kw: object) -> Any:
         kw.setdefault("api_key", secret)
-        srv = FakeOpenAI(**kw)  # type: ignore[arg-type]
+        srv = cls(**kw)
         srv.start()
         started.append(srv)
         return srv
@@ -50,6 +51,12 @@ def server(secret: str) -> Iterator[Callable[..., FakeOpenAI]]:
     yield make
     for srv in started:
         srv.stop()
+
+
+@pytest.fixture
+def server(secret: str) -> Iterator[Callable[..., FakeOpenAI]]:
+    """Factory: server(**options) starts a FakeOpenAI that checks the key; all stop at teardown."""
+    yield from server_factory(FakeOpenAI, secret)
 
 
 def write_alpaca(path: Path, n: int, *, prefix: str = "Task", extra: Callable[[int], dict] | None = None) -> Path:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import FAST, STAGE3, read_jsonl, write_alpaca
+from conftest import FAST, STAGE3, read_jsonl, server_factory, write_alpaca
 from fake_batches import FakeBatches
 from fake_openai import completion
 from phased_tools.asker import redactor
@@ -29,17 +29,8 @@ BATCH = ["--batch", "--batch-poll", "0.01"]
 
 @pytest.fixture
 def batches(secret: str) -> Iterator[Callable[..., FakeBatches]]:
-    started: list[FakeBatches] = []
-
-    def make(**kw: object) -> FakeBatches:
-        srv = FakeBatches(api_key=secret, **kw)  # type: ignore[arg-type]
-        srv.start()
-        started.append(srv)
-        return srv
-
-    yield make
-    for srv in started:
-        srv.stop()
+    """Factory: batches(**options) starts a FakeBatches that checks the key."""
+    yield from server_factory(FakeBatches, secret)
 
 
 def score(tmp: Path, srv, inp: Path, out: str, *extra: str, cache: str = "cache.sqlite") -> int:

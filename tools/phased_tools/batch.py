@@ -26,10 +26,18 @@ from phased_tools.batch_api import (
     split_lines,
 )
 from phased_tools.batch_ledger import BatchLedger
-from phased_tools.cache import AnswerCache, CacheError, GroupCommitter
+from phased_tools.cache import AnswerCache, GroupCommitter
 from phased_tools.chat import FatalError, Messages, RequestFailed
 from phased_tools.client_config import ClientConfig
-from phased_tools.jobs import Answered, Job, JobResult, answer_jobs, run_jobs
+from phased_tools.jobs import (
+    Answered,
+    Job,
+    JobResult,
+    answer_jobs,
+    open_cache,
+    progress_bar,
+    run_jobs,
+)
 from phased_tools.summary import Stats
 
 SERVER_CLOCK_SLACK_S = 3600.0  # how far the server's created_at may trail this machine's clock
@@ -61,13 +69,6 @@ def from_cache(jobs: Sequence[Job], cfg: ClientConfig, cache: AnswerCache, stats
     return results, asker.missing
 
 
-def open_cache(cfg: ClientConfig) -> AnswerCache:
-    try:
-        return AnswerCache(cfg.cache_path)
-    except CacheError as e:
-        raise FatalError(str(e)) from None
-
-
 def store(cache: AnswerCache, cfg: ClientConfig, bodies: dict[str, dict[str, Any]], lines: list[OutputLine],
           stats: Stats, fresh: set[str], reasons: dict[str, str]) -> int:
     """Commit the answers among `lines` whose request is in `bodies`; note why the others failed."""
@@ -96,15 +97,7 @@ def store(cache: AnswerCache, cfg: ClientConfig, bodies: dict[str, dict[str, Any
 
 def wait_for(api: BatchClient, ids: list[str], cfg: ClientConfig, desc: str, total: int) -> list[Any]:
     """Poll until every batch has ended, with a progress bar over their requests."""
-    bar = None
-    if cfg.progress:
-        try:
-            from tqdm import tqdm
-        except ImportError:  # pragma: no cover
-            tqdm = None
-        if tqdm is not None:
-            bar = tqdm(total=total, desc=f"{desc} (batch)", unit="item", file=sys.stderr,
-                       dynamic_ncols=True)
+    bar = progress_bar(total, f"{desc} (batch)", cfg.progress)
     ended: dict[str, Any] = {}
     try:
         while True:
@@ -132,7 +125,6 @@ def read_back(api: BatchClient, batch: Any) -> list[OutputLine]:
             except ValueError:
                 continue  # its request is re-sent as unanswered
     return lines
-
 
 
 def run_round(pending: dict[str, dict[str, Any]], cfg: ClientConfig, api: BatchClient, cache: AnswerCache,

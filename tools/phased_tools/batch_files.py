@@ -14,12 +14,12 @@ from pathlib import Path
 
 from phased_jax.fileio import iter_jsonl, write_bytes_atomic
 from phased_jax.formats import InputError
-from phased_tools.batch import from_cache, open_cache, store
+from phased_tools.batch import from_cache, store
 from phased_tools.batch_api import OutputLine, read_output_line, request_line
 from phased_tools.cache import AnswerCache
 from phased_tools.chat import FatalError
 from phased_tools.client_config import ClientConfig
-from phased_tools.jobs import Job
+from phased_tools.jobs import Job, open_cache
 from phased_tools.summary import Stats
 
 

@@ -43,19 +43,32 @@ class JobResult:
         return self.error is None
 
 
+def progress_bar(total: int, desc: str, enabled: bool, **options: Any) -> Any:
+    """A tqdm bar on stderr, or None when disabled or tqdm (an optional extra) is missing."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc=desc, unit="item", file=sys.stderr, dynamic_ncols=True, **options)
+
+
+def open_cache(cfg: ClientConfig) -> AnswerCache:
+    """The answer cache, or a FatalError (one line) naming why it cannot be opened."""
+    try:
+        return AnswerCache(cfg.cache_path)
+    except CacheError as e:
+        raise FatalError(str(e)) from None
+
+
 class Progress:
     """tqdm bar with spend so far; falls back to nothing when tqdm is missing or disabled."""
 
     def __init__(self, total: int, enabled: bool, stats: Stats, prices: tuple[float, float] | None, desc: str) -> None:
-        self.stats, self.prices, self.bar = stats, prices, None
+        self.stats, self.prices = stats, prices
         self.failed = 0
-        if enabled:
-            try:
-                from tqdm import tqdm
-            except ImportError:  # pragma: no cover
-                tqdm = None
-            if tqdm is not None:
-                self.bar = tqdm(total=total, desc=desc, unit="item", file=sys.stderr, smoothing=0.1, dynamic_ncols=True)
+        self.bar = progress_bar(total, desc, enabled, smoothing=0.1)
 
     def update(self, result: JobResult) -> None:
         self.failed += not result.ok
@@ -151,10 +164,7 @@ def answer_jobs(prog: str, desc: str, jobs: Sequence[Job], cfg: ClientConfig, ap
 
 async def _answer_jobs(desc: str, jobs: Sequence[Job], cfg: ClientConfig, api_key: str, stats: Stats,
                        fresh: set[str] | frozenset[str]) -> list[JobResult]:
-    try:
-        cache = AnswerCache(cfg.cache_path)
-    except CacheError as e:
-        raise FatalError(str(e)) from None
+    cache = open_cache(cfg)
     asker = Asker(cfg, cache, api_key, stats, fresh)
     progress = Progress(len(jobs), cfg.progress, stats, cfg.prices(), desc)
     try:
