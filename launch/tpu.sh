@@ -181,6 +181,9 @@ case "$cmd" in
     fi
     env=""
     if [ "$slices" -gt 1 ]; then
+      [[ " ${job[*]}" == *" --config.mesh.dcn_shape"* ]] || echo "$me: warning: no" \
+        "--config.mesh.dcn_shape in the job; the config's own must span the $slices slices," \
+        "e.g. '($slices,1,1)' (compile --slices assumes that when it is (1,1,1))" >&2
       if [ -n "${COORDINATOR_ADDRESS:-}" ]; then
         coord=$COORDINATOR_ADDRESS
       else

@@ -162,6 +162,11 @@ def test_run_multislice_sets_megascale_on_every_slice():
         assert env == ["export", "MEGASCALE_COORDINATOR_ADDRESS=<worker 0 IP of pod-0>:8123",
                        "MEGASCALE_PORT=8123", "MEGASCALE_NUM_SLICES=3", f"MEGASCALE_SLICE_ID={i}"]
         assert flag(argv, "--worker") == "all"
+    # The mesh must span the slices; without a dcn_shape override the user is told so.
+    warned = tpu("run", "pod", "z", "--slices", "3", "--", *JOB).stderr
+    quiet = tpu("run", "pod", "z", "--slices", "3", "--", *JOB,
+                "--config.mesh.dcn_shape=(3,1,1)").stderr
+    assert "dcn_shape" in warned and "'(3,1,1)'" in warned and "warning" not in quiet
 
 
 @pytest.mark.parametrize("args,env,says", [
