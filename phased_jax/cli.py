@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stats": ("phased_jax.data.stats", "print the paper's Table 1 for a config's data"),
     "convert": ("phased_jax.hf.convert", "HF directory <-> Orbax checkpoint"),
     "plan": ("phased_jax.train.plan", "per-device memory and whether a model fits a device"),
+    "compile": ("phased_jax.train.compile", "compile the train/eval steps for a TPU slice, here"),
     "generate": ("phased_jax.generate", "batched greedy/sampled answers for test sets"),
 }
 
