@@ -18,6 +18,7 @@ from ml_collections import ConfigDict
 
 from phased_jax import sharding
 from phased_jax.config import model_config
+from phased_jax.data.tokens import BATCH_KEYS
 from phased_jax.model import Transformer
 from phased_jax.model.config import ModelConfig
 from phased_jax.model.flops import flops_per_token
@@ -150,6 +151,17 @@ class Trainer:
         """Summed CE and token count of a batch, in `grad_accum` micro-batches (for eval loss)."""
         with jax.set_mesh(self.mesh):
             return self._jitted("eval")(params, batch)
+
+    def lower(self, name: str, seq_len: int) -> jax.stages.Lowered:
+        """The jitted `train` or `eval` step lowered for abstract inputs of one global batch of
+        `seq_len` tokens a row: what `phased-jax compile` compiles, allocating nothing."""
+        batch = {k: jax.ShapeDtypeStruct((self.global_batch, seq_len), jnp.int32,
+                                         sharding=self.batch_sharding) for k in BATCH_KEYS}
+        state = self.abstract_state()
+        with jax.set_mesh(self.mesh):
+            if name == "train":
+                return self._jitted("train").lower(state, batch)
+            return self._jitted(name).lower(state.params, batch)
 
     def flops_per_step(self, seq_len: int) -> float:
         """Model matmul FLOPs of one training step on the global batch (for MFU)."""
