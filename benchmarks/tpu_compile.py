@@ -1,0 +1,126 @@
+"""The paper's configs compiled for TPU slices with libtpu's compiler, on this machine (no TPU).
+
+    .venv/bin/python benchmarks/tpu_compile.py [--models llama2-7b,...] [--variants all|ends]
+                                               [--batches 256,512,1024]
+
+For each paper config on the slice it names: XLA's peak per device of the exact train step
+with `xla` vs `splash` attention and the full vs chunked loss (`train.loss_chunk`), the
+planner's estimate and its error against XLA, and the compile time; then the largest global
+batch at seq 2048 without gradient accumulation that fits with splash + chunked loss (a few
+compiles up a doubling ladder, not an exhaustive search). A step that does not fit fails to
+compile, so its peak column shows what the compiler said it needed. Not part of `make test`
+(each 7B compile takes minutes on two cores).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import re  # noqa: E402
+
+from phased_jax.accelerators import parse_tpu  # noqa: E402
+from phased_jax.config_cli import load_config_file  # noqa: E402
+from phased_jax.train.compile import GiB, compile_for_tpu  # noqa: E402
+
+print = functools.partial(print, flush=True)  # progress shows while the compiles run
+
+# model -> (config file, slices to compile for, mesh.shape override or None)
+PAPER = {
+    "llama2-7b": ("configs/llama2_7b_phased.py", ("v5p-8", "v5p-16"), None),
+    "llama2-13b": ("configs/llama2_13b_phased.py", ("v5p-16",), None),
+    "mistral-7b": ("configs/mistral_7b_phased.py", ("v5p-8",), None),
+    "llama2-70b": ("configs/llama2_70b_phased.py", ("v5p-128",), (1, -1, 8)),
+}
+LOSS_CHUNK = 512  # tokens of the sequence per chunk in the chunked-loss rows
+VARIANTS = {
+    "all": (("xla", 0), ("splash", 0), ("xla", LOSS_CHUNK), ("splash", LOSS_CHUNK)),
+    "ends": (("xla", 0), ("splash", LOSS_CHUNK)),  # before / after
+}
+
+
+def configure(path: str, mesh_shape, attention: str, loss_chunk: int, batch: int | None = None):
+    config = load_config_file(path)
+    config.model.attention_impl = attention
+    config.train.loss_chunk = loss_chunk
+    if mesh_shape is not None:
+        config.mesh.shape = mesh_shape
+    if batch is not None:
+        config.train.global_batch = batch
+    return config
+
+
+def needed_gib(shortfall: str) -> float:
+    """What the compiler said it needed, from its out-of-memory message (GiB)."""
+    sizes = re.findall(r"\(([\d.]+)G\)", shortfall)
+    return float(sizes[0]) if sizes else float("nan")
+
+
+def row(model: str, tpu_name: str, config, attention: str, loss_chunk: int) -> dict:
+    tpu = parse_tpu(tpu_name)
+    result = compile_for_tpu(config, tpu, steps=("train",))
+    step, plan = result.steps[0], result.plan
+    peak = step.peak / GiB if step.fits else needed_gib(step.shortfall)
+    return dict(model=model, slice=tpu_name, mesh="x".join(str(v) for v in result.mesh.values()),
+                attention=attention, loss="full" if not loss_chunk else f"chunk {loss_chunk}",
+                batch=int(config.train.global_batch), peak=peak, fits=step.fits,
+                plan=plan.total / GiB, err=(plan.total / GiB - peak) / peak,
+                hbm=tpu.hbm_gib, compile_s=step.compile_s)
+
+
+HEADER = (f"{'model':<11} {'slice':<8} {'mesh d.f.t':<10} {'attention':<9} {'loss':<9} "
+          f"{'batch':>5} {'XLA peak':>9} {'fits':>5} {'plan':>8} {'plan err':>8} {'compile':>8}")
+
+
+def show(r: dict) -> str:
+    peak = f"{r['peak']:7.1f}G" if r["fits"] else f">{r['peak']:6.1f}G"
+    return (f"{r['model']:<11} {r['slice']:<8} {r['mesh']:<10} {r['attention']:<9} {r['loss']:<9} "
+            f"{r['batch']:>5} {peak:>9} {'yes' if r['fits'] else 'NO':>5} {r['plan']:7.1f}G "
+            f"{r['err']:+8.1%} {r['compile_s']:7.0f}s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(PAPER), help="comma-separated, from: "
+                   + ", ".join(PAPER))
+    p.add_argument("--variants", choices=sorted(VARIANTS), default="all")
+    p.add_argument("--batches", default="256,512,1024",
+                   help="global batches to try (seq 2048, no accumulation) for the largest fit")
+    args = p.parse_args()
+    rows = []
+    print(HEADER)
+    for model in args.models.split(","):
+        path, slices, mesh_shape = PAPER[model]
+        for tpu_name in slices:
+            for attention, chunk in VARIANTS[args.variants]:
+                rows.append(row(model, tpu_name, configure(path, mesh_shape, attention, chunk),
+                                attention, chunk))
+                print(show(rows[-1]))
+            largest = max((r["batch"] for r in rows if r["fits"] and r["model"] == model
+                           and r["slice"] == tpu_name and r["attention"] == "splash"
+                           and r["loss"] != "full"), default=None)
+            for batch in (int(b) for b in args.batches.split(",") if b):
+                if largest is None or batch <= largest:
+                    continue
+                r = row(model, tpu_name, configure(path, mesh_shape, "splash", LOSS_CHUNK, batch),
+                        "splash", LOSS_CHUNK)
+                rows.append(r)
+                print(show(r))
+                if not r["fits"]:
+                    break
+                largest = batch
+            print(f"  -> {model} on {tpu_name}: largest global batch x 2048 that fits with splash "
+                  f"+ chunked loss, no accumulation: {largest if largest else 'none tried fits'}")
+    fitted = [r for r in rows if r["fits"]]
+    if fitted:
+        worst = max(fitted, key=lambda r: abs(r["err"]))
+        print(f"planner vs XLA over {len(fitted)} compiled rows: worst {worst['err']:+.1%} "
+              f"({worst['model']} {worst['slice']} {worst['attention']} {worst['loss']} "
+              f"batch {worst['batch']})")
+
+
+if __name__ == "__main__":
+    main()
