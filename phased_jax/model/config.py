@@ -6,7 +6,9 @@ import dataclasses
 from typing import Any
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
-ATTENTION_IMPLS = ("xla", "dot_product_attention")  # see phased_jax.model.attention
+# see phased_jax.model.attention; "auto": splash on TPU, cudnn on GPU, xla elsewhere
+ATTENTION_IMPLS = ("xla", "dot_product_attention", "splash", "cudnn", "auto")
+ATTENTION_BLOCK_MULTIPLE = 128  # TPU lane width: splash's block sizes are multiples of it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +39,10 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of parameters
     remat_policy: str = "none"  # one of REMAT_POLICIES
     attention_impl: str = "xla"  # one of ATTENTION_IMPLS
+    # splash's query and key/value block sizes (forward and backward); cut to the sequence
+    # length when longer. 512: MaxText's splash default.
+    attention_block_q: int = 512
+    attention_block_kv: int = 512
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -54,6 +60,11 @@ class ModelConfig:
             problems.append(f"architecture {self.architecture!r} is not 'llama' or 'mistral'")
         if self.attention_impl not in ATTENTION_IMPLS:
             problems.append(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+        for name in ("attention_block_q", "attention_block_kv"):
+            block = getattr(self, name)
+            if not isinstance(block, int) or block <= 0 or block % ATTENTION_BLOCK_MULTIPLE:
+                problems.append(f"{name} ({block!r}) must be a positive multiple of "
+                                f"{ATTENTION_BLOCK_MULTIPLE}")
         if problems:
             raise ValueError("invalid model config: " + "; ".join(problems))
 

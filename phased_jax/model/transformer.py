@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from phased_jax.model.attention import attend, attention_mask
+from phased_jax.model import attention
+from phased_jax.model.attention import Mask, attend, make_mask
 from phased_jax.model.cache import KVCache, write_cache
 from phased_jax.model.config import ModelConfig
 
@@ -60,7 +61,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD: Array, cos: Array, sin: Array, mask_BxLxS: Array,
+    def __call__(self, x_BxLxD: Array, cos: Array, sin: Array, mask: Mask,
                  kv: tuple[Array, Array, tuple[Array, ...], Array] | None
                  ) -> tuple[Array, tuple[Array, Array] | None]:
         """`kv`, when decoding: (k, v, layer, index), the caches holding this layer at `layer`
@@ -88,8 +89,7 @@ class Attention(nn.Module):
             k_all, k_BxSxKxH = write_cache(k_all, k_BxLxKxH, layer, index)
             v_all, v_BxSxKxH = write_cache(v_all, v_BxLxKxH, layer, index)
             new_kv = (k_all, v_all)
-        out_BxLxKxGxH = attend(q_BxLxKxGxH, k_BxSxKxH.astype(dtype), v_BxSxKxH.astype(dtype),
-                               mask_BxLxS, cfg.attention_impl)
+        out_BxLxKxGxH = attend(q_BxLxKxGxH, k_BxSxKxH.astype(dtype), v_BxSxKxH.astype(dtype), mask)
         if kv is None:
             out_BxLxD = jnp.einsum("blkgh,kghd->bld", out_BxLxKxGxH, w_o.astype(dtype))
         else:  # one plain matmul: the 4-d einsum has XLA CPU transpose w_o at every step
@@ -120,7 +120,7 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, carry: Any, cos: Array, sin: Array, mask_BxLxS: Array,
+    def __call__(self, carry: Any, cos: Array, sin: Array, mask: Mask,
                  cache_index: Array | None, layer: Array | None):
         """carry: x [B, L, D], or when decoding (x, k, v): every layer's caches with this one
         at index `layer`, or this layer's own when `layer` is None. Returns (carry, None), as
@@ -134,7 +134,7 @@ class DecoderLayer(nn.Module):
         dtype, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed"))
         h = RMSNorm(cfg.rms_norm_eps, dtype, pdt, name="attn_norm")(x_BxLxD)
-        attn_out, new_kv = Attention(cfg, name="attn")(h, cos, sin, mask_BxLxS, kv)
+        attn_out, new_kv = Attention(cfg, name="attn")(h, cos, sin, mask, kv)
         x_BxLxD = x_BxLxD + attn_out
         h = RMSNorm(cfg.rms_norm_eps, dtype, pdt, name="mlp_norm")(x_BxLxD)
         x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(h)
@@ -182,12 +182,17 @@ class Transformer(nn.Module):
                                                      (0, cache.index))
             k_seg_BxS = jax.lax.dynamic_update_slice(cache.segment_ids,
                                                      segment_ids_BxL.astype(jnp.int32), (0, cache.index))
-        mask_BxLxS = attention_mask(positions_BxL, segment_ids_BxL, k_pos_BxS, k_seg_BxS,
-                                    cfg.sliding_window)
+        # Initialising needs only shapes: xla, whatever platform the config's kernel wants.
+        impl = "xla" if self.is_initializing() else attention.resolve_attention_impl(
+            cfg.attention_impl, attention.mesh_platform(), dtype=cfg.dtype, strict=False)
+        mask = make_mask(positions_BxL, segment_ids_BxL, k_pos_BxS, k_seg_BxS,
+                         sliding_window=cfg.sliding_window, implementation=impl,
+                         self_attention=cache is None, block_q=cfg.attention_block_q,
+                         block_kv=cfg.attention_block_kv)
         if cache is None:
-            x_BxLxD, _ = self._layer_scan(decoding=False)(x_BxLxD, cos, sin, mask_BxLxS, None, None)
+            x_BxLxD, _ = self._layer_scan(decoding=False)(x_BxLxD, cos, sin, mask, None, None)
         else:
-            x_BxLxD, k, v = self.decode_layers(x_BxLxD, cos, sin, mask_BxLxS, cache)
+            x_BxLxD, k, v = self.decode_layers(x_BxLxD, cos, sin, mask, cache)
             cache = KVCache(k=k, v=v, positions=k_pos_BxS, segment_ids=k_seg_BxS,
                             index=cache.index + L)
 
@@ -217,12 +222,12 @@ class Transformer(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(self.cfg, name="layers")
 
-    def decode_layers(self, x_BxLxD: Array, cos: Array, sin: Array, mask_BxLxS: Array,
+    def decode_layers(self, x_BxLxD: Array, cos: Array, sin: Array, mask: Mask,
                       cache: KVCache) -> tuple[Array, Any, Any]:
         """(x, k, v) after every layer has read and written the cache. The layer scan carries
         the whole cache (no per-layer copy of it); a decoder may override this to run the layers
         another way (`phased_jax.generate.cpu`)."""
         (x_BxLxD, k, v), _ = self._layer_scan(decoding=True)(
-            (x_BxLxD, cache.k, cache.v), cos, sin, mask_BxLxS, cache.index,
+            (x_BxLxD, cache.k, cache.v), cos, sin, mask, cache.index,
             jnp.arange(self.cfg.num_layers, dtype=jnp.int32))
         return x_BxLxD, k, v

@@ -31,7 +31,7 @@ def influence(model, params, segment_ids_L=None, positions_L=None) -> np.ndarray
     return np.abs(np.asarray(jac_LxVxD)[:, ids_L]).max(axis=-1)
 
 
-@pytest.mark.parametrize("impl", ATTENTION_IMPLS)
+@pytest.mark.parametrize("impl", [n for n in ATTENTION_IMPLS if n not in ("cudnn", "auto")])
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_a_position_sees_no_later_token(arch, impl):
     model, params = tiny_model(arch, attention_impl=impl)
