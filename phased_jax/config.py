@@ -85,6 +85,9 @@ def get_default_config() -> ConfigDict:
     c.train.eps = 1e-8
     c.train.clip_norm = 1.0
     c.train.z_loss = 0.0  # >0: adds z_loss * logsumexp(logits)^2 per response token (PaLM uses 1e-4)
+    # >0: the LM head and loss run this many positions at a time (rematerialised), so the
+    # [batch, L, vocab] f32 logits are never all live; a ragged last chunk is fine. 0 = off.
+    c.train.loss_chunk = 0
     c.train.opt_state_dtype = ""  # Adam moments; "" = same as param_dtype
     c.train.carry_optimizer = False  # paper: each phase starts with fresh optimizer state and LR schedule
     c.train.log_every = 10

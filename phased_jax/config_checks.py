@@ -104,6 +104,8 @@ def _check_train(c: ConfigDict) -> None:
     _number(c, "train.eps", lambda v: v > 0, "> 0")
     _number(c, "train.clip_norm", lambda v: v >= 0, ">= 0 (0 = no clipping)")
     _number(c, "train.z_loss", lambda v: v >= 0, ">= 0")
+    _number(c, "train.loss_chunk", lambda v: v >= 0,
+            ">= 0 (positions per loss chunk; 0 = the whole sequence at once)", integer=True)
     _number(c, "train.log_every", lambda v: v >= 1, ">= 1", integer=True)
     _number(c, "train.eval_every", lambda v: v >= 0, ">= 0 (0 = at each phase end)", integer=True)
     _choice(c, "train.opt_state_dtype", ("", *DTYPES))

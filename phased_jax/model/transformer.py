@@ -141,6 +141,12 @@ class DecoderLayer(nn.Module):
         return (x_BxLxD if new_kv is None else (x_BxLxD, *new_kv)), None
 
 
+def lm_head_logits(x_BxLxD: Array, head_DxV: Array) -> Array:
+    """Logits of final-normed hidden states (`Transformer(..., return_hidden=True)`'s outputs)."""
+    logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV)
+    return nn.with_logical_constraint(logits_BxLxV, ("batch", "length", "act_vocab"))
+
+
 def _remat_policy(name: str):
     policies = jax.checkpoint_policies
     return {
@@ -159,9 +165,12 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, input_ids_BxL: Array, positions_BxL: Array | None = None,
                  segment_ids_BxL: Array | None = None, attention_mask_BxL: Array | None = None,
-                 cache: KVCache | None = None, last_only: bool = False):
+                 cache: KVCache | None = None, last_only: bool = False, return_hidden: bool = False):
         """last_only: logits of the last position only, [batch, 1, vocab] (a prefill needs no
-        others, and the LM head over every prompt position is a large share of its work)."""
+        others, and the LM head over every prompt position is a large share of its work).
+        return_hidden: (final-normed hidden states [batch, L, D], LM head [D, vocab] in the compute
+        dtype) instead of logits, so a loss can apply the head a chunk at a time
+        (`lm_head_logits(x, head)` gives exactly `__call__`'s logits); not with a cache."""
         cfg = self.cfg
         dtype, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         B, L = input_ids_BxL.shape
@@ -200,9 +209,10 @@ class Transformer(nn.Module):
             x_BxLxD = x_BxLxD[:, -1:]
         x_BxLxD = RMSNorm(cfg.rms_norm_eps, dtype, pdt, name="final_norm")(x_BxLxD)
         head_DxV = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
-                          nn.initializers.normal(cfg.initializer_range), pdt)
-        logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(dtype))
-        logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ("batch", "length", "act_vocab"))
+                          nn.initializers.normal(cfg.initializer_range), pdt).astype(dtype)
+        if return_hidden:  # the caller applies `lm_head_logits` itself, e.g. chunk by chunk
+            return x_BxLxD, head_DxV
+        logits_BxLxV = lm_head_logits(x_BxLxD, head_DxV)
         return logits_BxLxV if cache is None else (logits_BxLxV, cache)
 
     def _layer_scan(self, decoding: bool) -> nn.Module:

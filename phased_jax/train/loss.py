@@ -3,6 +3,10 @@
 The loss is a *sum* over response tokens divided once by the number of response tokens of the
 whole global batch, so accumulating micro-batch gradients gives exactly the big batch's
 gradient (up to float summation order), whatever the micro-batches' token counts.
+
+With `train.loss_chunk` = C > 0 the model returns its final hidden states and the LM head is
+applied C positions at a time inside a rematerialised `lax.scan`: only one chunk's [B, C, vocab]
+float32 logits (and, in the backward pass, their gradient) are ever live, never [B, L, vocab].
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from phased_jax.model.transformer import lm_head_logits
 
 Batch = dict[str, jax.Array]
 
@@ -33,13 +39,56 @@ def cross_entropy_sums(logits_BxLxV: jax.Array, targets_BxL: jax.Array, mask_BxL
     return ce_sum, z_sum
 
 
-def make_loss_fn(model: nn.Module, z_loss: float) -> Callable[[Any, Batch], tuple[jax.Array, Any]]:
-    """loss_fn(params, batch) -> (ce_sum + z_sum, (ce_sum, z_sum)) for one (micro-)batch."""
+def chunked_cross_entropy_sums(x_BxLxD: jax.Array, head_DxV: jax.Array, targets_BxL: jax.Array,
+                               mask_BxL: jax.Array, z_loss: float = 0.0, chunk: int = 512
+                               ) -> tuple[jax.Array, jax.Array]:
+    """`cross_entropy_sums(lm_head_logits(x, head), ...)` computed `chunk` positions at a time.
+
+    A `lax.scan` over chunks of the sequence whose body is `jax.checkpoint`ed: the forward pass
+    keeps only the running sums, the backward pass recomputes each chunk's logits. A ragged last
+    chunk is padded with masked positions, which add exactly zero to the sums and gradients.
+    """
+    B, L, D = x_BxLxD.shape
+    C = min(chunk, L)
+    n = -(-L // C)
+    if n * C != L:
+        pad = n * C - L
+        x_BxLxD = jnp.pad(x_BxLxD, ((0, 0), (0, pad), (0, 0)))
+        targets_BxL = jnp.pad(targets_BxL, ((0, 0), (0, pad)))
+        mask_BxL = jnp.pad(mask_BxL, ((0, 0), (0, pad)))
+
+    def chunks(a, axes):  # [B, n*C, ...] -> [n, B, C, ...]
+        a = a.reshape(B, n, C, *a.shape[2:]).swapaxes(0, 1)
+        return nn.with_logical_constraint(a, (None, "batch", "length", *axes))
+
+    @jax.checkpoint
+    def one(head_DxV, x_BxCxD, targets_BxC, mask_BxC):
+        return cross_entropy_sums(lm_head_logits(x_BxCxD, head_DxV), targets_BxC, mask_BxC, z_loss)
+
+    def body(carry, xs):
+        ce_sum, z_sum = one(head_DxV, *xs)
+        return (carry[0] + ce_sum, carry[1] + z_sum), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (ce_sum, z_sum), _ = jax.lax.scan(
+        body, (zero, zero),
+        (chunks(x_BxLxD, ("act_embed",)), chunks(targets_BxL, ()), chunks(mask_BxL, ())))
+    return ce_sum, z_sum
+
+
+def make_loss_fn(model: nn.Module, z_loss: float, loss_chunk: int = 0
+                 ) -> Callable[[Any, Batch], tuple[jax.Array, Any]]:
+    """loss_fn(params, batch) -> (ce_sum + z_sum, (ce_sum, z_sum)) for one (micro-)batch;
+    `loss_chunk` > 0: the LM head and the loss `loss_chunk` positions at a time."""
     def loss_fn(params: Any, batch: Batch):
-        logits_BxLxV = model.apply({"params": params}, batch["input_ids"],
-                                   positions_BxL=batch["positions"],
-                                   segment_ids_BxL=batch["segment_ids"])
-        ce_sum, z_sum = cross_entropy_sums(logits_BxLxV, batch["targets"], batch["loss_mask"], z_loss)
+        out = model.apply({"params": params}, batch["input_ids"], positions_BxL=batch["positions"],
+                          segment_ids_BxL=batch["segment_ids"], return_hidden=loss_chunk > 0)
+        if loss_chunk > 0:
+            x_BxLxD, head_DxV = out
+            ce_sum, z_sum = chunked_cross_entropy_sums(x_BxLxD, head_DxV, batch["targets"],
+                                                       batch["loss_mask"], z_loss, loss_chunk)
+        else:
+            ce_sum, z_sum = cross_entropy_sums(out, batch["targets"], batch["loss_mask"], z_loss)
         return ce_sum + z_sum, (ce_sum, z_sum)
     return loss_fn
 
@@ -78,21 +127,31 @@ def sum_grads(loss_fn: Callable, params: Any, batch: Batch, grad_accum: int
 
 
 def compute_grads(params: Any, batch: Batch, *, model: nn.Module, rules: Any,
-                  grad_accum: int = 1, z_loss: float = 0.0) -> tuple[Any, dict[str, jax.Array]]:
-    """Gradients of the mean loss over the global batch's response tokens, and loss metrics."""
+                  grad_accum: int = 1, z_loss: float = 0.0, loss_chunk: int = 0
+                  ) -> tuple[Any, dict[str, jax.Array]]:
+    """Gradients of the mean loss over the global batch's response tokens, and loss metrics
+    (`useful_tokens`: the batch's non-padding tokens, for useful throughput)."""
     with nn.logical_axis_rules(rules):
         n_tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
         denom = jnp.maximum(n_tokens, 1.0)
-        grads, ce_sum, z_sum = sum_grads(make_loss_fn(model, z_loss), params, batch, grad_accum)
+        grads, ce_sum, z_sum = sum_grads(make_loss_fn(model, z_loss, loss_chunk), params, batch,
+                                         grad_accum)
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
-    return grads, {"loss": ce_sum / denom, "z_loss": z_sum / denom, "loss_tokens": n_tokens}
+    return grads, {"loss": ce_sum / denom, "z_loss": z_sum / denom, "loss_tokens": n_tokens,
+                   "useful_tokens": useful_tokens(batch)}
 
 
-def eval_sums(params: Any, batch: Batch, *, model: nn.Module, rules: Any, grad_accum: int = 1
-              ) -> dict[str, jax.Array]:
-    """Summed CE and response-token count of a batch, in `grad_accum` micro-batches like training
-    (so eval fits wherever training fits); sum over batches, then divide."""
-    loss_fn = make_loss_fn(model, 0.0)
+def useful_tokens(batch: Batch) -> jax.Array:
+    """Non-padding tokens of a batch (`segment_ids` != 0)."""
+    return jnp.sum(batch["segment_ids"] != 0, dtype=jnp.int32)
+
+
+def eval_sums(params: Any, batch: Batch, *, model: nn.Module, rules: Any, grad_accum: int = 1,
+              loss_chunk: int = 0) -> dict[str, jax.Array]:
+    """Summed CE and response-token count of a batch, in `grad_accum` micro-batches (and
+    `loss_chunk` chunks) like training (so eval fits wherever training fits); sum over batches,
+    then divide."""
+    loss_fn = make_loss_fn(model, 0.0, loss_chunk)
     with nn.logical_axis_rules(rules):
         tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
         if grad_accum == 1:

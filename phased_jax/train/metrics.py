@@ -3,6 +3,12 @@
 MFU = model matmul FLOPs per step (`flops_per_token`, 6N-style, with attention) / step time /
 (peak FLOPs per device x devices). Peaks are dense bf16 figures from the vendors' spec sheets;
 on CPU (or an unknown device) the figure comes from `config.train.peak_flops` or a matmul probe.
+
+Padding costs compute but teaches nothing, so beside the padded figures (`tokens_per_s`, `mfu`:
+every position of the [batch, max_length] step) come the useful ones (`useful_tokens_per_s`,
+`useful_mfu`): the same over non-padding tokens only (`segment_ids` != 0, counted on device by
+the step as `useful_tokens`), i.e. the padded figures times the fraction of real tokens between
+the two log points. `useful_mfu` counts each real token at the padded length's FLOPs per token.
 """
 
 from __future__ import annotations
@@ -79,14 +85,18 @@ class MetricsWriter:
             self._bar = tqdm(total=total_steps, desc=prefix, dynamic_ncols=True)
         self._last_time: float | None = None
         self._steps_since = 0
+        self._useful: list[Any] = []  # each step's on-device `useful_tokens` since the last log
 
     def write(self, step: int, metrics: dict[str, Any], force: bool = False) -> dict[str, float] | None:
         """Record step `step` (1-based within this run); returns the record when one was written."""
+        if "useful_tokens" in metrics:
+            self._useful.append(metrics["useful_tokens"])  # no sync: summed at the log point
         if self._last_time is None:  # the first step includes compilation: time from its end
             jax.block_until_ready(metrics)
             self._last_time = time.perf_counter()
             self._steps_since = 0
             record = self._record(step, metrics, None)
+            self._useful = []
         else:
             self._steps_since += 1
             if not force and step % self.log_every:
@@ -95,7 +105,7 @@ class MetricsWriter:
             jax.block_until_ready(metrics)
             now = time.perf_counter()
             record = self._record(step, metrics, (now - self._last_time) / self._steps_since)
-            self._last_time, self._steps_since = now, 0
+            self._last_time, self._steps_since, self._useful = now, 0, []
         self._emit(record)
         self._advance()
         return record
@@ -108,6 +118,13 @@ class MetricsWriter:
             record["tokens_per_s"] = self.tokens_per_step / step_time
             if self.peak_flops_total > 0:
                 record["mfu"] = self.flops_per_step / step_time / self.peak_flops_total
+            if self._useful and self.tokens_per_step > 0:
+                fraction = (float(np.sum(jax.device_get(self._useful)))
+                            / (len(self._useful) * self.tokens_per_step))
+                record["useful_fraction"] = fraction
+                record["useful_tokens_per_s"] = record["tokens_per_s"] * fraction
+                if "mfu" in record:
+                    record["useful_mfu"] = record["mfu"] * fraction
         return record
 
     def _emit(self, record: dict[str, float]) -> None:
@@ -120,7 +137,8 @@ class MetricsWriter:
                 if key not in ("step", "time"):
                     self._tb.add_scalar(f"{self.prefix}/{key}", value, record["step"])
         if self._bar is not None:
-            shown = {k: record[k] for k in ("loss", "grad_norm", "lr", "tokens_per_s", "mfu")
+            shown = {k: record[k] for k in ("loss", "grad_norm", "lr", "tokens_per_s", "mfu",
+                                               "useful_mfu")
                      if k in record}
             self._bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
 

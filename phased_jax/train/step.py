@@ -14,11 +14,11 @@ from phased_jax.train.state import TrainState
 
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation,
-               rules: Any, grad_accum: int = 1, z_loss: float = 0.0
+               rules: Any, grad_accum: int = 1, z_loss: float = 0.0, loss_chunk: int = 0
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update on the global batch (jit this; see `Trainer.step`)."""
     grads, metrics = compute_grads(state.params, batch, model=model, rules=rules,
-                                   grad_accum=grad_accum, z_loss=z_loss)
+                                   grad_accum=grad_accum, z_loss=z_loss, loss_chunk=loss_chunk)
     metrics["grad_norm"] = optax.tree.norm(grads)  # before clipping
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     metrics["lr"] = schedule_state(opt_state).lr

@@ -47,6 +47,7 @@ class Trainer:
         self.grad_accum = int(train_cfg.grad_accum)
         self.global_batch = int(train_cfg.global_batch)
         self.z_loss = float(train_cfg.z_loss)
+        self.loss_chunk = int(train_cfg.get("loss_chunk", 0))
         sharding.check_batch(self.global_batch, self.grad_accum, self.mesh, self.rules)
         self.abstract_params = abstract_params(model_cfg)
         self.param_shardings = sharding.param_shardings(model_cfg, self.placement)
@@ -120,7 +121,8 @@ class Trainer:
     def _jitted(self, name: str) -> Any:
         """The jitted train step, gradient or eval function, compiled once per trainer."""
         if name not in self._steps:
-            common = dict(model=self.model, rules=self.rules, grad_accum=self.grad_accum)
+            common = dict(model=self.model, rules=self.rules, grad_accum=self.grad_accum,
+                          loss_chunk=self.loss_chunk)
             if name == "train":
                 shardings = self.state_shardings()
                 fn = jax.jit(functools.partial(train_step, tx=self.tx, z_loss=self.z_loss, **common),
