@@ -151,6 +151,10 @@ def _check_model(c: ConfigDict) -> None:
         model_config(c.model)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.model: {e}; fix the model section or its preset") from None
+    if c.model.get("attention_impl") == "cudnn" and _field(c, "data.packing") is True:
+        raise ConfigError("model.attention_impl='cudnn' cannot express packed segments "
+                          "(data.packing=True): use 'auto' (xla on GPU when packing), 'xla', or "
+                          "data.packing=False" + _fix("model.attention_impl"))
 
 
 def _check_checkpoint(c: ConfigDict) -> None:

@@ -20,6 +20,7 @@ from phased_jax import sharding
 from phased_jax.config import model_config
 from phased_jax.data.tokens import BATCH_KEYS
 from phased_jax.model import Transformer
+from phased_jax.model.attention import resolve_attention_impl
 from phased_jax.model.config import ModelConfig
 from phased_jax.model.flops import flops_per_token
 from phased_jax.model.params import abstract_params
@@ -39,10 +40,15 @@ class Trainer:
     """
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: ConfigDict, mesh_cfg: ConfigDict, *,
-                 seed: int = 0, devices: list[Any] | None = None) -> None:
+                 seed: int = 0, devices: list[Any] | None = None, packing: bool = False) -> None:
+        self.placement = sharding.Placement.from_config(mesh_cfg, devices)
+        # `auto` becomes the kernel of the devices the steps are compiled for (a TPU topology's
+        # too, from a CPU host); a kernel they cannot run is a ConfigError before any compile.
+        model_cfg = model_cfg.replace(attention_impl=resolve_attention_impl(
+            model_cfg.attention_impl, self.placement.mesh.devices.flat[0].platform,
+            packing=packing, dtype=model_cfg.dtype))
         self.model_cfg, self.train_cfg, self.seed = model_cfg, train_cfg, int(seed)
         self.model = Transformer(model_cfg)
-        self.placement = sharding.Placement.from_config(mesh_cfg, devices)
         self.mesh, self.rules = self.placement.mesh, self.placement.rules
         self.grad_accum = int(train_cfg.grad_accum)
         self.global_batch = int(train_cfg.global_batch)
@@ -173,4 +179,4 @@ class Trainer:
 def build_trainer(config: ConfigDict, devices: list[Any] | None = None) -> Trainer:
     """The Trainer of one experiment ConfigDict: its model, train and mesh sections and seed."""
     return Trainer(model_config(config.model), config.train, config.mesh, seed=config.seed,
-                   devices=devices)
+                   devices=devices, packing=bool(config.get("data", {}).get("packing", False)))

@@ -9,11 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from phased_jax.accelerators import parse_tpu, tpu_devices
 from phased_jax.errors import ConfigError
 from phased_jax.model import attention
 from phased_jax.model.attention import attend, make_mask, resolve_attention_impl
+from phased_jax.train.trainer import build_trainer
+from tests.train.helpers import tiny_config
 
 from .helpers import VOCAB, tiny_model
 
@@ -179,3 +182,38 @@ def test_a_kernel_the_platform_cannot_run_is_a_config_error(impl, platform, kw, 
     with pytest.raises(ConfigError, match=match):
         resolve_attention_impl(impl, platform, **kw)
     assert resolve_attention_impl(impl, platform, strict=False, **kw) == "xla"
+
+
+def test_the_trainer_resolves_auto_for_its_devices_and_refuses_what_they_cannot_run():
+    c = tiny_config()
+    c.model.attention_impl = "auto"
+    assert build_trainer(c).model_cfg.attention_impl == "xla"  # CPU devices
+    c.model.attention_impl = "cudnn"
+    with pytest.raises(ConfigError, match="cudnn.*needs a GPU"):
+        build_trainer(c)
+
+
+def test_splash_compiles_to_the_mosaic_kernel_for_tpu_devices():
+    """From this CPU host, for a TPU topology: the platform comes from the mesh, so the kernel
+    is the TPU custom call, not interpret mode's loops (which have none)."""
+    pytest.importorskip("libtpu")
+    devices = tpu_devices(parse_tpu("v5e-4"))
+    mesh = Mesh(np.array(devices).reshape(1, 2, 2), ("data", "fsdp", "tensor"),
+                axis_types=(AxisType.Auto,) * 3)
+    rules = (("batch", ("data", "fsdp")), ("act_kv_heads", "tensor"))
+    B, L, K, G, H = 2, 2 * BLOCK, 2, 2, 128  # the kernel wants 128-lane heads on TPU
+    spec = lambda *s: NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None, *s))
+    q = jax.ShapeDtypeStruct((B, L, K, G, H), jnp.bfloat16, sharding=spec("tensor"))
+    kv = jax.ShapeDtypeStruct((B, L, K, H), jnp.bfloat16, sharding=spec("tensor"))
+    seg = jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=spec())
+
+    def loss(q, k, v, seg):
+        pos = jnp.broadcast_to(jnp.arange(L), seg.shape)
+        mask = make_mask(pos, seg, pos, seg, sliding_window=BLOCK // 2, implementation="splash",
+                         self_attention=True, block_q=BLOCK, block_kv=BLOCK)
+        return jnp.sum(attend(q, k, v, mask).astype(jnp.float32))
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, seg)
+    assert lowered.as_text().count("tpu_custom_call") == 3  # forward, dq, dk/dv
+    lowered.compile()
