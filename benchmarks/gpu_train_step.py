@@ -10,7 +10,7 @@ on an out-of-memory error). Both sides train the same weights on the same batch:
 parameters and AdamW moments, bfloat16 compute (ours: `dtype`; torch: autocast, as HF's Trainer
 with bf16), loss on every token, clip 1.0, AdamW without decay on the norms, no remat / no
 gradient checkpointing. The JAX side is the project's own `Trainer.step` with
-`model.attention_impl` cudnn where the model offers it (xla on CPU); torch uses
+`model.attention_impl` auto (cuDNN flash attention on a GPU in bf16, xla on CPU); torch uses
 attn_implementation='sdpa'. Its initial weights go to torch through our HF export
 (`phased_jax.hf.to_hf.save`), so the first-step losses must agree: the table shows both.
 
@@ -26,6 +26,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -76,16 +77,6 @@ def make_batch(batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
                 positions=np.tile(np.arange(seq, dtype=np.int32), (batch, 1)))
 
 
-def default_attention_impl(platform: str) -> str:
-    """cudnn (flash attention) on a GPU where the model has it; the reference einsums on CPU."""
-    from phased_jax.model.config import ATTENTION_IMPLS
-    if platform == "gpu":
-        for impl in ("cudnn", "dot_product_attention"):
-            if impl in ATTENTION_IMPLS:
-                return impl
-    return "xla"
-
-
 def model_overrides(spec: dict) -> dict[str, Any]:
     """The `model` section's fields for this run's shape."""
     out = {k: spec[k] for k in ("vocab_size", "hidden_size", "num_heads", "num_kv_heads",
@@ -101,11 +92,13 @@ def run_jax(spec: dict, workdir: Path) -> dict[str, Any]:
 
     from phased_jax.config import get_default_config, model_section
     from phased_jax.hf import to_hf
+    from phased_jax.model.attention import resolve_attention_impl
     from phased_jax.train import build_trainer
     from phased_jax.train.metrics import peak_flops_per_device
 
     device = jax.devices()[0]
-    impl = spec["attention_impl"] or default_attention_impl(device.platform)
+    # auto: cuDNN flash attention on a GPU in bfloat16, the reference einsums on CPU
+    impl = resolve_attention_impl(spec["attention_impl"] or "auto", device.platform, dtype=spec["dtype"])
     c = get_default_config()
     c.model = model_section("llama2-7b", **model_overrides(spec), attention_impl=impl,
                             dtype=spec["dtype"], param_dtype="float32", remat_policy="none",
@@ -174,7 +167,10 @@ RUNNERS = {"jax": run_jax, "torch": run_torch}
 def run_isolated(side: str, spec: dict, workdir: Path) -> dict[str, Any]:
     """`side` in a child process (each side gets the whole card); raises MemoryError on OOM."""
     cmd = [sys.executable, __file__, "--side", side, "--spec", json.dumps(spec), "--workdir", str(workdir)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # JAX takes 75% of the card by default and torch's allocator fragments: give each the card.
+    env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+           **os.environ}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         if any(m in proc.stderr for m in OOM_MARKERS):
@@ -216,6 +212,15 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from phased_jax.errors import PhasedError
+    try:
+        return _main(argv)
+    except PhasedError as e:  # bad flags or config: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=0, help="0: as many as fit an 80 GB card")
     ap.add_argument("--batch", type=int, default=0, help="0: 4 (tiny: 2)")
@@ -223,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed steps (median)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    ap.add_argument("--attention-impl", default="", help="'' = cudnn on GPU, xla on CPU")
+    ap.add_argument("--attention-impl", default="", help="'' = auto: cudnn on GPU, xla on CPU")
     ap.add_argument("--device-peak", type=float, default=0.0,
                     help="dense bf16 FLOP/s of one device (0: phased_jax.train.metrics table)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke shape: hidden 64, 2 layers, seq 32")
