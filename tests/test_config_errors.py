@@ -103,6 +103,19 @@ def test_model_section_is_checked():
     c.model.remat_policy = "everything"
     with pytest.raises(ConfigError, match=r"config\.model: .*remat_policy 'everything'"):
         validate_config(c)
+    c = valid()
+    c.model.attention_block_q = 100
+    with pytest.raises(ConfigError, match=r"attention_block_q \(100\) must be a positive multiple of 128"):
+        validate_config(c)
+
+
+def test_cudnn_attention_refuses_packed_rows():
+    c = valid()
+    c.model.attention_impl = "cudnn"
+    validate_config(c)  # one example a row: cuDNN's causal + length mask says it
+    c.data.packing = True
+    with pytest.raises(ConfigError, match=r"attention_impl='cudnn' cannot express packed segments"):
+        validate_config(c)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from phased_jax.model.attention import Mask
 from phased_jax.model.cache import KVCache
 from phased_jax.model.config import ModelConfig
 from phased_jax.model.transformer import DecoderLayer, Transformer
@@ -34,7 +35,7 @@ class UnrolledTransformer(Transformer):
     """`Transformer` decoding layer by layer, for params from `unstack_layers` and a cache from
     `per_layer_cache`; training and `init` need the plain `Transformer` and stacked params."""
 
-    def decode_layers(self, x_BxLxD: Array, cos: Array, sin: Array, mask_BxLxS: Array,
+    def decode_layers(self, x_BxLxD: Array, cos: Array, sin: Array, mask: Mask,
                       cache: KVCache) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
         layer_params = self.variables["params"]["layers"]
         if not isinstance(layer_params, (tuple, list)) or not isinstance(cache.k, tuple):
@@ -43,7 +44,7 @@ class UnrolledTransformer(Transformer):
         new_k, new_v = [], []
         for params_i, k_i, v_i in zip(layer_params, cache.k, cache.v, strict=True):
             (x_BxLxD, k_i, v_i), _ = DecoderLayer(self.cfg, parent=None).apply(
-                {"params": params_i}, (x_BxLxD, k_i, v_i), cos, sin, mask_BxLxS, cache.index, None)
+                {"params": params_i}, (x_BxLxD, k_i, v_i), cos, sin, mask, cache.index, None)
             new_k.append(k_i)
             new_v.append(v_i)
         return x_BxLxD, tuple(new_k), tuple(new_v)
