@@ -10,7 +10,9 @@ shape and rule table, global batch, grad accumulation, optimizer-state dtype and
 
 Parameter shapes come from `jax.eval_shape(model.init)` (nothing is allocated), per-device
 bytes from the same logical->mesh rules the trainer shards with; activations are an analytic
-estimate per remat policy (see `activation_bytes`); step time is FLOPs / (devices x peak x MFU).
+estimate per remat policy, attention implementation and loss chunking (`activation_breakdown`
+names each term; `phased-jax compile` checks the total against XLA's buffer assignment); step
+time is FLOPs / (devices x peak x MFU).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from phased_jax import sharding
 from phased_jax.config import get_default_config, model_config, model_section
 from phased_jax.config_cli import flag_value, parse_config_argv
 from phased_jax.errors import UsageError
+from phased_jax.model.attention import resolve_attention_impl
 from phased_jax.model.config import PRESETS, ModelConfig
 from phased_jax.model.flops import flops_per_token
 from phased_jax.model.params import abstract_params, logical_axes
@@ -39,7 +42,9 @@ DEVICES: dict[str, tuple[float, float]] = {
     "a100-40gb": (40, 312e12), "a100-80gb": (80, 312e12), "h100": (80, 989e12),
     "h200": (141, 989e12),
 }
+GPU_KINDS = ("a100-40gb", "a100-80gb", "h100", "h200")  # the others in DEVICES are TPUs
 USABLE = 0.9  # XLA's own buffers, fragmentation: plan against 90% of the device's memory
+FLASH_IMPLS = ("splash", "cudnn")  # kernels that never materialise the [L, keys] scores
 
 
 @dataclasses.dataclass
@@ -50,6 +55,7 @@ class Plan:
     opt_state: int
     activations: int
     flops_per_step: float
+    activation_terms: dict[str, int] = dataclasses.field(default_factory=dict)  # sums to activations
 
     @property
     def total(self) -> int:
@@ -68,53 +74,103 @@ def sharded_param_bytes(cfg: ModelConfig, mesh: dict[str, int], rules: sharding.
     return count, per_device
 
 
-def activation_bytes(cfg: ModelConfig, tokens: int, seq: int, tensor: int, remat: str,
-                     itemsize: int) -> int:
-    """Estimated peak activation bytes of one device for one micro-batch of `tokens` tokens.
+def is_flash(attention_impl: str, device: str | None = None, *, dtype: str = "bfloat16",
+             packing: bool = False) -> bool:
+    """Whether `model.attention_impl` runs a flash kernel (O(L) softmax stats per head, no
+    [L, keys] scores) on `device` (a `DEVICES` kind; None: a TPU, the project's target).
+    `auto` resolves as the trainer would on that platform (GPU: cudnn unless float32 or packing)."""
+    platform = "gpu" if device in GPU_KINDS else "tpu"
+    impl = resolve_attention_impl(attention_impl, platform, packing=packing, dtype=dtype,
+                                  strict=False)
+    return impl in FLASH_IMPLS
 
-    Saved per layer for the backward pass (elements per token): always the layer input (D);
-    plus, by policy, `none`: every intermediate; `dots`: every matmul output (incl. attention
-    scores); `dots_no_batch`: the projections (qkv, o, wi, wo); `qkv_proj`: qkv and o; `full`:
-    nothing. On top: one layer's full working set (recomputed in the backward pass) and the
-    f32 logits with their gradient.
+
+def activation_breakdown(cfg: ModelConfig, tokens: int, seq: int, tensor: int, remat: str,
+                         itemsize: int, *, flash: bool = False, loss_chunk: int = 0
+                         ) -> dict[str, int]:
+    """Estimated peak activation bytes of one device for one micro-batch of `tokens` tokens
+    (`tokens / seq` rows), by term; `activation_bytes` is their sum.
+
+    - `layer_inputs`: every layer's input (D per token), saved for the backward pass.
+    - `policy_saved`: what the remat policy saves per layer besides (per token): `none`:
+      everything; `dots`: every matmul output; `dots_no_batch`: the projections (qkv, o, wi, wo);
+      `qkv_proj`: qkv and o; `full`: nothing. The attention scores are in `attention_scores`.
+    - `layer_working`: one layer's working set, recomputed in the backward pass (no scores).
+    - `attention_scores`: xla: per query token and head a row of `keys` scores, materialised in
+      float32 (scores, probs) plus the probs in the compute dtype, in the working layer, and by
+      `none`/`dots` in every layer. flash (`splash`/`cudnn`): the kernel keeps the scores in
+      on-chip blocks and saves O(L) float32 softmax stats (logsumexp, max) per head instead.
+    - `final_hidden`: the final-normed hidden states (the LM head's input) and their gradient;
+      chunked loss adds their [chunks, rows, chunk, D] copy for the scan.
+    - `logits`: logits in the compute dtype, their float32 copy and float32 gradient, for every
+      token, or with `loss_chunk` > 0 for one chunk (`rows x loss_chunk` tokens) only.
     """
     D, F, Hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     nh, kv = cfg.num_heads, cfg.num_kv_heads
+    f32 = 4
     qkv = (nh + 2 * kv) * Hd / tensor
-    keys = min(seq, cfg.sliding_window or seq)
-    scores = nh * keys / tensor  # one row of scores/probs per query token
     attn_out, mlp_in = nh * Hd / tensor, 2 * F / tensor
-    everything = (D + qkv + (nh + kv) * Hd / tensor + 3 * scores + attn_out + 4 * D + mlp_in
-                  + 2 * F / tensor)
+    # elements per token (compute dtype): qkv, rope'd q and k, attention out, residual/norm
+    # temporaries, gate+up and activation*up.
+    working = D + qkv + (nh + kv) * Hd / tensor + attn_out + 4 * D + mlp_in + 2 * F / tensor
     saved = {
-        "none": everything,
-        "dots": qkv + scores + attn_out + mlp_in + 2 * D,
+        "none": working,
+        "dots": qkv + attn_out + mlp_in + 2 * D,
         "dots_no_batch": qkv + mlp_in + 2 * D,
         "qkv_proj": qkv + D,
         "full": 0.0,
     }[remat]
-    per_layer = (D + saved) * tokens * itemsize
-    working = everything * tokens * itemsize
-    logits = tokens * cfg.vocab_size / tensor * (itemsize + 4 + 4)
-    return int(cfg.num_layers * per_layer + working + logits)
+    keys = min(seq, cfg.sliding_window or seq)
+    if flash:  # bytes per token: the kernel's float32 logsumexp and max per head
+        scores_working = 2 * nh / tensor * f32
+        scores_saved = scores_working if remat in ("none", "dots") else 0.0
+    else:
+        row = nh * keys / tensor  # one row of scores per query token and head
+        scores_working = row * (f32 + f32 + itemsize)
+        scores_saved = {"none": scores_working, "dots": row * itemsize}.get(remat, 0.0)
+    rows = max(1, tokens // seq)
+    chunk = min(loss_chunk, seq) if loss_chunk > 0 else seq
+    L = cfg.num_layers
+    return {
+        "layer_inputs": int(L * tokens * D * itemsize),
+        "policy_saved": int(L * tokens * saved * itemsize),
+        "layer_working": int(tokens * working * itemsize),
+        "attention_scores": int(tokens * (L * scores_saved + scores_working)),
+        "final_hidden": int(tokens * D * itemsize * (3 if loss_chunk > 0 else 2)),
+        "logits": int(rows * chunk * cfg.vocab_size / tensor * (itemsize + f32 + f32)),
+    }
+
+
+def activation_bytes(cfg: ModelConfig, tokens: int, seq: int, tensor: int, remat: str,
+                     itemsize: int, *, flash: bool = False, loss_chunk: int = 0) -> int:
+    """Estimated peak activation bytes of one device for one micro-batch of `tokens` tokens:
+    the sum of `activation_breakdown`'s terms."""
+    return sum(activation_breakdown(cfg, tokens, seq, tensor, remat, itemsize, flash=flash,
+                                    loss_chunk=loss_chunk).values())
 
 
 def make_plan(cfg: ModelConfig, train_cfg: ConfigDict, mesh: dict[str, int],
-              rules: sharding.Rules, seq: int) -> Plan:
-    """The plan of training `cfg` with the `train` section's batch on `mesh` under `rules`."""
+              rules: sharding.Rules, seq: int, *, device: str | None = None,
+              packing: bool = False) -> Plan:
+    """The plan of training `cfg` with the `train` section's batch (and `loss_chunk`) on `mesh`
+    under `rules`; `device` (a `DEVICES` kind) and `packing` decide what `attention_impl='auto'`
+    runs (`is_flash`)."""
     global_batch, grad_accum = int(train_cfg.global_batch), int(train_cfg.grad_accum)
     sharding.check_batch(global_batch, grad_accum, mesh, rules)
     p_size = jnp.dtype(cfg.param_dtype).itemsize
     o_size = jnp.dtype(train_cfg.get("opt_state_dtype") or cfg.param_dtype).itemsize
     count, param_bytes = sharded_param_bytes(cfg, mesh, rules, 1)
     tokens = global_batch // grad_accum // sharding.batch_shards(mesh, rules) * seq
-    acts = activation_bytes(cfg, tokens, seq, mesh["tensor"], cfg.remat_policy,
-                            jnp.dtype(cfg.dtype).itemsize)
+    terms = activation_breakdown(
+        cfg, tokens, seq, mesh["tensor"], cfg.remat_policy, jnp.dtype(cfg.dtype).itemsize,
+        flash=is_flash(cfg.attention_impl, device, dtype=cfg.dtype, packing=packing),
+        loss_chunk=int(train_cfg.get("loss_chunk", 0)))
     return Plan(
         num_params=count, params=param_bytes * p_size,
         grads=param_bytes * p_size * (2 if grad_accum > 1 else 1),  # + accumulator
         opt_state=param_bytes * o_size * 2,  # Adam's two moments
-        activations=acts, flops_per_step=flops_per_token(cfg, seq) * global_batch * seq)
+        activations=sum(terms.values()), activation_terms=terms,
+        flops_per_step=flops_per_token(cfg, seq) * global_batch * seq)
 
 
 USAGE = """usage: phased-jax plan (--config CONFIG_FILE | --preset NAME) [--config.SECTION.FIELD=VALUE ...]
@@ -159,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     mesh = sharding.mesh_sizes(config.mesh, n_dev)
     cfg = model_config(config.model)
     tc, seq = config.train, int(config.data.max_length)
-    plan = make_plan(cfg, tc, mesh, sharding.rules_from_config(config.mesh), seq)
+    plan = make_plan(cfg, tc, mesh, sharding.rules_from_config(config.mesh), seq, device=fv.device,
+                     packing=bool(config.data.get("packing", False)))
     mem_gib, peak = DEVICES[fv.device]
     step_s = plan.flops_per_step / (n_dev * peak * fv.mfu)
     gib = lambda b: f"{b / GiB:9.2f} GiB"
@@ -171,7 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  params       {gib(plan.params)}")
     print(f"  gradients    {gib(plan.grads)}")
     print(f"  optimizer    {gib(plan.opt_state)}   (AdamW mu + nu)")
-    print(f"  activations  {gib(plan.activations)}   (estimate, remat={cfg.remat_policy})")
+    flash = is_flash(cfg.attention_impl, fv.device, dtype=cfg.dtype,
+                     packing=bool(config.data.get("packing", False)))
+    print(f"  activations  {gib(plan.activations)}   (estimate, remat={cfg.remat_policy}, "
+          f"attention {cfg.attention_impl} ({'flash' if flash else 'scores materialised'}), "
+          f"loss_chunk {int(tc.get('loss_chunk', 0))})")
+    for name, value in plan.activation_terms.items():
+        print(f"    {name:<16} {gib(value)}")
     print(f"  total        {gib(plan.total)}")
     fits = plan.total <= USABLE * mem_gib * GiB
     print(f"{fv.device} ({mem_gib:g} GiB): {'FITS' if fits else 'DOES NOT FIT'} "

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from phased_jax import sharding
@@ -80,3 +81,68 @@ def test_remat_policies_order_activation_memory():
 def test_plan_rejects_a_batch_that_does_not_divide():
     with pytest.raises(ConfigError, match="batch shards"):
         plan.main(["--preset", "llama2-7b", "--num-devices", "32", "--config.train.global_batch=16"])
+
+
+def test_flash_attention_keeps_o_of_l_scores_and_xla_materialises_them():
+    cfg = get_preset("llama2-7b")
+    terms = {(flash, seq): plan.activation_breakdown(cfg, 4 * seq, seq, 1, "full", 2, flash=flash)
+             for flash in (False, True) for seq in (2048, 4096)}
+    # same rows, twice the length: xla's [L, L] scores grow 4x, flash's per-head stats 2x
+    xla = terms[False, 4096]["attention_scores"] / terms[False, 2048]["attention_scores"]
+    flash = terms[True, 4096]["attention_scores"] / terms[True, 2048]["attention_scores"]
+    assert xla == pytest.approx(4, rel=1e-6) and flash == pytest.approx(2, rel=1e-6)
+    # xla: 32 heads x 2048 keys x (f32 scores + f32 probs + bf16 probs) per token, in one layer
+    assert terms[False, 2048]["attention_scores"] == 4 * 2048 * 32 * 2048 * 10
+    assert terms[True, 2048]["attention_scores"] < terms[False, 2048]["attention_scores"] / 100
+    for key in ("layer_inputs", "policy_saved", "layer_working", "final_hidden", "logits"):
+        assert terms[False, 2048][key] == terms[True, 2048][key]
+
+
+def test_loss_chunk_keeps_one_chunks_logits():
+    cfg = get_preset("llama2-7b")
+    full = plan.activation_breakdown(cfg, 4 * 2048, 2048, 1, "full", 2)
+    chunked = plan.activation_breakdown(cfg, 4 * 2048, 2048, 1, "full", 2, loss_chunk=256)
+    # bf16 logits + f32 copy + f32 gradient of 32000 vocab, 4 rows x (2048 or 256) positions
+    assert full["logits"] == 4 * 2048 * 32000 * 10
+    assert chunked["logits"] == 4 * 256 * 32000 * 10
+    assert (plan.activation_bytes(cfg, 4 * 2048, 2048, 1, "full", 2, loss_chunk=256)
+            < plan.activation_bytes(cfg, 4 * 2048, 2048, 1, "full", 2))
+    # a chunk longer than the sequence is the whole sequence
+    assert plan.activation_breakdown(cfg, 4 * 2048, 2048, 1, "full", 2,
+                                     loss_chunk=4096)["logits"] == full["logits"]
+
+
+@pytest.mark.parametrize("impl,device,dtype,packing,flash", [
+    ("xla", "v4", "bfloat16", False, False),
+    ("dot_product_attention", "h100", "bfloat16", False, False),
+    ("splash", "v5p", "bfloat16", False, True),
+    ("auto", "v5e", "float32", True, True),  # splash on TPU whatever the dtype or packing
+    ("auto", None, "bfloat16", False, True),  # no device: a TPU
+    ("auto", "h100", "bfloat16", False, True),  # cudnn
+    ("auto", "h100", "float32", False, False),  # cudnn needs bf16/f16: xla
+    ("auto", "h200", "bfloat16", True, False),  # cudnn cannot pack: xla
+])
+def test_planner_resolves_the_attention_impl_by_device(impl, device, dtype, packing, flash):
+    assert plan.is_flash(impl, device, dtype=dtype, packing=packing) is flash
+
+
+def test_plan_terms_sum_and_cli_shows_them(capsys):
+    args = ["--preset", "llama2-7b", "--num-devices", "32", "--config.mesh.shape=(1,32,1)",
+            "--config.train.global_batch=128", "--config.data.max_length=2048", "--device", "v4"]
+    plan.main(args + ["--config.model.attention_impl=xla"])
+    xla_out = capsys.readouterr().out
+    plan.main(args + ["--config.model.attention_impl=auto", "--config.train.loss_chunk=512"])
+    out = capsys.readouterr().out
+    assert "attention xla (scores materialised), loss_chunk 0" in xla_out
+    assert "attention auto (flash), loss_chunk 512" in out
+    acts = [float(o.split("  activations")[1].split("GiB")[0]) for o in (xla_out, out)]
+    assert acts[1] < acts[0]
+    rules = sharding.rules_from_config(get_default_config().mesh)
+    c = get_default_config()
+    c.train.update(global_batch=128, loss_chunk=512)
+    p = plan.make_plan(get_preset("llama2-7b"), c.train, {"data": 1, "fsdp": 32, "tensor": 1},
+                       rules, 2048, device="v4")
+    assert sum(p.activation_terms.values()) == p.activations > 0
+    itemsize = np.dtype(get_preset("llama2-7b").dtype).itemsize
+    # 4 rows per device, one chunk: logits in the compute dtype, an f32 copy and f32 gradient
+    assert p.activation_terms["logits"] == 4 * 512 * 32000 * (itemsize + 8)
