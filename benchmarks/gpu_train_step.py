@@ -37,6 +37,9 @@ from typing import Any
 
 import numpy as np
 
+from phased_jax.config import get_default_config
+from phased_jax.train.plan import DEVICES
+
 print = functools.partial(print, flush=True)  # progress shows under load
 
 WIDTH_7B = dict(vocab_size=32000, hidden_size=4096, num_heads=32, num_kv_heads=32,
@@ -45,7 +48,7 @@ WIDTH_7B = dict(vocab_size=32000, hidden_size=4096, num_heads=32, num_kv_heads=3
 # every model's first loss is ~ln(vocab)), so the two sides' first losses agreeing means something.
 TINY = dict(vocab_size=32000, hidden_size=64, num_heads=4, num_kv_heads=4, intermediate_size=172,
             num_layers=2, initializer_range=1.0, batch=2, seq=32)
-CARD_GIB = 80  # an H100's memory, what the default layer count is sized for
+CARD_GIB = DEVICES["h100"][0]  # what the default layer count is sized for
 USABLE = 0.8  # of the card: allocator slack, cuDNN/cuBLAS workspaces, torch autocast weight copies
 SIDES = ("jax", "torch")
 COLUMNS = ("side", "device", "layers", "batch", "seq", "step_s", "tok/s", "MFU", "mem_GiB",
@@ -90,7 +93,7 @@ def run_jax(spec: dict, workdir: Path) -> dict[str, Any]:
     """Our Trainer's steps; writes the initial weights as an HF directory for the torch side."""
     import jax
 
-    from phased_jax.config import get_default_config, model_section
+    from phased_jax.config import model_section
     from phased_jax.hf import to_hf
     from phased_jax.model.attention import resolve_attention_impl
     from phased_jax.train import build_trainer
@@ -132,11 +135,12 @@ def run_torch(spec: dict, workdir: Path) -> dict[str, Any]:
     dev = torch.device("cuda" if cuda else "cpu")
     model = transformers.LlamaForCausalLM.from_pretrained(
         workdir / "init", dtype=torch.float32, attn_implementation="sdpa").to(dev).train()
+    t = get_default_config().train  # the same AdamW numbers as our optimizer's
     groups = [[p for n, p in model.named_parameters() if ("norm" in n) == no_decay]
               for no_decay in (False, True)]
-    opt = torch.optim.AdamW([dict(params=groups[0], weight_decay=0.1),
+    opt = torch.optim.AdamW([dict(params=groups[0], weight_decay=t.weight_decay),
                              dict(params=groups[1], weight_decay=0.0)],
-                            lr=spec["lr"], betas=(0.9, 0.95), eps=1e-8, fused=cuda)
+                            lr=spec["lr"], betas=(t.b1, t.b2), eps=t.eps, fused=cuda)
     b = make_batch(spec["batch"], spec["seq"], spec["vocab_size"])
     ids = torch.tensor(b["input_ids"], dtype=torch.long, device=dev)
     targets = torch.tensor(b["targets"], dtype=torch.long, device=dev).flatten()
@@ -147,10 +151,10 @@ def run_torch(spec: dict, workdir: Path) -> dict[str, Any]:
         sync()
         t0 = time.perf_counter()
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=ids).logits
+            logits = model(input_ids=ids, use_cache=False).logits
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
