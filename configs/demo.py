@@ -1,8 +1,11 @@
-"""The README's demo: a tiny Llama on the bundled graded tasks (`make demo` builds the data).
+"""The README's demo: a tiny Llama instruction-tuned from the demo's pretrained base.
+
+`make demo` builds the data, the tokenizer and the base model (`demo_out/base`, HF format) and
+runs every arm on every seed; to run one arm by hand after it:
 
     phased-jax train --config configs/demo.py                            # phased, 3 phases
     phased-jax train --config configs/demo.py --config.data.order=oneoff \
-        --config.output_dir=demo_out/oneoff                              # the one-off baseline
+        --config.output_dir=demo_out/by_hand/oneoff                      # the one-off baseline
 """
 
 from phased_jax.demo.config import demo_config

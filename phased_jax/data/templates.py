@@ -13,6 +13,9 @@ encodes text parts without special tokens and inserts the tokenizer's real BOS/E
 - `chat`: the tokenizer's `apply_chat_template` with one user turn (instruction, then input
   after a newline) and one assistant turn; the prompt is the rendering with
   `add_generation_prompt=True`, the target the rest of the full conversation.
+- `text` (plain-text pretraining, e.g. the demo's base model): no prompt but BOS, target
+  `{output}</s>`, so every token is trained; `instruction` only labels the document and
+  `input` is not rendered.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 
 from phased_jax.errors import ConfigError
 
-TEMPLATES = ("authors", "alpaca", "chat")
+TEMPLATES = ("authors", "alpaca", "chat", "text")
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -61,6 +64,8 @@ def render(instruction: str, input_: str, output: str | None, template: str,
         fmt = ALPACA_WITH_INPUT if input_ else ALPACA_NO_INPUT
         prompt = [BOS, fmt.format(instruction=instruction, input=input_)]
         return prompt, ([] if output is None else [output, EOS])
+    if template == "text":
+        return [BOS], ([] if output is None else [output, EOS])
     if template == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ConfigError("data.template='chat' needs data.tokenizer with a chat template")

@@ -1,10 +1,13 @@
-"""`make demo`: Phased IFT end to end on CPU, in minutes, on data it builds itself.
+"""`make demo`: Phased IFT end to end on CPU, from a pretrained base, over several seeds.
 
-Stages: build the graded-task data and a tokenizer -> train phased (3 phases, a boundary
-checkpoint after each) and one-off on the same examples and epochs -> export both to HF ->
-generate answers on the held-out split (also from the phased model at each phase boundary) ->
-exact-match accuracy by difficulty and the paper's win/tie/lose table from an offline judge ->
-report.md and PNG plots.
+Stages: build the graded-task data, the prose corpus and a tokenizer -> pretrain a base model
+on the corpus and export it to HF (once: reused while its inputs are unchanged) -> on each
+seed, instruction-tune phased (3 phases, a boundary checkpoint after each), one-off and reverse
+(3,2,1) from that base on the same examples and epochs -> export each to HF -> generate
+answers on the held-out split (and from the first seed's phased model at each phase boundary)
+-> exact match by difficulty band (mean +- sd over seeds), the paper's win/tie/lose table, a
+paired bootstrap of the accuracy difference pooled over seeds, and a one-line verdict ->
+report.md and PNG plots. The design criteria are in `phased_jax.demo.config`.
 """
 
 from __future__ import annotations
@@ -21,13 +24,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from phased_jax import hf  # noqa: E402
 from phased_jax.data.tokens import load_tokenizer  # noqa: E402
 from phased_jax.data.toy_tokenizer import build_tokenizer  # noqa: E402
+from phased_jax.demo.base import build_base  # noqa: E402
 from phased_jax.demo.config import (  # noqa: E402
+    ARMS,
     BYTE_VOCAB,
+    CORPUS_DOCS,
     DATA_SIZES,
+    SEEDS,
     TOKENIZER_VOCAB,
     demo_config,
+    pretrain_config,
 )
-from phased_jax.demo.judge import accuracy, pairwise  # noqa: E402
+from phased_jax.demo.corpus import build_corpus, prose_phrases  # noqa: E402
 from phased_jax.demo.report import write_report  # noqa: E402
 from phased_jax.demo.tasks import build_dataset, prompt_phrases, texts_for_tokenizer  # noqa: E402
 from phased_jax.fileio import read_jsonl, write_jsonl_atomic  # noqa: E402
@@ -38,6 +46,7 @@ from phased_jax.params_checkpoint import load_params  # noqa: E402
 from phased_jax.train.runner import run  # noqa: E402
 
 MAX_NEW_TOKENS = 12  # answers are at most 8 characters and EOS
+QUICK = {"sizes": {"n_train": 240, "n_test": 24}, "corpus_docs": 320, "epochs": 1, "seeds": (0, 1)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,8 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     p.add_argument("--quick", action="store_true",
-                   help="a shortened run (same code path, fewer examples and epochs) for tests")
-    p.add_argument("--fresh", action="store_true", help="delete --out first")
+                   help="a shortened run (same code path: fewer examples, epochs and seeds) "
+                        "for tests")
+    p.add_argument("--fresh", action="store_true",
+                   help="delete --out first (the cached base model too)")
     return p.parse_args(argv)
 
 
@@ -58,7 +69,7 @@ class Stages:
         self._t0 = time.time()
 
     def run(self, name: str, fn, *args, **kwargs):
-        print(f"\n== {name} ==", flush=True)
+        print(f"\n== {name} (at {self.total:.0f}s) ==", flush=True)
         t = time.time()
         result = fn(*args, **kwargs)
         self.seconds[name] = time.time() - t
@@ -70,17 +81,22 @@ class Stages:
         return time.time() - self._t0
 
 
-def build_data(out: Path, sizes: dict[str, int]) -> dict:
-    """The graded data and a character tokenizer plus one token per fixed prompt phrase."""
+def build_data(out: Path, sizes: dict[str, int], corpus_docs: int) -> dict:
+    """The graded data, the prose corpus (no test word in it) and a character tokenizer plus
+    one token per fixed prompt or prose phrase."""
     info = build_dataset(out / "data", **sizes, seed=0)
-    tok = build_tokenizer(texts_for_tokenizer(read_jsonl(info["train"])), BYTE_VOCAB,
-                          out / "tokenizer")
-    tok.add_tokens(prompt_phrases())
+    test_words = {r["input"] for r in read_jsonl(info["test"])}
+    corpus = build_corpus(out / "data" / "corpus.jsonl", corpus_docs, test_words, seed=0)
+    texts = (texts_for_tokenizer(read_jsonl(info["train"]))
+             + [r["output"] for r in read_jsonl(corpus["path"])])
+    tok = build_tokenizer(texts, BYTE_VOCAB, out / "tokenizer")
+    tok.add_tokens(prompt_phrases() + prose_phrases())
     tok.save_pretrained(str(out / "tokenizer"))
-    assert len(tok) == TOKENIZER_VOCAB, (len(tok), TOKENIZER_VOCAB)  # configs/demo.py's model
+    assert len(tok) == TOKENIZER_VOCAB, (len(tok), TOKENIZER_VOCAB)  # the configs' model
     print(f"train {info['train_phase_counts']} per phase, test {info['test_phase_counts']}; "
+          f"corpus of {corpus['n_docs']} documents ({corpus['n_words']} words); "
           f"tokenizer of {len(tok)} tokens in {out / 'tokenizer'}")
-    return info
+    return {**info, "corpus": corpus}
 
 
 def answer(model_dir: Path, tokenizer_dir: Path, test_path: Path, answers_path: Path,
@@ -102,17 +118,25 @@ def answer(model_dir: Path, tokenizer_dir: Path, test_path: Path, answers_path: 
         for r, o in zip(items, outputs, strict=True)])
 
 
-def answer_phases(phases_dir: Path, tokenizer_dir: Path, test_path: Path, out: Path,
-                  final_answers: Path) -> dict[str, Path]:
-    """Answers of the phased model at each phase boundary (the last is the final model's)."""
-    dirs = sorted(p for p in phases_dir.iterdir() if p.is_dir())
-    answers = {}
+def answer_seed(out: Path, seed: int, runs: dict[str, dict], test_path: Path,
+                with_phases: bool) -> dict[str, Path]:
+    """Answers of every arm of one seed; with `with_phases`, also the phased model's at its
+    inner phase boundaries (returned as label -> path, the last being the final model's)."""
+    for r in runs.values():
+        answer(Path(r["hf_dir"]), out / "tokenizer", test_path, Path(r["answers"]),
+               MAX_NEW_TOKENS)
+    if not with_phases:
+        return {}
+    dirs = sorted(p for p in (Path(runs["phased"]["output_dir"]) / "phases").iterdir()
+                  if p.is_dir())
+    phase_answers = {}
     for k, d in enumerate(dirs, 1):
-        path = final_answers if k == len(dirs) else out / f"answers_phased_after_phase{k}.jsonl"
+        path = (Path(runs["phased"]["answers"]) if k == len(dirs)
+                else out / f"seed{seed}" / f"answers_phased_after_phase{k}.jsonl")
         if k < len(dirs):
-            answer(d, tokenizer_dir, test_path, path, MAX_NEW_TOKENS)
-        answers[f"after phase {k}"] = path
-    return answers
+            answer(d, out / "tokenizer", test_path, path, MAX_NEW_TOKENS)
+        phase_answers[f"after phase {k}"] = path
+    return phase_answers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,73 +149,66 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     import jax
 
-    # Both runs compile the same step: the second one reads it from this cache.
+    # Every run compiles the same steps: the later ones read them from this cache.
     jax.config.update("jax_compilation_cache_dir", str((out / "jax_cache").absolute()))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-
-    sizes = dict(DATA_SIZES)
-    epochs = None
+    sizes, corpus_docs, epochs, seeds = dict(DATA_SIZES), CORPUS_DOCS, None, SEEDS
     if args.quick:
-        sizes, epochs = {"n_train": 240, "n_test": 24}, 1
+        sizes, corpus_docs = QUICK["sizes"], QUICK["corpus_docs"]
+        epochs, seeds = QUICK["epochs"], QUICK["seeds"]
     stages = Stages()
-    info = stages.run("build data and tokenizer", build_data, out, sizes)
+    info = stages.run("build data, corpus and tokenizer", build_data, out, sizes, corpus_docs)
 
-    runs: dict[str, dict] = {}
-    for name, order in (("phased", "1,2,3"), ("oneoff", "oneoff")):
-        cfg = demo_config(str(out), order=order)
-        if epochs:
-            cfg.train.epochs_per_phase = epochs
-        summary = stages.run(f"train {name}", run, cfg)
-        runs[name] = {"metrics_jsonl": str(Path(cfg.output_dir) / "logs" / "metrics.jsonl"),
-                      "phase_boundaries": summary["phase_end_steps"][:-1],
-                      "hf_dir": summary["hf_dir"], "output_dir": cfg.output_dir}
+    pre = pretrain_config(str(out))
+    base = stages.run("pretrain base model", build_base, pre, out / "base")
+
+    runs: dict[int, dict[str, dict]] = {}
+    for seed in seeds:
+        runs[seed] = {}
+        for name, order in ARMS.items():
+            cfg = demo_config(str(out), order=order, seed=seed)
+            if epochs:
+                cfg.train.epochs_per_phase = epochs
+            summary = stages.run(f"train {name} seed {seed}", run, cfg)
+            runs[seed][name] = {
+                "metrics_jsonl": str(Path(cfg.output_dir) / "logs" / "metrics.jsonl"),
+                "phase_boundaries": summary["phase_end_steps"][:-1],
+                "hf_dir": summary["hf_dir"], "output_dir": cfg.output_dir,
+                "answers": str(out / f"seed{seed}" / f"answers_{name}.jsonl")}
 
     test_path = Path(info["test"])
-    for name, r in runs.items():
-        r["answers"] = str(out / f"answers_{name}.jsonl")
-        stages.run(f"generate {name}", answer, Path(r["hf_dir"]), out / "tokenizer", test_path,
-                   Path(r["answers"]), MAX_NEW_TOKENS)
-    phase_answers = stages.run("generate phased after each phase", answer_phases,
-                               Path(runs["phased"]["output_dir"]) / "phases", out / "tokenizer",
-                               test_path, out, Path(runs["phased"]["answers"]))
-
-    acc = {name: accuracy(r["answers"], test_path) for name, r in runs.items()}
-    acc_phases = {k: accuracy(p, test_path) for k, p in phase_answers.items()}
-    cmp = pairwise(runs["phased"]["answers"], runs["oneoff"]["answers"], test_path)
+    phase_answers = {}
+    for i, seed in enumerate(seeds):
+        got = stages.run(f"generate seed {seed}", answer_seed, out, seed, runs[seed], test_path,
+                         with_phases=i == 0)
+        phase_answers = phase_answers or got
     timings = dict(stages.seconds)
-    report = write_report(out, runs=runs, test_path=test_path, timings=timings,
-                          train_path=info["train"], phase_answers=phase_answers,
-                          extra={"accuracy": acc, "winrate": cmp, "total_seconds": stages.total})
-    print_summary(out, runs, acc, acc_phases, cmp, stages, report)
+    report, results = write_report(
+        out, runs=runs, test_path=test_path, timings=timings, train_path=info["train"],
+        phase_answers=phase_answers, base=base,
+        extra={"base model": base["dir"], "base reused": base["reused"],
+               "seeds": ", ".join(map(str, seeds)), "total_seconds": stages.total})
+    print_summary(out, runs, results, stages, report)
     return 0
 
 
-def print_summary(out: Path, runs: dict, acc: dict, acc_phases: dict, cmp: dict, stages: Stages,
-                  report: Path) -> None:
-    print("\n== results: exact-match accuracy on the held-out split ==")
-    bands = list(next(iter(acc.values()))["by_band"])
-    print(f"  {'':<22}" + "".join(f"{b:>10}" for b in bands) + f"{'all':>10}")
-    rows = {**acc, **{f"phased {k}": a for k, a in acc_phases.items()}}
-    for name, a in rows.items():
-        cells = [a["by_band"][b]["accuracy"] for b in bands] + [a["all"]["accuracy"]]
-        print(f"  {name:<22}" + "".join(f"{x:>10.1%}" for x in cells))
-    print("phased vs one-off, offline judge (win / tie / lose, WinRate points):")
-    for band, c in cmp["by_set"].items():
-        print(f"  {band:<8} {c['win']:>4} / {c['tie']:>4} / {c['lose']:>4}   "
-              f"{c['winrate']:+.2f}")
+def print_summary(out: Path, runs: dict, results: dict, stages: Stages, report: Path) -> None:
     print("\n== timings ==")
     for stage, s in stages.seconds.items():
         print(f"  {stage:<34} {s:6.1f}s")
     print(f"  {'total':<34} {stages.total:6.1f}s")
-    phased = Path(runs["phased"]["output_dir"])
+    seed0 = next(iter(runs))
+    phased = Path(runs[seed0]["phased"]["output_dir"])
     print(f"\nreport:       {report}\nplots:        {out}/*.png")
+    print(f"base model:   {out}/base (HF format; reused by later runs while its inputs hold)")
     print(f"checkpoints:  {phased}/checkpoints (phase ends kept), {phased}/phases/*")
-    print(f"HF exports:   {runs['phased']['hf_dir']}, {runs['oneoff']['hf_dir']}")
+    print(f"HF exports:   {out}/seed*/<arm>/hf")
     print("continue from a phase checkpoint, e.g. train phase 3 again from phase 2's weights:\n"
           "  phased-jax train --config configs/demo.py --config.data.order=3 "
           f"--config.model.init_from={phased}/phases/phase2-stage2 "
           f"--config.output_dir={out}/from_phase2")
+    print("\n" + results["summary_text"])
 
 
 if __name__ == "__main__":

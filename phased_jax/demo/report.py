@@ -23,11 +23,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from phased_jax.demo import judge  # noqa: E402
+from phased_jax.demo import judge, stats  # noqa: E402
 from phased_jax.demo.tasks import THRESHOLDS, phase_stats  # noqa: E402
 from phased_jax.fileio import iter_jsonl, read_jsonl, write_bytes_atomic, write_text_atomic  # noqa: E402
 
 SETS = (*judge.BANDS, "all")
+BASELINE = "oneoff"  # every other arm is judged against it
 
 
 class ReportError(ValueError):
@@ -71,43 +72,50 @@ def _save_fig(fig, path: Path) -> None:
 def plot_loss(metrics: Mapping[str, list[dict[str, Any]]],
               boundaries: Mapping[str, list[int]], path: Path) -> None:
     """Training loss per global step, one panel per run, dashed lines at phase boundaries."""
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), sharey=True,
-                             squeeze=False)
-    for ax, (name, rows) in zip(axes[0], metrics.items(), strict=True):
+    cols = min(len(metrics), 2)
+    nrows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, (name, rows) in zip(axes.flat, metrics.items(), strict=False):  # spare axes hidden
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
-        for k, b in enumerate(boundaries.get(name, []), 1):
+        for k, b in enumerate(boundaries.get(name, []), 2):
             ax.axvline(b, color="grey", ls="--", lw=1)
-            ax.text(b, 0.98, f"phase {k + 1} starts ", transform=ax.get_xaxis_transform(),
+            ax.text(b, 0.98, f"phase {k} starts ", transform=ax.get_xaxis_transform(),
                     rotation=90, ha="right", va="top", fontsize=8, color="grey")
-        ax.set_title(name)
+        ax.set_title(name, fontsize=10)
         ax.set_xlabel("global step")
+        ax.set_ylabel("training loss")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("training loss")
+    fig.tight_layout()
     _save_fig(fig, path)
 
 
-def _bar_groups(ax, groups: list[str], series: Mapping[str, list[float]], fmt: str) -> None:
-    width = 0.8 / max(len(series), 1)
-    for i, (name, values) in enumerate(series.items()):
-        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
-        bars = ax.bar(xs, values, width, label=name)
-        ax.bar_label(bars, labels=[fmt.format(v) for v in values], fontsize=8)
-    ax.set_xticks(range(len(groups)), groups)
-
-
-def plot_accuracy(acc: Mapping[str, Mapping[str, Any]], path: Path) -> None:
-    """Exact-match accuracy by difficulty band, one bar per run."""
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    series = {name: [100 * _acc_of(a, s) for s in SETS] for name, a in acc.items()}
-    _bar_groups(ax, [judge.BAND_LABELS[s] for s in SETS], series, "{:.0f}")
+def plot_accuracy(summary: Mapping[str, Mapping[str, tuple[float, float]]], n_seeds: int,
+                  path: Path) -> None:
+    """Exact match by difficulty band: one bar per arm at the mean over seeds, the error bar
+    one standard deviation; the legend sits below the axes, clear of the labels."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    arms = list(summary)
+    width = 0.8 / max(len(arms), 1)
+    for i, arm in enumerate(arms):
+        xs = [g + (i - (len(arms) - 1) / 2) * width for g in range(len(SETS))]
+        means = [100 * summary[arm][s][0] for s in SETS]
+        sds = [100 * summary[arm][s][1] for s in SETS]
+        bars = ax.bar(xs, means, width, yerr=sds, capsize=3, label=arm)
+        ax.bar_label(bars, labels=[f"{m:.0f}" for m in means], fontsize=8, padding=2,
+                     label_type="edge")
+    ax.set_xticks(range(len(SETS)), [judge.BAND_LABELS[s] for s in SETS])
     ax.set_ylabel("exact match (%)")
-    ax.set_ylim(0, 110)
-    ax.legend()
+    ax.set_ylim(0, 105)
+    ax.set_title(f"mean over {n_seeds} seeds, error bars: 1 sd", fontsize=10)
+    ax.legend(ncol=len(arms), loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
     _save_fig(fig, path)
 
 
 def plot_winrate(comparisons: Mapping[str, Mapping[str, Any]], path: Path) -> None:
-    """Win / tie / lose shares per test set, stacked, one panel per comparison."""
+    """Win / tie / lose shares per test set (pooled over seeds), stacked, one panel per
+    comparison."""
     fig, axes = plt.subplots(1, len(comparisons), figsize=(6 * len(comparisons), 3.2),
                              squeeze=False)
     colors = {"win": "tab:green", "tie": "tab:grey", "lose": "tab:red"}
@@ -120,7 +128,7 @@ def plot_winrate(comparisons: Mapping[str, Mapping[str, Any]], path: Path) -> No
             ax.barh(labels, shares, left=left, color=colors[o], label=o)
             left = [a + b for a, b in zip(left, shares, strict=True)]
         ax.set_xlim(0, 100)
-        ax.set_xlabel("% of items")
+        ax.set_xlabel("% of items (all seeds)")
         ax.set_title(title)
         ax.legend(ncol=3, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     _save_fig(fig, path)
@@ -175,33 +183,38 @@ def winrate_table(cmp: Mapping[str, Mapping[str, Any]], title: str) -> str:
     return _table(header, rows)
 
 
-def _intro(names: list[str]) -> str:
-    a, others = names[0], ", ".join(names[1:]) or "(none)"
+def _intro(arms: list[str], n_seeds: int) -> str:
+    others = ", ".join(a for a in arms if a != BASELINE)
     return f"""# Phased instruction fine-tuning: demo report
 
-This demo runs the method of Pang et al. (2024) end to end on a tiny model on CPU. A generated
-instruction set of word tasks (chains of one to three steps), each with a difficulty score from 1 to 5
-(standing in for GPT-4's rating), is split at the paper's thresholds
-[1, {THRESHOLDS[0]}) / [{THRESHOLDS[0]}, {THRESHOLDS[1]}) / [{THRESHOLDS[1]}, 5] into three
-phases. **{a}** trains on the phases in order of difficulty, each phase a fresh run from the
-previous weights; **{others}** trains on all of the data at once with the same token budget.
-Both then answer a held-out test split covering every difficulty band.
+This demo runs the method of Pang et al. (2024) end to end on a tiny model on CPU. A base model
+is first pretrained on plain prose that states word facts ("naduk backwards is kudan. kudan in
+capitals is KUDAN. ..."), without any instruction. A generated instruction set of word tasks
+(chains of one to three steps), each with a difficulty score from 1 to 5 (standing in for
+GPT-4's rating), is split at the paper's thresholds [1, {THRESHOLDS[0]}) /
+[{THRESHOLDS[0]}, {THRESHOLDS[1]}) / [{THRESHOLDS[1]}, 5] into three phases. From the same
+base, **{BASELINE}** tunes on all of the data at once; {others} tune on the phases in turn
+(phased: easy to hard; reverse: hard to easy), each phase with a fresh optimizer and
+learning-rate schedule, with the same token budget. Every arm runs on {n_seeds} seeds (the seed
+orders the examples; data and base are shared) and answers a held-out test split covering
+every difficulty band.
 
 How to read it:
-- *Loss*: the phased curve jumps at each phase boundary (dashed lines), where harder, unseen
-  data arrives with a fresh learning-rate schedule and optimizer state.
-- *Accuracy*: exact match against the reference answer, by difficulty band. The paper's test
-  sets have no single right answer; ours do, so this is the direct measure.
+- *Accuracy*: exact match against the reference answer, by difficulty band, mean +- sd over
+  seeds. The paper's test sets have no single right answer; ours do, so this is the direct
+  measure.
+- *Paired bootstrap*: each (seed, test item) answered by both arms is a pair; resampling pairs
+  gives a 95% interval of the accuracy difference. An interval above zero means the arm beats
+  {BASELINE}, below zero that it loses, otherwise a tie at this scale.
 - *Win / tie / lose*: the paper's protocol with an offline judge in GPT-4's place: each answer
   is scored 1-10 (10 = correct, else by similarity to the reference), every pair twice with the
-  order swapped; win = 2 wins or 1 win + 1 tie, tie = 2 ties or 1 win + 1 loss, lose = the
-  mirror. WinRate = (win + tie/2) / n - 0.5, in points, from {a}'s side: positive means {a}
-  is better. Each difficulty band is one "test set"; "all" is their size-weighted average.
-- *After each phase*: the phased model's accuracy at each phase boundary, to see what each
-  phase teaches and what the next one makes it forget.
-- The model here starts from random weights, not from a pretrained LLM, and trains a few
-  minutes; read the comparison as the method's behaviour at this scale, not the paper's
-  effect size.
+  order swapped; WinRate = (win + tie/2) / n - 0.5, in points, from the arm's side against
+  {BASELINE} (mean +- sd over seeds; counts pooled over seeds).
+- *Loss* (first seed): the phased curve jumps at each phase boundary (dashed lines), where
+  harder data arrives with a fresh learning-rate schedule and optimizer state.
+- The sizes were chosen so that {BASELINE} leaves headroom in every band (criteria in
+  `phased_jax/demo/config.py`), never by the arms' difference. This is the method's behaviour
+  at this scale, not the paper's effect size.
 """
 
 
@@ -216,74 +229,163 @@ def _no_nan(x: Any) -> Any:
     return x
 
 
-def write_report(out_dir: str | Path, *, runs: Mapping[str, Mapping[str, Any]],
+def _pm(m_sd: tuple[float, float], pct: bool = True) -> str:
+    m, sd = m_sd
+    if math.isnan(m):
+        return "n/a"
+    return f"{100 * m:.1f} ± {100 * sd:.1f}%" if pct else f"{m:+.2f} ± {sd:.2f}"
+
+
+def _interval(b: Mapping[str, float]) -> str:
+    if math.isnan(b["diff"]):
+        return "n/a"
+    return f"{100 * b['diff']:+.1f} [{100 * b['lo']:+.1f}, {100 * b['hi']:+.1f}]"
+
+
+def verdict_sentence(arm: str, boot: Mapping[str, float], n_seeds: int) -> str:
+    """One sentence: does `arm` beat, tie or lose to the baseline, with its interval."""
+    v = stats.verdict(boot)
+    word = {"beats": "beats", "loses": "loses to", "ties": "ties with"}[v]
+    return (f"{arm} {word} {BASELINE} at this scale: exact match {100 * boot['diff']:+.1f} "
+            f"points (95% interval {100 * boot['lo']:+.1f} to {100 * boot['hi']:+.1f}; paired "
+            f"bootstrap over {boot['n']} items x seeds, {n_seeds} seeds).")
+
+
+def summarise(runs: Mapping[Any, Mapping[str, Mapping[str, Any]]], test_path: Path
+              ) -> dict[str, Any]:
+    """Accuracy per seed and arm, mean +- sd per band, WinRate per seed vs the baseline, the
+    pooled win/tie/lose counts and the paired bootstrap, and the verdicts."""
+    seeds = list(runs)
+    arms = list(runs[seeds[0]])
+    acc = {a: {s: judge.accuracy(runs[s][a]["answers"], test_path) for s in seeds} for a in arms}
+    mean = {a: {b: stats.mean_sd([_acc_of(acc[a][s], b) for s in seeds]) for b in SETS}
+            for a in arms}
+    hits = {a: {s: stats.item_hits(runs[s][a]["answers"], test_path) for s in seeds}
+            for a in arms}
+    cands = [a for a in arms if a != BASELINE]
+    winrate, pooled, boot = {}, {}, {}
+    for a in cands:
+        per_seed = {s: judge.pairwise(runs[s][a]["answers"], runs[s][BASELINE]["answers"],
+                                      test_path) for s in seeds}
+        winrate[a] = {b: stats.mean_sd([per_seed[s]["by_set"][b]["winrate"] for s in seeds])
+                      for b in SETS}
+        pooled[a] = {b: {k: sum(per_seed[s]["by_set"][b][k] for s in seeds)
+                         for k in ("win", "tie", "lose", "n")} for b in SETS}
+        for b in SETS:
+            c = pooled[a][b]
+            c["winrate"] = (c["win"] + c["tie"] / 2) / c["n"] * 100 - 50 if c["n"] else math.nan
+        boot[a] = stats.compare(hits[a], hits[BASELINE])
+    verdicts = {a: {"verdict": stats.verdict(boot[a]["all"]),
+                    "sentence": verdict_sentence(a, boot[a]["all"], len(seeds))} for a in cands}
+    return {"seeds": seeds, "arms": arms, "accuracy": acc, "mean_sd": mean,
+            "winrate_mean_sd": winrate, "winrate_pooled": pooled, "bootstrap": boot,
+            "verdicts": verdicts}
+
+
+def results_table(res: Mapping[str, Any]) -> str:
+    """The headline table: bands x arms (mean +- sd), WinRate and the bootstrap intervals."""
+    arms, cands = res["arms"], list(res["bootstrap"])
+    rows = [[f"exact match, {a}"] + [_pm(res["mean_sd"][a][s]) for s in SETS] for a in arms]
+    rows += [[f"WinRate vs {BASELINE}, {a} (points)"]
+             + [_pm(res["winrate_mean_sd"][a][s], pct=False) for s in SETS] for a in cands]
+    rows += [[f"{a} - {BASELINE}, points [95% CI]"]
+             + [_interval(res["bootstrap"][a][s]) for s in SETS] for a in cands]
+    return _table([f"{len(res['seeds'])} seeds"] + [judge.BAND_LABELS[s] for s in SETS], rows)
+
+
+def seeds_table(res: Mapping[str, Any]) -> str:
+    """Exact match of every seed and arm, so the spread behind each mean is visible."""
+    rows = [[s, a] + [_pct(_acc_of(res["accuracy"][a][s], b)) for b in SETS]
+            for s in res["seeds"] for a in res["arms"]]
+    return _table(["seed", "arm"] + [judge.BAND_LABELS[b] for b in SETS], rows)
+
+
+def summary_text(res: Mapping[str, Any]) -> str:
+    """What `make demo` prints last: the results table as text and the verdicts."""
+    arms, cands, width = res["arms"], list(res["bootstrap"]), 20
+    head = f"  {'':<30}" + "".join(f"{judge.BAND_LABELS[s]:>{width}}" for s in SETS)
+    lines = [f"== results: exact match on the held-out split, mean ± sd over "
+             f"{len(res['seeds'])} seeds ==", head]
+    lines += [f"  {a:<30}" + "".join(f"{_pm(res['mean_sd'][a][s]):>{width}}" for s in SETS)
+              for a in arms]
+    lines += [f"  {'WinRate ' + a + ' vs ' + BASELINE:<30}"
+              + "".join(f"{_pm(res['winrate_mean_sd'][a][s], pct=False):>{width}}" for s in SETS)
+              for a in cands]
+    lines += [f"  {a + ' - ' + BASELINE + ' [95% CI]':<30}"
+              + "".join(f"{_interval(res['bootstrap'][a][s]):>{width}}" for s in SETS)
+              for a in cands]
+    lines += ["", *("verdict: " + res["verdicts"][a]["sentence"] for a in cands)]
+    return "\n".join(lines)
+
+
+def write_report(out_dir: str | Path, *, runs: Mapping[Any, Mapping[str, Mapping[str, Any]]],
                  test_path: str | Path, timings: Mapping[str, float],
                  extra: Mapping[str, Any] | None = None,
                  train_path: str | Path | None = None,
-                 phase_answers: Mapping[str, str | Path] | None = None) -> Path:
-    """Write report.md, loss.png, accuracy.png, winrate.png, results.json; return report.md.
+                 phase_answers: Mapping[str, str | Path] | None = None,
+                 base: Mapping[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Write report.md, loss.png, accuracy.png, winrate.png, results.json.
 
-    runs: name -> {"metrics_jsonl": path, "phase_boundaries": [global steps], "answers": path};
-    the first run is judged against each of the others. timings: stage -> seconds, shown in
-    order. extra: key -> value; scalars are shown under "Setup" (model size, seed...), all go
-    to results.json (accuracy and win rates are computed here, not read from it). train_path:
-    the training data, for the phase table (else only the test split is tabulated).
-    phase_answers: label -> answers of the first run's model at each phase boundary, in order
-    (a table of accuracy by band after each phase).
+    runs: seed -> arm -> {"metrics_jsonl", "phase_boundaries": [global steps], "answers"}; every
+    seed has the same arms, one of them BASELINE ("oneoff"), which the others are judged
+    against. timings: stage -> seconds, in order. extra: scalars shown under "Setup", all kept
+    in results.json. train_path: the training data, for the phase table. phase_answers: label ->
+    answers of the first seed's phased model at each phase boundary. base: the base model's
+    build info (its pretraining loss is plotted when its metrics file exists).
+    Returns (report.md's path, the results: `summarise`'s dict plus "summary_text").
     """
     if not runs:
-        raise ReportError("write_report needs at least one run")
+        raise ReportError("write_report needs at least one seed")
+    seeds = list(runs)
+    if BASELINE not in runs[seeds[0]] or len(runs[seeds[0]]) < 2:
+        raise ReportError(f"write_report needs the {BASELINE!r} arm and at least one other")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     test_path = Path(test_path)
-    names = list(runs)
-    metrics = {n: read_metrics(r["metrics_jsonl"]) for n, r in runs.items()}
-    boundaries = {n: list(r.get("phase_boundaries") or []) for n, r in runs.items()}
-    acc = {n: judge.accuracy(r["answers"], test_path) for n, r in runs.items()}
+    res = summarise(runs, test_path)
+    res["summary_text"] = summary_text(res)
+    first = runs[seeds[0]]
+    metrics = {}
+    if base and Path(base.get("metrics_jsonl", "")).is_file():
+        metrics["base (pretraining)"] = read_metrics(base["metrics_jsonl"])
+    metrics.update({f"{a} (seed {seeds[0]})": read_metrics(r["metrics_jsonl"])
+                    for a, r in first.items()})
+    boundaries = {f"{a} (seed {seeds[0]})": list(r.get("phase_boundaries") or [])
+                  for a, r in first.items()}
     phase_acc = {k: judge.accuracy(v, test_path) for k, v in (phase_answers or {}).items()}
-    comparisons = {f"{names[0]} vs {b}": judge.pairwise(runs[names[0]]["answers"],
-                                                         runs[b]["answers"], test_path)["by_set"]
-                   for b in names[1:]}
 
     plot_loss(metrics, boundaries, out / "loss.png")
-    plot_accuracy(acc, out / "accuracy.png")
-    if comparisons:
-        plot_winrate(comparisons, out / "winrate.png")
+    plot_accuracy(res["mean_sd"], len(seeds), out / "accuracy.png")
+    plot_winrate({f"{a} vs {BASELINE}": res["winrate_pooled"][a] for a in res["bootstrap"]},
+                 out / "winrate.png")
 
-    md = [_intro(names)]
+    md = [_intro(res["arms"], len(seeds))]
+    md += ["## Verdict", "", *(f"- {v['sentence']}" for v in res["verdicts"].values()), ""]
     shown = {k: v for k, v in (extra or {}).items() if isinstance(v, str | int | float | bool)}
     if shown:
         md += ["## Setup", "",
                *(f"- **{k}**: {v:.4g}" if isinstance(v, float) else f"- **{k}**: {v}"
                  for k, v in shown.items()), ""]
     md += ["## Phases", "", phase_table(Path(train_path) if train_path else None, test_path), ""]
-    md += ["## Training loss", "", "![training loss](loss.png)", ""]
-    md += ["| run | logged steps | first loss | last loss | phase boundaries (step) |",
-           "|---|---|---|---|---|"]
-    for n, rows in metrics.items():
-        first = f"{rows[0]['loss']:.3f}" if rows else "n/a"
-        last = f"{rows[-1]['loss']:.3f}" if rows else "n/a"
-        md.append(f"| {n} | {len(rows)} | {first} | {last} | "
-                  f"{', '.join(map(str, boundaries[n])) or '-'} |")
-    md += ["", "## Accuracy by difficulty (exact match)", "", "![accuracy](accuracy.png)", ""]
-    md.append(_table(["test set"] + names,
-                     [[judge.BAND_LABELS[s]] + [_pct(_acc_of(acc[n], s)) for n in names]
-                      for s in SETS]))
-    tasks = list(acc[names[0]]["by_task"])
-    md += ["", "By task family:", ""]
-    md.append(_table(["task", "n"] + names,
-                     [[t, acc[names[0]]["by_task"][t]["n"]]
-                      + [_pct(acc[n]["by_task"][t]["accuracy"]) for n in names] for t in tasks]))
+    md += ["## Results (mean ± sd over seeds)", "", "![accuracy](accuracy.png)", "",
+           results_table(res), "", "Every seed:", "", seeds_table(res), ""]
     if phase_acc:
-        md += ["", f"{names[0]}, after each phase:", ""]
+        md += [f"phased (seed {seeds[0]}), after each phase:", ""]
         md.append(_table(["model"] + [judge.BAND_LABELS[s] for s in SETS],
                          [[k] + [_pct(_acc_of(a, s)) for s in SETS]
                           for k, a in phase_acc.items()]))
-    if comparisons:
-        md += ["", "## Win / tie / lose (offline judge, both orders)", "",
-               "![win tie lose](winrate.png)", ""]
-        for title, cmp in comparisons.items():
-            md += [winrate_table(cmp, title), ""]
+    md += ["", "## Win / tie / lose (offline judge, both orders, pooled over seeds)", "",
+           "![win tie lose](winrate.png)", ""]
+    for a, cmp in res["winrate_pooled"].items():
+        md += [winrate_table(cmp, f"{a} vs {BASELINE}"), ""]
+    md += ["## Training loss", "", "![training loss](loss.png)", "",
+           "| run | logged steps | first loss | last loss | phase boundaries (step) |",
+           "|---|---|---|---|---|"]
+    for n, rows in metrics.items():
+        first_loss = f"{rows[0]['loss']:.3f}" if rows else "n/a"
+        last_loss = f"{rows[-1]['loss']:.3f}" if rows else "n/a"
+        md.append(f"| {n} | {len(rows)} | {first_loss} | {last_loss} | "
+                  f"{', '.join(map(str, boundaries.get(n, []))) or '-'} |")
     md += ["", "## Timing", ""]
     md.append(_table(["stage", "seconds"],
                      [[k, f"{v:.1f}"] for k, v in timings.items()]
@@ -291,15 +393,21 @@ def write_report(out_dir: str | Path, *, runs: Mapping[str, Mapping[str, Any]],
     md += ["", "## Files", "", f"- test set: `{test_path}`"]
     if train_path:
         md.append(f"- training data: `{train_path}`")
-    for n, r in runs.items():
-        md.append(f"- {n}: metrics `{r['metrics_jsonl']}`, answers `{r['answers']}`")
+    if base:
+        md.append(f"- base model (HF): `{base['dir']}` (key {base['key']}, "
+                  f"{'reused' if base['reused'] else 'built in this run'})")
+    for s in seeds:
+        for a, r in runs[s].items():
+            md.append(f"- seed {s}, {a}: metrics `{r['metrics_jsonl']}`, answers `{r['answers']}`")
     md.append(f"- this report and its plots: `{out}`")
 
-    results = {"accuracy": acc, "accuracy_after_phase": phase_acc, "winrate": comparisons,
-               "timings": dict(timings),
-               "phase_boundaries": boundaries, "extra": dict(extra or {})}
+    results = {**res, "accuracy_after_phase": phase_acc, "timings": dict(timings),
+               "phase_boundaries": boundaries, "base": dict(base or {}),
+               "extra": dict(extra or {})}
+    results["accuracy"] = {a: {str(s): v for s, v in by.items()}
+                           for a, by in res["accuracy"].items()}
     write_text_atomic(out / "results.json",
-                json.dumps(_no_nan(results), indent=2, default=str, allow_nan=False) + "\n")
+                      json.dumps(_no_nan(results), indent=2, default=str, allow_nan=False) + "\n")
     path = out / "report.md"
     write_text_atomic(path, "\n".join(md) + "\n")
-    return path
+    return path, res

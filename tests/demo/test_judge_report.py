@@ -108,38 +108,61 @@ def write_metrics(path, boundaries, steps=30):
 
 
 def test_report_writes_markdown_and_pngs(files, tmp_path):
+    """Two seeds with the answer files swapped: every mean, sd and pooled count is hand-checked
+    (A is right on 3/4, 1/2, 0/4 of the bands and 4/10 overall; B on 1/4, 0/2, 1/4, 2/10)."""
     test, a, b = files
     train = write_jsonl(tmp_path / "train.jsonl", [
         {"id": f"t{i}", "instruction": "i", "input": "", "output": "o", "score": s}
         for i, s in enumerate([1.0, 1.2, 1.0, 2.0, 2.5, 4.0])])
-    runs = {
-        "phased": {"metrics_jsonl": write_metrics(tmp_path / "m_phased.jsonl", [10, 20]),
-                   "phase_boundaries": [10, 20], "answers": a},
-        "oneoff": {"metrics_jsonl": write_metrics(tmp_path / "m_oneoff.jsonl", []),
-                   "phase_boundaries": [], "answers": b},
-    }
+    m_phased = write_metrics(tmp_path / "m_phased.jsonl", [10, 20])
+    m_oneoff = write_metrics(tmp_path / "m_oneoff.jsonl", [])
+    runs = {seed: {"phased": {"metrics_jsonl": m_phased, "phase_boundaries": [10, 20],
+                              "answers": x},
+                   "oneoff": {"metrics_jsonl": m_oneoff, "phase_boundaries": [], "answers": y}}
+            for seed, (x, y) in ((0, (a, b)), (1, (b, a)))}
     out = tmp_path / "report"
-    path = report.write_report(out, runs=runs, test_path=test, train_path=train,
-                               timings={"data": 0.5, "train phased": 60.0, "train oneoff": 59.5},
-                               extra={"model": "tiny (d=128, 4 layers)", "seed": 0,
-                                      "total_seconds": 121.234, "big": {"items": [1, 2]}})
+    path, res = report.write_report(
+        out, runs=runs, test_path=test, train_path=train,
+        timings={"data": 0.5, "train phased": 60.0, "train oneoff": 59.5},
+        phase_answers={"after phase 1": b, "after phase 2": a},
+        extra={"model": "tiny (d=128, 4 layers)", "total_seconds": 121.234,
+               "big": {"items": [1, 2]}})
     assert path == out / "report.md"
     for png in ("loss.png", "accuracy.png", "winrate.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
     md = path.read_text()
-    assert "| win / tie / lose | 2 / 2 / 0 | 1 / 0 / 1 | 1 / 1 / 2 | 4 / 3 / 3 |" in md
-    assert "| WinRate (points) | +25.00 | +0.00 | -12.50 | +5.00 |" in md
+    # (75 + 25) / 2 = 50, sd = sqrt(2 * 25^2 / 1) = 35.36; all: 30 +- 14.14
+    assert ("| exact match, phased | 50.0 ± 35.4% | 25.0 ± 35.4% | 12.5 ± 17.7% | 30.0 ± 14.1% |"
+            in md)
+    assert "| WinRate vs oneoff, phased (points) | +0.00 ± 35.36 | +0.00 ± 0.00 |" in md
+    assert "| 1 | phased | 25.0% | 0.0% | 25.0% | 20.0% |" in md  # the seeds table
+    # pooled over seeds: seed 0 is EXPECTED, seed 1 its mirror
+    assert "| win / tie / lose | 2 / 4 / 2 | 2 / 0 / 2 | 3 / 2 / 3 | 7 / 6 / 7 |" in md
     assert "| phase 1 [1, 1.5) | 3 | 50.0% | 1.07 | 4 | 1.15 |" in md  # the phase table
-    assert "| phase 1 [1, 1.5) | 75.0% | 25.0% |" in md  # accuracy by band
+    assert "| after phase 2 | 75.0% | 50.0% | 0.0% | 40.0% |" in md
     assert "| **total** | **120.0** |" in md and "| train phased | 60.0 |" in md
-    assert "| phased | 30 | 3.000 | 0.600 | 10, 20 |" in md
-    assert "- **seed**: 0" in md and "- **total_seconds**: 121.2" in md and str(a) in md
+    assert "| phased (seed 0) | 30 | 3.000 | 0.600 | 10, 20 |" in md
+    assert "- **total_seconds**: 121.2" in md and str(a) in md
     assert "**big**" not in md  # structured extras go to results.json only
+    # the swapped seeds cancel exactly: the pooled difference is 0, so the verdict is a tie
+    boot = res["bootstrap"]["phased"]["all"]
+    assert boot["n"] == 20 and boot["diff"] == 0 and boot["lo"] < 0 < boot["hi"]
+    assert res["verdicts"]["phased"]["verdict"] == "ties"
+    assert "phased ties with oneoff at this scale: exact match +0.0 points" in md
+    assert "verdict: phased ties with oneoff" in res["summary_text"]
     results = json.loads((out / "results.json").read_text())
-    assert results["winrate"]["phased vs oneoff"]["all"]["win"] == 4
+    assert results["winrate_pooled"]["phased"]["all"]["win"] == 7
+    assert results["accuracy"]["phased"]["1"]["all"]["correct"] == 2
     assert results["extra"]["big"] == {"items": [1, 2]}
     assert not list(out.glob(".*")), "temporary files left behind"
+
+
+def test_report_needs_the_baseline(files, tmp_path):
+    test, a, _ = files
+    runs = {0: {"phased": {"metrics_jsonl": "m", "answers": a}}}
+    with pytest.raises(report.ReportError, match="'oneoff' arm"):
+        report.write_report(tmp_path, runs=runs, test_path=test, timings={})
 
 
 def test_metrics_reader_names_the_bad_line(tmp_path):

@@ -116,10 +116,11 @@ def test_fits_the_demo_model_with_char_level_answers(built):
     build_tokenizer = pytest.importorskip("phased_jax.data.toy_tokenizer").build_tokenizer
     from phased_jax.data.templates import encode_parts, render
     from phased_jax.demo.config import BYTE_VOCAB, TOKENIZER_VOCAB, demo_config
+    from phased_jax.demo.corpus import prose_phrases
 
     info, train, test = built
     tok = build_tokenizer(tasks.texts_for_tokenizer(train), BYTE_VOCAB, info["train"].parent / "tok")
-    tok.add_tokens(tasks.prompt_phrases())
+    tok.add_tokens(tasks.prompt_phrases() + prose_phrases())
     assert len(tok) == TOKENIZER_VOCAB
     max_length = demo_config().data.max_length
     for r in train + test:
