@@ -142,8 +142,9 @@ class DecoderLayer(nn.Module):
 
 
 def lm_head_logits(x_BxLxD: Array, head_DxV: Array) -> Array:
-    """Logits of final-normed hidden states (`Transformer(..., return_hidden=True)`'s outputs)."""
-    logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV)
+    """Logits of final-normed hidden states (`Transformer(..., return_hidden=True)`'s outputs),
+    the head cast to the hidden states' (compute) dtype."""
+    logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(x_BxLxD.dtype))
     return nn.with_logical_constraint(logits_BxLxV, ("batch", "length", "act_vocab"))
 
 
@@ -168,8 +169,8 @@ class Transformer(nn.Module):
                  cache: KVCache | None = None, last_only: bool = False, return_hidden: bool = False):
         """last_only: logits of the last position only, [batch, 1, vocab] (a prefill needs no
         others, and the LM head over every prompt position is a large share of its work).
-        return_hidden: (final-normed hidden states [batch, L, D], LM head [D, vocab] in the compute
-        dtype) instead of logits, so a loss can apply the head a chunk at a time
+        return_hidden: (final-normed hidden states [batch, L, D], the LM head parameter [D, vocab])
+        instead of logits, so a loss can apply the head a chunk at a time
         (`lm_head_logits(x, head)` gives exactly `__call__`'s logits); not with a cache."""
         cfg = self.cfg
         dtype, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -209,7 +210,7 @@ class Transformer(nn.Module):
             x_BxLxD = x_BxLxD[:, -1:]
         x_BxLxD = RMSNorm(cfg.rms_norm_eps, dtype, pdt, name="final_norm")(x_BxLxD)
         head_DxV = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
-                          nn.initializers.normal(cfg.initializer_range), pdt).astype(dtype)
+                          nn.initializers.normal(cfg.initializer_range), pdt)
         if return_hidden:  # the caller applies `lm_head_logits` itself, e.g. chunk by chunk
             return x_BxLxD, head_DxV
         logits_BxLxV = lm_head_logits(x_BxLxD, head_DxV)

@@ -47,6 +47,9 @@ def chunked_cross_entropy_sums(x_BxLxD: jax.Array, head_DxV: jax.Array, targets_
     A `lax.scan` over chunks of the sequence whose body is `jax.checkpoint`ed: the forward pass
     keeps only the running sums, the backward pass recomputes each chunk's logits. A ragged last
     chunk is padded with masked positions, which add exactly zero to the sums and gradients.
+    The head enters each chunk in its parameter dtype (cast inside), so its gradient accumulates
+    over the chunks in that dtype (float32), not the compute dtype; it is gathered once, before
+    the loop (sharded along `vocab` only, as the logits are).
     """
     B, L, D = x_BxLxD.shape
     C = min(chunk, L)
@@ -69,6 +72,7 @@ def chunked_cross_entropy_sums(x_BxLxD: jax.Array, head_DxV: jax.Array, targets_
         ce_sum, z_sum = one(head_DxV, *xs)
         return (carry[0] + ce_sum, carry[1] + z_sum), None
 
+    head_DxV = nn.with_logical_constraint(head_DxV, (None, "act_vocab"))
     zero = jnp.zeros((), jnp.float32)
     (ce_sum, z_sum), _ = jax.lax.scan(
         body, (zero, zero),
