@@ -120,6 +120,9 @@ def tpu_devices(tpu: TpuSlice, num_slices: int = 1) -> list[Any]:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", tpu.accelerator_type)
+    # No chip to guard here: without this, a second process compiling at the same time fails
+    # on libtpu's /tmp/libtpu_lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     _, chip_config, dims, _ = _TPU_GENERATIONS[tpu.generation]

@@ -170,12 +170,15 @@ def _dot_product_attention(q_BxLxKxGxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Arra
 
 
 def cudnn_arguments(mask: Mask) -> dict:
-    """The mask as `jax.nn.dot_product_attention` takes it for cuDNN: causal, each row's
+    """The mask as `jax.nn.dot_product_attention` takes it for cuDNN: causal, each row's key
     length (its non-padding tokens, padding on the right) and a left window. Exact only for
-    rows of one segment followed by padding: packed rows (segments 2, 3, ...) cannot be said."""
+    rows of one segment followed by padding: packed rows (segments 2, 3, ...) cannot be said.
+
+    Queries are not length-masked and an all-padding row keeps one key, so every query sees
+    some key: a pad query's output is arbitrary but finite (no NaN to leak into gradients)."""
     lengths_B = jnp.sum(mask.segment_ids_BxL != 0, axis=-1, dtype=jnp.int32)
     window = (mask.sliding_window - 1, 0) if mask.sliding_window else None
-    return dict(is_causal=True, query_seq_lengths=lengths_B, key_value_seq_lengths=lengths_B,
+    return dict(is_causal=True, key_value_seq_lengths=jnp.maximum(lengths_B, 1),
                 local_window_size=window)
 
 

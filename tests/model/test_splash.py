@@ -140,10 +140,11 @@ def test_splash_interprets_off_tpu_and_reads_the_mesh_platform():
 @pytest.mark.parametrize("window", [0, 5])
 def test_cudnn_arguments_say_the_mask_for_causal_padded_rows(window):
     """jax's XLA path given the same arguments as cuDNN gets computes the reference."""
-    q, k, v, _ = qkv(2, 2, 2, seq=16)
-    seg = np.ones((2, 16), np.int32)
+    q, k, v, _ = qkv(3, 2, 2, seq=16)
+    seg = np.ones((3, 16), np.int32)
     seg[1, 11:] = 0  # right padding: the form cuDNN's per-row lengths express
-    pos = np.tile(np.arange(16, dtype=np.int32), (2, 1))
+    seg[2] = 0  # a row of padding only (the last batch of `score`)
+    pos = np.tile(np.arange(16, dtype=np.int32), (3, 1))
     mask = make_mask(pos, seg, pos, seg, sliding_window=window, implementation="cudnn",
                      self_attention=True)
     assert mask.dense_BxLxS is None and mask.implementation == "cudnn"
@@ -151,7 +152,8 @@ def test_cudnn_arguments_say_the_mask_for_causal_padded_rows(window):
                                      implementation="xla", self_attention=True))
     got = attention._cudnn(q, k, v, mask, implementation="xla")
     assert_close(got, want, seg != 0)
-    assert attention.cudnn_arguments(mask)["query_seq_lengths"].tolist() == [16, 11]
+    assert np.isfinite(np.asarray(got)).all()  # pad queries: arbitrary, never NaN
+    assert attention.cudnn_arguments(mask)["key_value_seq_lengths"].tolist() == [16, 11, 1]
 
 
 def test_segment_kernels_attend_over_a_cache_with_xla():
