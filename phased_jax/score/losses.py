@@ -54,7 +54,12 @@ def make_forward(model: nn.Module, placement: Placement) -> ForwardFn:
         return ce_B, rows["loss_mask"].sum(axis=-1)
     # Replicated results: every host reads them whole (no cross-host gather).
     replicated = NamedSharding(placement.mesh, PartitionSpec())
-    return jax.jit(forward, out_shardings=(replicated, replicated))
+    jitted = jax.jit(forward, out_shardings=(replicated, replicated))
+
+    def on_mesh(params: Any, rows: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        with jax.set_mesh(placement.mesh):  # kernels like splash attention run per device on it
+            return jitted(params, rows)
+    return on_mesh
 
 
 def bucket_length(n: int, multiple: int, max_length: int) -> int:
