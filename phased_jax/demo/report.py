@@ -116,10 +116,10 @@ def plot_accuracy(summary: Mapping[str, Mapping[str, tuple[float, float]]], n_se
 def plot_winrate(comparisons: Mapping[str, Mapping[str, Any]], path: Path) -> None:
     """Win / tie / lose shares per test set (pooled over seeds), stacked, one panel per
     comparison."""
-    fig, axes = plt.subplots(1, len(comparisons), figsize=(6 * len(comparisons), 3.2),
+    fig, axes = plt.subplots(len(comparisons), 1, figsize=(7, 3.4 * len(comparisons)),
                              squeeze=False)
     colors = {"win": "tab:green", "tie": "tab:grey", "lose": "tab:red"}
-    for ax, (title, cmp) in zip(axes[0], comparisons.items(), strict=True):
+    for ax, (title, cmp) in zip(axes[:, 0], comparisons.items(), strict=True):
         labels = [f"{judge.BAND_LABELS[s]}\nWinRate {_points(cmp[s]['winrate'])}"
                   for s in SETS][::-1]
         left = [0.0] * len(SETS)
@@ -130,7 +130,9 @@ def plot_winrate(comparisons: Mapping[str, Mapping[str, Any]], path: Path) -> No
         ax.set_xlim(0, 100)
         ax.set_xlabel("% of items (all seeds)")
         ax.set_title(title)
-        ax.legend(ncol=3, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+        ax.legend(ncol=3, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.25),
+                  frameon=False)
+    fig.tight_layout()
     _save_fig(fig, path)
 
 
@@ -302,7 +304,7 @@ def seeds_table(res: Mapping[str, Any]) -> str:
 
 def summary_text(res: Mapping[str, Any]) -> str:
     """What `make demo` prints last: the results table as text and the verdicts."""
-    arms, cands, width = res["arms"], list(res["bootstrap"]), 20
+    arms, cands, width = res["arms"], list(res["bootstrap"]), 22
     head = f"  {'':<30}" + "".join(f"{judge.BAND_LABELS[s]:>{width}}" for s in SETS)
     lines = [f"== results: exact match on the held-out split, mean ± sd over "
              f"{len(res['seeds'])} seeds ==", head]

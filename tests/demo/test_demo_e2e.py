@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,10 +43,16 @@ def test_base_model_is_built_once_and_reused(demo_out):
     transformers = pytest.importorskip("transformers")
     assert type(transformers.AutoModelForCausalLM.from_pretrained(out / "base")).__name__ == \
         "LlamaForCausalLM"
+    # Train one arm again from the reused base: same machine, same bytes (determinism).
+    first = (out / "seed1" / "answers_reverse.jsonl").read_bytes()
+    shutil.rmtree(out / "seed1" / "reverse")
+    (out / "seed1" / "answers_reverse.jsonl").unlink()
     again = _demo(out)
     assert f"base model: reusing {out / 'base'}" in again and "pretrained and saved" not in again
     assert {p.name: p.stat().st_mtime_ns for p in (out / "base").iterdir()} == base_files
     assert sorted(p.name for p in out.glob("pretrain-*")) == [f"pretrain-{key}"]
+    assert (out / "seed1" / "reverse" / "hf" / "config.json").is_file()
+    assert (out / "seed1" / "answers_reverse.jsonl").read_bytes() == first
 
 
 def test_boundary_checkpoints_for_every_phase(demo_out):
