@@ -22,12 +22,15 @@ Implementations (`ModelConfig.attention_impl`, one of `config.ATTENTION_IMPLS`):
   interpret mode (tests). Block sizes: `attention_block_q` / `attention_block_kv`.
 - `cudnn` (GPU, bfloat16/float16): cuDNN flash attention through `jax.nn.dot_product_attention`,
   the mask given as causal + per-row lengths (right padding) + a left window. It cannot express
-  several segments in a row, so packed data must use another implementation (`resolve`).
+  several segments in a row, so packed data must use another implementation
+  (`resolve_attention_impl`; `config_checks` refuses `cudnn` with `data.packing`).
 - `auto`: `splash` on TPU, `cudnn` on GPU (where it applies), `xla` elsewhere.
 
-The platform is the one the step is compiled for: that of the mesh in context
-(`jax.set_mesh`; its abstract mesh names the device platform even inside `jit`, and it is `tpu`
-when compiling for a TPU topology from a CPU host), else `jax.default_backend()`. Each
+The platform is the one the step is compiled for, never `jax.default_backend()` alone (that is
+`cpu` when compiling for a TPU topology from a CPU host): the `Trainer` resolves `auto` from its
+mesh's devices; at trace time `mesh_platform()` reads the mesh in context (`jax.set_mesh`; its
+abstract mesh names the device platform, even inside `jit`), falling back to the default
+backend only when there is no mesh; splash interprets unless that platform is `tpu`. Each
 implementation is one entry of `_IMPLEMENTATIONS`, reached only through `attend`.
 """
 
@@ -65,14 +68,6 @@ class Mask:
     sliding_window: int = struct.field(pytree_node=False, default=0)
     block_q: int = struct.field(pytree_node=False, default=LANES)  # splash's block sizes
     block_kv: int = struct.field(pytree_node=False, default=LANES)
-
-    def dense(self) -> Array:
-        """The boolean [B, L, S] mask (built from the segment ids when that is the form)."""
-        if self.dense_BxLxS is not None:
-            return self.dense_BxLxS
-        seg_BxL = self.segment_ids_BxL
-        pos_BxL = jnp.broadcast_to(jnp.arange(seg_BxL.shape[1], dtype=jnp.int32), seg_BxL.shape)
-        return attention_mask(pos_BxL, seg_BxL, pos_BxL, seg_BxL, self.sliding_window)
 
 
 def attention_mask(q_pos_BxL: Array, q_seg_BxL: Array, k_pos_BxS: Array, k_seg_BxS: Array,
@@ -125,7 +120,7 @@ def resolve_attention_impl(impl: str, platform: str, *, packing: bool = False,
     An explicit kernel the platform cannot run is a ConfigError when `strict` (a training run
     asked for it), else `xla` with a warning (a saved config read on other hardware).
     """
-    gpu_ok = platform in ("gpu", "cuda", "rocm")
+    gpu_ok = platform in ("gpu", "cuda")  # jax names an NVIDIA device's platform "gpu"
     why_not_cudnn = ("it needs a GPU" if not gpu_ok
                      else "it cannot express packed segments (data.packing)" if packing
                      else f"it needs bfloat16 or float16 (model.dtype={dtype!r})"
@@ -154,7 +149,7 @@ def resolve_attention_impl(impl: str, platform: str, *, packing: bool = False,
 def _xla(q_BxLxKxGxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask: Mask) -> Array:
     H = q_BxLxKxGxH.shape[-1]
     scores = jnp.einsum("blkgh,bskh->bkgls", q_BxLxKxGxH, k_BxSxKxH) * (H ** -0.5)
-    scores = jnp.where(mask.dense()[:, None, None], scores.astype(jnp.float32),
+    scores = jnp.where(mask.dense_BxLxS[:, None, None], scores.astype(jnp.float32),
                        jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q_BxLxKxGxH.dtype)
     return jnp.einsum("bkgls,bskh->blkgh", probs, v_BxSxKxH)
@@ -165,7 +160,7 @@ def _dot_product_attention(q_BxLxKxGxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Arra
     B, L, K, G, H = q_BxLxKxGxH.shape
     out_BxLxNxH = jax.nn.dot_product_attention(
         q_BxLxKxGxH.reshape(B, L, K * G, H), k_BxSxKxH, v_BxSxKxH,
-        mask=mask.dense()[:, None], implementation="xla")
+        mask=mask.dense_BxLxS[:, None], implementation="xla")
     return out_BxLxNxH.reshape(B, L, K, G, H)
 
 
