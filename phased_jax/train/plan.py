@@ -55,7 +55,8 @@ class Plan:
     opt_state: int
     activations: int
     flops_per_step: float
-    activation_terms: dict[str, int] = dataclasses.field(default_factory=dict)  # sums to activations
+    activation_terms: dict[str, int] = dataclasses.field(default_factory=dict)
+    peak_phase: str = "layers"  # which moment of the backward pass `activations` is
 
     @property
     def total(self) -> int:
@@ -126,7 +127,9 @@ def activation_breakdown(cfg: ModelConfig, tokens: int, seq: int, tensor: int, r
         scores_saved = scores_working if remat in ("none", "dots") else 0.0
     else:
         row = nh * keys / tensor  # one row of scores per query token and head
-        scores_working = row * (f32 + f32 + itemsize)
+        # XLA fuses the float32 softmax into its neighbours: the probs in the compute dtype
+        # are what stays live (measured on TPU compiles, benchmarks/tpu_compile.py).
+        scores_working = row * itemsize + 2 * nh / tensor * f32
         scores_saved = {"none": scores_working, "dots": row * itemsize}.get(remat, 0.0)
     rows = max(1, tokens // seq)
     chunk = min(loss_chunk, seq) if loss_chunk > 0 else seq
@@ -141,12 +144,32 @@ def activation_breakdown(cfg: ModelConfig, tokens: int, seq: int, tensor: int, r
     }
 
 
+LAYER_PHASE = ("layer_inputs", "policy_saved", "layer_working", "attention_scores", "final_hidden")
+LOSS_PHASE = ("layer_inputs", "policy_saved", "final_hidden", "logits")
+
+
+def peak_activations(terms: dict[str, int], grads: int = 0) -> tuple[int, str]:
+    """(peak bytes, phase) of the backward pass: the larger of two moments, not the sum.
+
+    - `layers`: going back through the layers, every saved input and policy residual, one
+      layer's recomputed working set with its attention scores, while the gradients fill in
+      (counted in `Plan.grads`);
+    - `loss`: the LM head and cross-entropy before any layer gradient exists, so the
+      gradients' bytes are not yet live: subtract them (`grads`).
+    The two never overlap, so summing them would overstate the peak by the logits (as XLA's
+    buffer assignment shows for Llama-2 7B on v5p: chunking the loss leaves its peak unchanged).
+    """
+    layers = sum(terms[k] for k in LAYER_PHASE)
+    loss = sum(terms[k] for k in LOSS_PHASE) - grads
+    return (layers, "layers") if layers >= loss else (loss, "loss")
+
+
 def activation_bytes(cfg: ModelConfig, tokens: int, seq: int, tensor: int, remat: str,
                      itemsize: int, *, flash: bool = False, loss_chunk: int = 0) -> int:
-    """Estimated peak activation bytes of one device for one micro-batch of `tokens` tokens:
-    the sum of `activation_breakdown`'s terms."""
-    return sum(activation_breakdown(cfg, tokens, seq, tensor, remat, itemsize, flash=flash,
-                                    loss_chunk=loss_chunk).values())
+    """Estimated peak activation bytes of one device for one micro-batch of `tokens` tokens
+    (`peak_activations` of `activation_breakdown`'s terms, gradients aside)."""
+    return peak_activations(activation_breakdown(cfg, tokens, seq, tensor, remat, itemsize,
+                                                 flash=flash, loss_chunk=loss_chunk))[0]
 
 
 def make_plan(cfg: ModelConfig, train_cfg: ConfigDict, mesh: dict[str, int],
@@ -165,11 +188,12 @@ def make_plan(cfg: ModelConfig, train_cfg: ConfigDict, mesh: dict[str, int],
         cfg, tokens, seq, mesh["tensor"], cfg.remat_policy, jnp.dtype(cfg.dtype).itemsize,
         flash=is_flash(cfg.attention_impl, device, dtype=cfg.dtype, packing=packing),
         loss_chunk=int(train_cfg.get("loss_chunk", 0)))
+    grads = param_bytes * p_size * (2 if grad_accum > 1 else 1)  # + accumulator
+    activations, phase = peak_activations(terms, grads)
     return Plan(
-        num_params=count, params=param_bytes * p_size,
-        grads=param_bytes * p_size * (2 if grad_accum > 1 else 1),  # + accumulator
+        num_params=count, params=param_bytes * p_size, grads=grads,
         opt_state=param_bytes * o_size * 2,  # Adam's two moments
-        activations=sum(terms.values()), activation_terms=terms,
+        activations=activations, activation_terms=terms, peak_phase=phase,
         flops_per_step=flops_per_token(cfg, seq) * global_batch * seq)
 
 
@@ -233,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  activations  {gib(plan.activations)}   (estimate, remat={cfg.remat_policy}, "
           f"attention {cfg.attention_impl} ({'flash' if flash else 'scores materialised'}), "
           f"loss_chunk {int(tc.get('loss_chunk', 0))})")
+    live = LAYER_PHASE if plan.peak_phase == "layers" else LOSS_PHASE
+    print(f"    at the peak ({'going back through the layers' if plan.peak_phase == 'layers' else 'the loss, before layer gradients'}):")
     for name, value in plan.activation_terms.items():
-        print(f"    {name:<16} {gib(value)}")
+        print(f"    {name:<16} {gib(value)}{'' if name in live else '   (not live at the peak)'}")
     print(f"  total        {gib(plan.total)}")
     fits = plan.total <= USABLE * mem_gib * GiB
     print(f"{fv.device} ({mem_gib:g} GiB): {'FITS' if fits else 'DOES NOT FIT'} "

@@ -90,9 +90,10 @@ def test_flash_attention_keeps_o_of_l_scores_and_xla_materialises_them():
     # same rows, twice the length: xla's [L, L] scores grow 4x, flash's per-head stats 2x
     xla = terms[False, 4096]["attention_scores"] / terms[False, 2048]["attention_scores"]
     flash = terms[True, 4096]["attention_scores"] / terms[True, 2048]["attention_scores"]
-    assert xla == pytest.approx(4, rel=1e-6) and flash == pytest.approx(2, rel=1e-6)
-    # xla: 32 heads x 2048 keys x (f32 scores + f32 probs + bf16 probs) per token, in one layer
-    assert terms[False, 2048]["attention_scores"] == 4 * 2048 * 32 * 2048 * 10
+    assert xla == pytest.approx(4, rel=1e-2) and flash == pytest.approx(2, rel=1e-6)
+    # xla: 32 heads x 2048 keys of bf16 probs per token (the f32 softmax fuses away) plus f32
+    # row statistics, in the working layer
+    assert terms[False, 2048]["attention_scores"] == 4 * 2048 * (32 * 2048 * 2 + 2 * 32 * 4)
     assert terms[True, 2048]["attention_scores"] < terms[False, 2048]["attention_scores"] / 100
     for key in ("layer_inputs", "policy_saved", "layer_working", "final_hidden", "logits"):
         assert terms[False, 2048][key] == terms[True, 2048][key]
@@ -135,6 +136,7 @@ def test_plan_terms_sum_and_cli_shows_them(capsys):
     out = capsys.readouterr().out
     assert "attention xla (scores materialised), loss_chunk 0" in xla_out
     assert "attention auto (flash), loss_chunk 512" in out
+    assert "at the peak (going back through the layers)" in out
     acts = [float(o.split("  activations")[1].split("GiB")[0]) for o in (xla_out, out)]
     assert acts[1] < acts[0]
     rules = sharding.rules_from_config(get_default_config().mesh)
@@ -142,7 +144,11 @@ def test_plan_terms_sum_and_cli_shows_them(capsys):
     c.train.update(global_batch=128, loss_chunk=512)
     p = plan.make_plan(get_preset("llama2-7b"), c.train, {"data": 1, "fsdp": 32, "tensor": 1},
                        rules, 2048, device="v4")
-    assert sum(p.activation_terms.values()) == p.activations > 0
+    # the peak is one moment of the backward pass: the layers' terms, or the loss's
+    live = plan.LAYER_PHASE if p.peak_phase == "layers" else plan.LOSS_PHASE
+    assert p.activations == sum(p.activation_terms[k] for k in live) - (
+        p.grads if p.peak_phase == "loss" else 0) > 0
+    assert p.activations < sum(p.activation_terms.values())
     itemsize = np.dtype(get_preset("llama2-7b").dtype).itemsize
     # 4 rows per device, one chunk: logits in the compute dtype, an f32 copy and f32 gradient
     assert p.activation_terms["logits"] == 4 * 512 * 32000 * (itemsize + 8)
