@@ -20,11 +20,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
+import json  # noqa: E402
 import re  # noqa: E402
+from pathlib import Path  # noqa: E402
 
+from phased_jax import sharding  # noqa: E402
 from phased_jax.accelerators import parse_tpu  # noqa: E402
+from phased_jax.config import model_config  # noqa: E402
 from phased_jax.config_cli import load_config_file  # noqa: E402
 from phased_jax.train.compile import GiB, compile_for_tpu  # noqa: E402
+from phased_jax.train.plan import make_plan  # noqa: E402
 
 print = functools.partial(print, flush=True)  # progress shows while the compiles run
 
@@ -59,16 +64,31 @@ def needed_gib(shortfall: str) -> float:
     return float(sizes[0]) if sizes else float("nan")
 
 
+def planned_gib(config, tpu_name: str) -> float:
+    """The planner's per-device total for `config` on the slice (no compile)."""
+    mesh = sharding.mesh_sizes(config.mesh, parse_tpu(tpu_name).chips)
+    plan = make_plan(model_config(config.model), config.train, mesh,
+                     sharding.rules_from_config(config.mesh), int(config.data.max_length))
+    return plan.total / GiB
+
+
 def row(model: str, tpu_name: str, config, attention: str, loss_chunk: int) -> dict:
+    """XLA's figures for one compile (what --save keeps; the plan is recomputed on --load)."""
     tpu = parse_tpu(tpu_name)
     result = compile_for_tpu(config, tpu, steps=("train",))
-    step, plan = result.steps[0], result.plan
-    peak = step.peak / GiB if step.fits else needed_gib(step.shortfall)
+    step = result.steps[0]
     return dict(model=model, slice=tpu_name, mesh="x".join(str(v) for v in result.mesh.values()),
-                attention=attention, loss="full" if not loss_chunk else f"chunk {loss_chunk}",
-                batch=int(config.train.global_batch), peak=peak, fits=step.fits,
-                plan=plan.total / GiB, err=(plan.total / GiB - peak) / peak,
-                hbm=tpu.hbm_gib, compile_s=step.compile_s)
+                attention=attention, loss_chunk=loss_chunk,
+                batch=int(config.train.global_batch),
+                peak=step.peak / GiB if step.fits else needed_gib(step.shortfall),
+                fits=step.fits, hbm=tpu.hbm_gib, compile_s=step.compile_s)
+
+
+def with_plan(r: dict) -> dict:
+    path, _, mesh_shape = PAPER[r["model"]]
+    config = configure(path, mesh_shape, r["attention"], r["loss_chunk"], r["batch"])
+    plan = planned_gib(config, r["slice"])
+    return {**r, "plan": plan, "err": (plan - r["peak"]) / r["peak"]}
 
 
 HEADER = (f"{'model':<11} {'slice':<8} {'mesh d.f.t':<10} {'attention':<9} {'loss':<9} "
@@ -77,9 +97,49 @@ HEADER = (f"{'model':<11} {'slice':<8} {'mesh d.f.t':<10} {'attention':<9} {'los
 
 def show(r: dict) -> str:
     peak = f"{r['peak']:7.1f}G" if r["fits"] else f">{r['peak']:6.1f}G"
-    return (f"{r['model']:<11} {r['slice']:<8} {r['mesh']:<10} {r['attention']:<9} {r['loss']:<9} "
+    loss = "full" if not r["loss_chunk"] else f"chunk {r['loss_chunk']}"
+    return (f"{r['model']:<11} {r['slice']:<8} {r['mesh']:<10} {r['attention']:<9} {loss:<9} "
             f"{r['batch']:>5} {peak:>9} {'yes' if r['fits'] else 'NO':>5} {r['plan']:7.1f}G "
             f"{r['err']:+8.1%} {r['compile_s']:7.0f}s")
+
+
+def compile_rows(models: list[str], variants: str, batches: list[int], done: list[dict],
+                 save: Path | None = None) -> list[dict]:
+    """Every row of `models` not in `done` (a saved run), printed (and saved) as it finishes."""
+    key = lambda r: (r["model"], r["slice"], r["attention"], r["loss_chunk"], r["batch"])
+    have = {key(r): r for r in done}
+    rows = []
+
+    def add(model, tpu_name, attention, chunk, batch=None):
+        path, _, mesh_shape = PAPER[model]
+        config = configure(path, mesh_shape, attention, chunk, batch)
+        k = (model, tpu_name, attention, chunk, int(config.train.global_batch))
+        r = have.get(k) or row(model, tpu_name, config, attention, chunk)
+        rows.append(with_plan(r))
+        print(show(rows[-1]))
+        if save:
+            fresh = {key(x): x for x in done + rows}
+            save.write_text(json.dumps([{k: v for k, v in x.items() if k not in ("plan", "err")}
+                                        for x in fresh.values()], indent=1))
+        return rows[-1]
+
+    for model in models:
+        _, slices, _ = PAPER[model]
+        for tpu_name in slices:
+            for attention, chunk in VARIANTS[variants]:
+                add(model, tpu_name, attention, chunk)
+            largest = max((r["batch"] for r in rows if r["fits"] and r["model"] == model
+                           and r["slice"] == tpu_name and r["attention"] == "splash"
+                           and r["loss_chunk"]), default=None)
+            for batch in batches:
+                if largest is None or batch <= largest:
+                    continue
+                if not add(model, tpu_name, "splash", LOSS_CHUNK, batch)["fits"]:
+                    break
+                largest = batch
+            print(f"  -> {model} on {tpu_name}: largest global batch x 2048 that fits with splash "
+                  f"+ chunked loss, no accumulation: {largest or 'none of those tried'}")
+    return rows
 
 
 def main() -> None:
@@ -89,37 +149,19 @@ def main() -> None:
     p.add_argument("--variants", choices=sorted(VARIANTS), default="all")
     p.add_argument("--batches", default="256,512,1024",
                    help="global batches to try (seq 2048, no accumulation) for the largest fit")
+    p.add_argument("--save", type=Path, help="keep XLA's figures here (JSON); rows already in "
+                   "the file are not compiled again, so an interrupted run continues")
     args = p.parse_args()
-    rows = []
+    done = json.loads(args.save.read_text()) if args.save and args.save.exists() else []
     print(HEADER)
-    for model in args.models.split(","):
-        path, slices, mesh_shape = PAPER[model]
-        for tpu_name in slices:
-            for attention, chunk in VARIANTS[args.variants]:
-                rows.append(row(model, tpu_name, configure(path, mesh_shape, attention, chunk),
-                                attention, chunk))
-                print(show(rows[-1]))
-            largest = max((r["batch"] for r in rows if r["fits"] and r["model"] == model
-                           and r["slice"] == tpu_name and r["attention"] == "splash"
-                           and r["loss"] != "full"), default=None)
-            for batch in (int(b) for b in args.batches.split(",") if b):
-                if largest is None or batch <= largest:
-                    continue
-                r = row(model, tpu_name, configure(path, mesh_shape, "splash", LOSS_CHUNK, batch),
-                        "splash", LOSS_CHUNK)
-                rows.append(r)
-                print(show(r))
-                if not r["fits"]:
-                    break
-                largest = batch
-            print(f"  -> {model} on {tpu_name}: largest global batch x 2048 that fits with splash "
-                  f"+ chunked loss, no accumulation: {largest if largest else 'none tried fits'}")
+    rows = compile_rows(args.models.split(","), args.variants,
+                        [int(b) for b in args.batches.split(",") if b], done, args.save)
     fitted = [r for r in rows if r["fits"]]
     if fitted:
         worst = max(fitted, key=lambda r: abs(r["err"]))
         print(f"planner vs XLA over {len(fitted)} compiled rows: worst {worst['err']:+.1%} "
-              f"({worst['model']} {worst['slice']} {worst['attention']} {worst['loss']} "
-              f"batch {worst['batch']})")
+              f"({worst['model']} {worst['slice']} {worst['attention']} chunk "
+              f"{worst['loss_chunk']} batch {worst['batch']})")
 
 
 if __name__ == "__main__":
