@@ -15,11 +15,11 @@ Implementations (`ModelConfig.attention_impl`, one of `config.ATTENTION_IMPLS`):
   Hugging Face's eager attention.
 - `dot_product_attention`: `jax.nn.dot_product_attention`'s XLA path over the flattened query
   heads; unlike `xla` it accumulates bfloat16 scores in float32.
-- `splash` (TPU): the Pallas splash-attention kernel, one MQA kernel per kv head (its group of
-  query heads shares its keys), causal by index with the segment ids and, for Mistral, a local
-  window. Mosaic kernels are not auto-partitioned, so it runs under `jax.shard_map` over the
-  mesh axes the logical rules give `batch` and `act_kv_heads`. Off TPU it runs in Pallas
-  interpret mode (tests). Block sizes: `attention_block_q` / `attention_block_kv`.
+- `splash` (TPU): the Pallas splash-attention kernel in its grouped-query form, causal by
+  index with the segment ids and, for Mistral, a local window. Mosaic kernels are not
+  auto-partitioned, so it runs under `jax.shard_map` over the mesh axes the logical rules give
+  `batch` and `act_kv_heads`. Off TPU it runs in Pallas interpret mode (tests). Block sizes:
+  `attention_block_q` / `attention_block_kv`.
 - `cudnn` (GPU, bfloat16/float16): cuDNN flash attention through `jax.nn.dot_product_attention`,
   the mask given as causal + per-row lengths (right padding) + a left window. It cannot express
   several segments in a row, so packed data must use another implementation
@@ -209,9 +209,10 @@ def _splash(q_BxLxKxGxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask: Mask) 
 
 def _splash_shard(q_BxLxKxGxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, seg_BxL: Array, *,
                   sliding_window: int, block_q: int, block_kv: int, interpret: bool) -> Array:
-    """Splash attention on one device's rows and kv heads."""
-    L, G = q_BxLxKxGxH.shape[1], q_BxLxKxGxH.shape[3]
-    if sliding_window:
+    """Splash attention on one device's rows and kv heads: the kernel's grouped-query form
+    (query head n reads kv head n // G, as flattening [K, G] lays them out), vmapped over rows."""
+    B, L, K, G, H = q_BxLxKxGxH.shape
+    if sliding_window and sliding_window < L:
         base = splash.LocalMask((L, L), window_size=(sliding_window - 1, 0), offset=0)
     else:
         base = splash.CausalMask((L, L))
@@ -219,13 +220,13 @@ def _splash_shard(q_BxLxKxGxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, seg_Bx
                                block_q_dkv=block_q, block_kv_dkv=block_kv,
                                block_kv_dkv_compute=block_kv, block_q_dq=block_q,
                                block_kv_dq=block_kv)
-    kernel = splash.make_splash_mqa(splash.MultiHeadMask([base] * G), block_sizes=blocks,
+    kernel = splash.make_splash_mha(splash.MultiHeadMask([base] * (K * G)), block_sizes=blocks,
                                     head_shards=1, q_seq_shards=1, interpret=interpret)
-    per_kv_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))  # q [G, L, H], k and v [L, H]
-    per_row = jax.vmap(per_kv_head, in_axes=(0, 0, 0, 0))
-    out_BxKxGxLxH = per_row(q_BxLxKxGxH.transpose(0, 2, 3, 1, 4), k_BxSxKxH.transpose(0, 2, 1, 3),
-                            v_BxSxKxH.transpose(0, 2, 1, 3), splash.SegmentIds(seg_BxL, seg_BxL))
-    return out_BxKxGxLxH.transpose(0, 3, 1, 2, 4)
+    q_BxNxLxH = q_BxLxKxGxH.reshape(B, L, K * G, H).transpose(0, 2, 1, 3)
+    out_BxNxLxH = jax.vmap(kernel)(q_BxNxLxH, k_BxSxKxH.transpose(0, 2, 1, 3),
+                                   v_BxSxKxH.transpose(0, 2, 1, 3),
+                                   splash.SegmentIds(seg_BxL, seg_BxL))
+    return out_BxNxLxH.transpose(0, 2, 1, 3).reshape(B, L, K, G, H)
 
 
 def _mesh_axes(logical: str, dim: int, sizes: dict[str, int], taken: set[str]) -> tuple[str, ...]:
