@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from phased_jax.accelerators import DEVICES
 from phased_jax.config import get_default_config
-from phased_jax.train.plan import DEVICES
 
 print = functools.partial(print, flush=True)  # progress shows under load
 

@@ -24,6 +24,19 @@ DEVICES: dict[str, tuple[float, float]] = {
     "a100-40gb": (40, 312e12), "a100-80gb": (80, 312e12), "h100": (80, 989e12),
     "h200": (141, 989e12),
 }
+GPU_KINDS = ("a100-40gb", "a100-80gb", "h100", "h200")  # the others in DEVICES are TPUs
+# `jax.Device.device_kind` (lower-cased) substring -> DEVICES name; first match wins, so
+# "v5 lite" is tested before "v5" (v5p reports "TPU v5").
+DEVICE_KINDS: tuple[tuple[str, str], ...] = (
+    ("v5 lite", "v5e"), ("v5e", "v5e"), ("v5p", "v5p"), ("v5", "v5p"), ("v6 lite", "v6e"),
+    ("v6e", "v6e"), ("v4", "v4"), ("h100", "h100"), ("h200", "h200"), ("a100", "a100-80gb"),
+)
+
+
+def device_name(device_kind: str) -> str | None:
+    """The DEVICES name of a `jax.Device.device_kind`, or None for one not in the table."""
+    kind = device_kind.lower()
+    return next((name for key, name in DEVICE_KINDS if key in kind), None)
 
 # generation -> (libtpu topology prefix, chip config, mesh dims, TensorCores counted per chip)
 _TPU_GENERATIONS: dict[str, tuple[str, str, int, int]] = {

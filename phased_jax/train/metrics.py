@@ -22,13 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Dense bf16 peak FLOP/s per device (one chip, or one GPU). Matched as lower-case substrings of
-# `device.device_kind`, first match wins (so "v5 lite" is tested before "v5").
-PEAK_FLOPS: tuple[tuple[str, float], ...] = (
-    ("v5 lite", 197e12), ("v5e", 197e12), ("v5p", 459e12), ("v5", 459e12),
-    ("v6 lite", 918e12), ("v6e", 918e12), ("v4", 275e12),
-    ("h100", 989e12), ("h200", 989e12), ("a100", 312e12),
-)
+from phased_jax.accelerators import DEVICES, device_name
 
 
 def probe_matmul_flops(n: int = 1024, repeats: int = 5, dtype: Any = jnp.float32) -> float:
@@ -49,10 +43,9 @@ def peak_flops_per_device(device: Any = None, configured: float = 0.0) -> tuple[
     if configured > 0:
         return float(configured), "config.train.peak_flops"
     device = device or jax.devices()[0]
-    kind = device.device_kind.lower()
-    for key, flops in PEAK_FLOPS:
-        if key in kind:
-            return flops, f"table ({device.device_kind})"
+    name = device_name(device.device_kind)
+    if name is not None:
+        return DEVICES[name][1], f"table ({device.device_kind})"
     # CPU: one probe uses every core of the host, whatever the number of (fake) devices.
     return probe_matmul_flops() / jax.local_device_count(), "matmul probe (f32)"
 

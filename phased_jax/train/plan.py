@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec
 from ml_collections import ConfigDict
 
 from phased_jax import sharding
+from phased_jax.accelerators import DEVICES, GPU_KINDS
 from phased_jax.config import get_default_config, model_config, model_section
 from phased_jax.config_cli import flag_value, parse_config_argv
 from phased_jax.errors import UsageError
@@ -36,13 +37,6 @@ from phased_jax.model.flops import flops_per_token
 from phased_jax.model.params import abstract_params, logical_axes
 
 GiB = 1024**3
-# name -> (memory per device in GiB, dense bf16 peak FLOP/s per device)
-DEVICES: dict[str, tuple[float, float]] = {
-    "v4": (32, 275e12), "v5e": (16, 197e12), "v5p": (95, 459e12), "v6e": (32, 918e12),
-    "a100-40gb": (40, 312e12), "a100-80gb": (80, 312e12), "h100": (80, 989e12),
-    "h200": (141, 989e12),
-}
-GPU_KINDS = ("a100-40gb", "a100-80gb", "h100", "h200")  # the others in DEVICES are TPUs
 USABLE = 0.9  # XLA's own buffers, fragmentation: plan against 90% of the device's memory
 FLASH_IMPLS = ("splash", "cudnn")  # kernels that never materialise the [L, keys] scores
 
