@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ from phased_jax.demo.config import (  # noqa: E402
 from phased_jax.demo.corpus import build_corpus, prose_phrases  # noqa: E402
 from phased_jax.demo.report import write_report  # noqa: E402
 from phased_jax.demo.tasks import build_dataset, prompt_phrases, texts_for_tokenizer  # noqa: E402
-from phased_jax.fileio import read_jsonl, write_jsonl_atomic  # noqa: E402
+from phased_jax.fileio import read_jsonl, write_jsonl_atomic, write_text_atomic  # noqa: E402
 from phased_jax.formats import AnswerRow  # noqa: E402
 from phased_jax.generate.decode import generate  # noqa: E402
 from phased_jax.model import Transformer  # noqa: E402
@@ -139,12 +140,24 @@ def answer_seed(out: Path, seed: int, runs: dict[str, dict], test_path: Path,
     return phase_answers
 
 
+def seed_dir_for(out: Path, seed: int, base_key: str) -> Path:
+    """`<out>/seed<seed>`, emptied first if its runs were tuned from another base (they would
+    otherwise resume as done), and stamped with this base's key."""
+    d = out / f"seed{seed}"
+    stamp = d / "base_key.txt"
+    if d.exists() and (not stamp.is_file() or stamp.read_text().strip() != base_key):
+        print(f"seed {seed}: its runs were tuned from another base model; running them again")
+        shutil.rmtree(d)
+    d.mkdir(parents=True, exist_ok=True)
+    if not stamp.is_file():
+        write_text_atomic(stamp, base_key + "\n")
+    return d
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     if args.fresh and out.exists():
-        import shutil
-
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     import jax
@@ -166,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[int, dict[str, dict]] = {}
     for seed in seeds:
         runs[seed] = {}
+        seed_dir_for(out, seed, base["key"])
         for name, order in ARMS.items():
             cfg = demo_config(str(out), order=order, seed=seed)
             if epochs:

@@ -39,3 +39,13 @@ def test_cached_needs_the_same_key_and_a_complete_export(tmp_path):
     d.mkdir()
     (d / base.KEY_FILE).write_text(json.dumps({"key": "k"}))
     assert not base.cached(d, "k")  # no export in it
+
+
+def test_runs_tuned_from_another_base_are_started_again(tmp_path):
+    from phased_jax.demo.__main__ import seed_dir_for
+
+    d = seed_dir_for(tmp_path, 0, "k1")
+    (d / "phased").mkdir()
+    assert seed_dir_for(tmp_path, 0, "k1") == d and (d / "phased").is_dir()  # same base: kept
+    assert seed_dir_for(tmp_path, 0, "k2") == d and not (d / "phased").exists()  # new base
+    assert (d / "base_key.txt").read_text() == "k2\n"
