@@ -42,13 +42,14 @@ class Trainer:
     def __init__(self, model_cfg: ModelConfig, train_cfg: ConfigDict, mesh_cfg: ConfigDict, *,
                  seed: int = 0, devices: list[Any] | None = None, packing: bool = False) -> None:
         self.placement = sharding.Placement.from_config(mesh_cfg, devices)
-        # `auto` becomes the kernel of the devices the steps are compiled for (a TPU topology's
-        # too, from a CPU host); a kernel they cannot run is a ConfigError before any compile.
-        model_cfg = model_cfg.replace(attention_impl=resolve_attention_impl(
+        # The model runs the kernel of the devices the steps are compiled for (a TPU topology's
+        # too, from a CPU host); one they cannot run is a ConfigError before any compile.
+        # `model_cfg` (saved with params) keeps the configured name, e.g. `auto`.
+        attention_impl = resolve_attention_impl(
             model_cfg.attention_impl, self.placement.mesh.devices.flat[0].platform,
-            packing=packing, dtype=model_cfg.dtype))
+            packing=packing, dtype=model_cfg.dtype)
         self.model_cfg, self.train_cfg, self.seed = model_cfg, train_cfg, int(seed)
-        self.model = Transformer(model_cfg)
+        self.model = Transformer(model_cfg.replace(attention_impl=attention_impl))
         self.mesh, self.rules = self.placement.mesh, self.placement.rules
         self.grad_accum = int(train_cfg.grad_accum)
         self.global_batch = int(train_cfg.global_batch)

@@ -189,7 +189,9 @@ def test_a_kernel_the_platform_cannot_run_is_a_config_error(impl, platform, kw, 
 def test_the_trainer_resolves_auto_for_its_devices_and_refuses_what_they_cannot_run():
     c = tiny_config()
     c.model.attention_impl = "auto"
-    assert build_trainer(c).model_cfg.attention_impl == "xla"  # CPU devices
+    trainer = build_trainer(c)
+    assert trainer.model.cfg.attention_impl == "xla"  # CPU devices
+    assert trainer.model_cfg.attention_impl == "auto"  # saved with params: portable
     c.model.attention_impl = "cudnn"
     with pytest.raises(ConfigError, match="cudnn.*needs a GPU"):
         build_trainer(c)
