@@ -33,12 +33,14 @@ from phased_jax.train.plan import make_plan  # noqa: E402
 
 print = functools.partial(print, flush=True)  # progress shows while the compiles run
 
-# model -> (config file, slices to compile for, mesh.shape override or None)
+# model -> (config file, ((slice, mesh.shape override or None: the config's own), ...)).
+# 70B: the config's pure FSDP (what `phased-jax plan` suggests: the least tensor parallelism
+# that fits) and FSDP x 8-way tensor parallelism (the README's example).
 PAPER = {
-    "llama2-7b": ("configs/llama2_7b_phased.py", ("v5p-8", "v5p-16"), None),
-    "llama2-13b": ("configs/llama2_13b_phased.py", ("v5p-16",), None),
-    "mistral-7b": ("configs/mistral_7b_phased.py", ("v5p-8",), None),
-    "llama2-70b": ("configs/llama2_70b_phased.py", ("v5p-128",), (1, -1, 8)),
+    "llama2-7b": ("configs/llama2_7b_phased.py", (("v5p-8", None), ("v5p-16", None))),
+    "llama2-13b": ("configs/llama2_13b_phased.py", (("v5p-16", None),)),
+    "mistral-7b": ("configs/mistral_7b_phased.py", (("v5p-8", None),)),
+    "llama2-70b": ("configs/llama2_70b_phased.py", (("v5p-128", None), ("v5p-128", (1, -1, 8)))),
 }
 LOSS_CHUNK = 512  # tokens of the sequence per chunk in the chunked-loss rows
 VARIANTS = {
@@ -52,7 +54,7 @@ def configure(path: str, mesh_shape, attention: str, loss_chunk: int, batch: int
     config.model.attention_impl = attention
     config.train.loss_chunk = loss_chunk
     if mesh_shape is not None:
-        config.mesh.shape = mesh_shape
+        config.mesh.shape = tuple(mesh_shape)
     if batch is not None:
         config.train.global_batch = batch
     return config
@@ -72,21 +74,21 @@ def planned_gib(config, tpu_name: str) -> float:
     return plan.total / GiB
 
 
-def row(model: str, tpu_name: str, config, attention: str, loss_chunk: int) -> dict:
+def row(model: str, tpu_name: str, config, attention: str, loss_chunk: int, mesh_shape) -> dict:
     """XLA's figures for one compile (what --save keeps; the plan is recomputed on --load)."""
     tpu = parse_tpu(tpu_name)
     result = compile_for_tpu(config, tpu, steps=("train",))
     step = result.steps[0]
     return dict(model=model, slice=tpu_name, mesh="x".join(str(v) for v in result.mesh.values()),
-                attention=attention, loss_chunk=loss_chunk,
+                mesh_shape=mesh_shape, attention=attention, loss_chunk=loss_chunk,
                 batch=int(config.train.global_batch),
                 peak=step.peak / GiB if step.fits else needed_gib(step.shortfall),
                 fits=step.fits, hbm=tpu.hbm_gib, compile_s=step.compile_s)
 
 
 def with_plan(r: dict) -> dict:
-    path, _, mesh_shape = PAPER[r["model"]]
-    config = configure(path, mesh_shape, r["attention"], r["loss_chunk"], r["batch"])
+    path, _ = PAPER[r["model"]]
+    config = configure(path, r.get("mesh_shape"), r["attention"], r["loss_chunk"], r["batch"])
     plan = planned_gib(config, r["slice"])
     return {**r, "plan": plan, "err": (plan - r["peak"]) / r["peak"]}
 
@@ -106,15 +108,18 @@ def show(r: dict) -> str:
 def compile_rows(models: list[str], variants: str, batches: list[int], done: list[dict],
                  save: Path | None = None) -> list[dict]:
     """Every row of `models` not in `done` (a saved run), printed (and saved) as it finishes."""
-    key = lambda r: (r["model"], r["slice"], r["attention"], r["loss_chunk"], r["batch"])
+    key = lambda r: (r["model"], r["slice"], r["mesh"], r["attention"], r["loss_chunk"],
+                     r["batch"])
     have = {key(r): r for r in done}
     rows = []
 
-    def add(model, tpu_name, attention, chunk, batch=None):
-        path, _, mesh_shape = PAPER[model]
+    def add(model, tpu_name, mesh_shape, attention, chunk, batch=None):
+        path, _ = PAPER[model]
         config = configure(path, mesh_shape, attention, chunk, batch)
-        k = (model, tpu_name, attention, chunk, int(config.train.global_batch))
-        r = have.get(k) or row(model, tpu_name, config, attention, chunk)
+        mesh = "x".join(str(v) for v in sharding.mesh_sizes(
+            config.mesh, parse_tpu(tpu_name).chips).values())
+        k = (model, tpu_name, mesh, attention, chunk, int(config.train.global_batch))
+        r = have.get(k) or row(model, tpu_name, config, attention, chunk, mesh_shape)
         rows.append(with_plan(r))
         print(show(rows[-1]))
         if save:
@@ -124,20 +129,20 @@ def compile_rows(models: list[str], variants: str, batches: list[int], done: lis
         return rows[-1]
 
     for model in models:
-        _, slices, _ = PAPER[model]
-        for tpu_name in slices:
+        _, targets = PAPER[model]
+        for tpu_name, mesh_shape in targets:
+            first = len(rows)
             for attention, chunk in VARIANTS[variants]:
-                add(model, tpu_name, attention, chunk)
-            largest = max((r["batch"] for r in rows if r["fits"] and r["model"] == model
-                           and r["slice"] == tpu_name and r["attention"] == "splash"
-                           and r["loss_chunk"]), default=None)
+                add(model, tpu_name, mesh_shape, attention, chunk)
+            largest = max((r["batch"] for r in rows[first:] if r["fits"]
+                           and r["attention"] == "splash" and r["loss_chunk"]), default=None)
             for batch in batches:
                 if largest is None or batch <= largest:
                     continue
-                if not add(model, tpu_name, "splash", LOSS_CHUNK, batch)["fits"]:
+                if not add(model, tpu_name, mesh_shape, "splash", LOSS_CHUNK, batch)["fits"]:
                     break
                 largest = batch
-            print(f"  -> {model} on {tpu_name}: largest global batch x 2048 that fits with splash "
+            print(f"  -> {model} on {tpu_name} ({rows[-1]['mesh']}): largest global batch x 2048 that fits with splash "
                   f"+ chunked loss, no accumulation: {largest or 'none of those tried'}")
     return rows
 

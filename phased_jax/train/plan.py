@@ -30,7 +30,7 @@ from phased_jax import sharding
 from phased_jax.accelerators import DEVICES, GPU_KINDS
 from phased_jax.config import get_default_config, model_config, model_section
 from phased_jax.config_cli import flag_value, parse_config_argv
-from phased_jax.errors import UsageError
+from phased_jax.errors import ConfigError, UsageError
 from phased_jax.model.attention import resolve_attention_impl
 from phased_jax.model.config import PRESETS, ModelConfig
 from phased_jax.model.flops import flops_per_token
@@ -191,6 +191,27 @@ def make_plan(cfg: ModelConfig, train_cfg: ConfigDict, mesh: dict[str, int],
         flops_per_step=flops_per_token(cfg, seq) * global_batch * seq)
 
 
+def suggest_mesh(cfg: ModelConfig, train_cfg: ConfigDict, num_devices: int,
+                 rules: sharding.Rules, seq: int, memory_bytes: float, *,
+                 device: str | None = None, packing: bool = False
+                 ) -> tuple[tuple[int, int, int], Plan] | None:
+    """The mesh (1, fsdp, tensor) with the fewest tensor-parallel ways (1, 2, 4, ... up to the
+    kv heads) whose plan fits `memory_bytes`, or None. Fewest, because tensor parallelism adds
+    collectives inside every layer while FSDP's all-gathers overlap the layers' compute once
+    each device has a few thousand tokens a step."""
+    tensor = 1
+    while tensor <= cfg.num_kv_heads and num_devices % tensor == 0:
+        mesh = {"data": 1, "fsdp": num_devices // tensor, "tensor": tensor}
+        try:
+            plan = make_plan(cfg, train_cfg, mesh, rules, seq, device=device, packing=packing)
+        except ConfigError:  # the batch does not split over this many fsdp shards
+            plan = None
+        if plan is not None and plan.total <= memory_bytes:
+            return (1, num_devices // tensor, tensor), plan
+        tensor *= 2
+    return None
+
+
 USAGE = """usage: phased-jax plan (--config CONFIG_FILE | --preset NAME) [--config.SECTION.FIELD=VALUE ...]
                       [--num-devices N] [--device KIND] [--mfu F]"""
 
@@ -259,6 +280,17 @@ def main(argv: list[str] | None = None) -> int:
     fits = plan.total <= USABLE * mem_gib * GiB
     print(f"{fv.device} ({mem_gib:g} GiB): {'FITS' if fits else 'DOES NOT FIT'} "
           f"({plan.total / (mem_gib * GiB):.0%} of memory; plan against {USABLE:.0%})")
+    suggestion = suggest_mesh(cfg, tc, n_dev, sharding.rules_from_config(config.mesh), seq,
+                              USABLE * mem_gib * GiB, device=fv.device,
+                              packing=bool(config.data.get("packing", False)))
+    if suggestion is None:
+        print("no mesh (1, fsdp, tensor) fits: use more devices, train.grad_accum, "
+              "train.loss_chunk, model.remat_policy='full' or attention_impl='auto'")
+    elif suggestion[0] != tuple(mesh.values()):
+        shape, other = suggestion
+        print(f"suggested mesh: --config.mesh.shape='(1,-1,{shape[2]})' (fsdp {shape[1]} x tensor "
+              f"{shape[2]}): {gib(other.total).strip()} per device, the least tensor parallelism "
+              f"that fits")
     print(f"step: {plan.flops_per_step:.3e} FLOPs -> {step_s:.2f} s at {fv.mfu:.0%} MFU "
           f"({tc.global_batch * seq / step_s:,.0f} tokens/s)")
     return 0 if fits else 3

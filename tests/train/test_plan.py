@@ -152,3 +152,20 @@ def test_plan_terms_sum_and_cli_shows_them(capsys):
     itemsize = np.dtype(get_preset("llama2-7b").dtype).itemsize
     # 4 rows per device, one chunk: logits in the compute dtype, an f32 copy and f32 gradient
     assert p.activation_terms["logits"] == 4 * 512 * 32000 * (itemsize + 8)
+
+
+def test_suggested_mesh_is_the_least_tensor_parallelism_that_fits(capsys):
+    # 128 rows cannot split over 256 fsdp shards: tensor 2 is the first mesh that works
+    rc = plan.main(["--preset", "llama2-70b", "--num-devices", "256", "--device", "v5p",
+                    "--config.mesh.shape=(1,-1,8)", "--config.train.global_batch=128"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "suggested mesh: --config.mesh.shape='(1,-1,2)' (fsdp 128 x tensor 2)" in out
+    rules = sharding.rules_from_config(get_default_config().mesh)
+    c = get_default_config()
+    c.train.global_batch = 128
+    cfg = get_preset("llama2-70b", remat_policy="full")
+    shape, p = plan.suggest_mesh(cfg, c.train, 256, rules, 2048, 0.9 * 95 * plan.GiB, device="v5p")
+    assert shape == (1, 128, 2) and p.total <= 0.9 * 95 * plan.GiB
+    # nothing fits 70B on 8 v5e chips: no suggestion, and plan says what to change
+    assert plan.suggest_mesh(cfg, c.train, 8, rules, 2048, 0.9 * 16 * plan.GiB, device="v5e") is None
