@@ -24,6 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from phased_jax.demo import judge, stats  # noqa: E402
+from phased_jax.demo.config import HEADROOM  # noqa: E402
 from phased_jax.demo.tasks import THRESHOLDS, phase_stats  # noqa: E402
 from phased_jax.fileio import iter_jsonl, read_jsonl, write_bytes_atomic, write_text_atomic  # noqa: E402
 
@@ -279,7 +280,10 @@ def summarise(runs: Mapping[Any, Mapping[str, Mapping[str, Any]]], test_path: Pa
         boot[a] = stats.compare(hits[a], hits[BASELINE])
     verdicts = {a: {"verdict": stats.verdict(boot[a]["all"]),
                     "sentence": verdict_sentence(a, boot[a]["all"], len(seeds))} for a in cands}
+    outside = [b for b in judge.BANDS
+               if not HEADROOM[0] <= mean[BASELINE][b][0] <= HEADROOM[1]]
     return {"seeds": seeds, "arms": arms, "accuracy": acc, "mean_sd": mean,
+            "headroom": {"range": list(HEADROOM), "bands_outside": outside},
             "winrate_mean_sd": winrate, "winrate_pooled": pooled, "bootstrap": boot,
             "verdicts": verdicts}
 
@@ -302,6 +306,15 @@ def seeds_table(res: Mapping[str, Any]) -> str:
     return _table(["seed", "arm"] + [judge.BAND_LABELS[b] for b in SETS], rows)
 
 
+def headroom_note(res: Mapping[str, Any]) -> str:
+    """A warning when one-off left a band outside the designed headroom (another CPU, other
+    sizes): there the comparison sits at the floor or the ceiling."""
+    lo, hi = res["headroom"]["range"]
+    bands = ", ".join(judge.BAND_LABELS[b] for b in res["headroom"]["bands_outside"])
+    return (f"note: {BASELINE} is outside the designed {100 * lo:.0f}-{100 * hi:.0f}% headroom "
+            f"in {bands}; differences there are squeezed by the floor or the ceiling.")
+
+
 def summary_text(res: Mapping[str, Any]) -> str:
     """What `make demo` prints last: the results table as text and the verdicts."""
     arms, cands, width = res["arms"], list(res["bootstrap"]), 22
@@ -316,6 +329,7 @@ def summary_text(res: Mapping[str, Any]) -> str:
     lines += [f"  {a + ' - ' + BASELINE + ' [95% CI]':<30}"
               + "".join(f"{_interval(res['bootstrap'][a][s]):>{width}}" for s in SETS)
               for a in cands]
+    lines += ["", headroom_note(res)] if res["headroom"]["bands_outside"] else []
     lines += ["", *("verdict: " + res["verdicts"][a]["sentence"] for a in cands)]
     return "\n".join(lines)
 
@@ -363,6 +377,8 @@ def write_report(out_dir: str | Path, *, runs: Mapping[Any, Mapping[str, Mapping
 
     md = [_intro(res["arms"], len(seeds))]
     md += ["## Verdict", "", *(f"- {v['sentence']}" for v in res["verdicts"].values()), ""]
+    if res["headroom"]["bands_outside"]:
+        md += [f"- {headroom_note(res)}", ""]
     shown = {k: v for k, v in (extra or {}).items() if isinstance(v, str | int | float | bool)}
     if shown:
         md += ["## Setup", "",

@@ -151,6 +151,9 @@ def test_report_writes_markdown_and_pngs(files, tmp_path):
     assert res["verdicts"]["phased"]["verdict"] == "ties"
     assert "phased ties with oneoff at this scale: exact match +0.0 points" in md
     assert "verdict: phased ties with oneoff" in res["summary_text"]
+    # one-off's means are 50 / 25 / 12.5%: only phase 3 is below the designed 20% floor
+    assert res["headroom"]["bands_outside"] == ["phase3"]
+    assert "outside the designed 20-90% headroom in phase 3 [3.5, 5];" in md
     results = json.loads((out / "results.json").read_text())
     assert results["winrate_pooled"]["phased"]["all"]["win"] == 7
     assert results["accuracy"]["phased"]["1"]["all"]["correct"] == 2
