@@ -91,14 +91,17 @@ def activation_breakdown(cfg: ModelConfig, tokens: int, seq: int, tensor: int, r
       everything; `dots`: every matmul output; `dots_no_batch`: the projections (qkv, o, wi, wo);
       `qkv_proj`: qkv and o; `full`: nothing. The attention scores are in `attention_scores`.
     - `layer_working`: one layer's working set, recomputed in the backward pass (no scores).
-    - `attention_scores`: xla: per query token and head a row of `keys` scores, materialised in
-      float32 (scores, probs) plus the probs in the compute dtype, in the working layer, and by
-      `none`/`dots` in every layer. flash (`splash`/`cudnn`): the kernel keeps the scores in
+    - `attention_scores`: xla: per query token and head a row of `keys` probs in the compute
+      dtype (XLA fuses the float32 softmax into its neighbours) and float32 row statistics, in
+      the working layer, and by `none`/`dots` in every layer. flash (`splash`/`cudnn`): the kernel keeps the scores in
       on-chip blocks and saves O(L) float32 softmax stats (logsumexp, max) per head instead.
     - `final_hidden`: the final-normed hidden states (the LM head's input) and their gradient;
       chunked loss adds their [chunks, rows, chunk, D] copy for the scan.
     - `logits`: logits in the compute dtype, their float32 copy and float32 gradient, for every
       token, or with `loss_chunk` > 0 for one chunk (`rows x loss_chunk` tokens) only.
+    - `gathered_layer`: FSDP's working copy of one layer: its weights all-gathered in the
+      compute dtype and its whole gradient in float32 before the reduce-scatter (per device,
+      split by `tensor` only). Independent of the batch; it matters for 70B-wide layers.
     """
     D, F, Hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     nh, kv = cfg.num_heads, cfg.num_kv_heads
@@ -128,6 +131,7 @@ def activation_breakdown(cfg: ModelConfig, tokens: int, seq: int, tensor: int, r
     rows = max(1, tokens // seq)
     chunk = min(loss_chunk, seq) if loss_chunk > 0 else seq
     L = cfg.num_layers
+    layer_params = D * (nh + 2 * kv) * Hd + nh * Hd * D + 3 * D * F + 2 * D
     return {
         "layer_inputs": int(L * tokens * D * itemsize),
         "policy_saved": int(L * tokens * saved * itemsize),
@@ -135,10 +139,12 @@ def activation_breakdown(cfg: ModelConfig, tokens: int, seq: int, tensor: int, r
         "attention_scores": int(tokens * (L * scores_saved + scores_working)),
         "final_hidden": int(tokens * D * itemsize * (3 if loss_chunk > 0 else 2)),
         "logits": int(rows * chunk * cfg.vocab_size / tensor * (itemsize + f32 + f32)),
+        "gathered_layer": int(layer_params / tensor * (itemsize + f32)),
     }
 
 
-LAYER_PHASE = ("layer_inputs", "policy_saved", "layer_working", "attention_scores", "final_hidden")
+LAYER_PHASE = ("layer_inputs", "policy_saved", "layer_working", "attention_scores", "final_hidden",
+               "gathered_layer")
 LOSS_PHASE = ("layer_inputs", "policy_saved", "final_hidden", "logits")
 
 
