@@ -22,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from phased_jax.demo import judge, stats  # noqa: E402
 from phased_jax.demo.config import HEADROOM  # noqa: E402
@@ -72,7 +73,8 @@ def _save_fig(fig, path: Path) -> None:
 
 def plot_loss(metrics: Mapping[str, list[dict[str, Any]]],
               boundaries: Mapping[str, list[int]], path: Path) -> None:
-    """Training loss per global step, one panel per run, dashed lines at phase boundaries."""
+    """Training loss per global step, one panel per run (log scale), dashed lines at phase
+    boundaries."""
     cols = min(len(metrics), 2)
     nrows = -(-len(metrics) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 3.2 * nrows), squeeze=False)
@@ -86,8 +88,12 @@ def plot_loss(metrics: Mapping[str, list[dict[str, Any]]],
                     rotation=90, ha="right", va="top", fontsize=8, color="grey")
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("global step")
-        ax.set_ylabel("training loss")
-        ax.grid(alpha=0.3)
+        ax.set_ylabel("training loss (log scale)")
+        ax.set_yscale("log")  # the first steps' loss would otherwise flatten the rest
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     _save_fig(fig, path)
 
