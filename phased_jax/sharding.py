@@ -112,14 +112,22 @@ def make_mesh(mesh_cfg: ConfigDict, devices: Sequence[Any] | None = None) -> Mes
     devices = list(devices if devices is not None else jax.devices())
     shape, dcn_shape = resolve_mesh_shape(mesh_cfg.shape, mesh_cfg.dcn_shape, len(devices))
     full = tuple(mesh_sizes(mesh_cfg, len(devices)).values())
+    # Auto axis types: JAX 0.10 defaults make_mesh to explicit axes (see DESIGN.md).
+    auto = (AxisType.Auto,) * 3
     if math.prod(dcn_shape) > 1 and hasattr(devices[0], "slice_index"):
-        grid = mesh_utils.create_hybrid_device_mesh(shape, dcn_shape, devices)
-        return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+        grid = mesh_utils.create_hybrid_device_mesh(shape, dcn_shape, devices,
+                                                    allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=auto)
     if math.prod(dcn_shape) > 1:  # no slices here (CPU tests): slice-major order of devices
         grid = np.array(devices).reshape(dcn_shape + shape).transpose(0, 3, 1, 4, 2, 5)
-        return Mesh(grid.reshape(full), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-    # Auto axis types: JAX 0.10 defaults make_mesh to explicit axes (see DESIGN.md).
-    return jax.make_mesh(full, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+        return Mesh(grid.reshape(full), MESH_AXES, axis_types=auto)
+    try:
+        return jax.make_mesh(full, MESH_AXES, axis_types=auto, devices=devices)
+    except NotImplementedError:
+        # A mesh axis that is no product of whole torus axes (tensor 8 on v5p-128's 4x4x4):
+        # let it span part of a physical axis, as MaxText does, rather than refuse the shape.
+        grid = mesh_utils.create_device_mesh(full, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def mesh_axis_sizes(mesh: Mesh | Mapping[str, int]) -> dict[str, int]:

@@ -18,6 +18,7 @@ from phased_jax.accelerators import parse_tpu, tpu_devices
 from phased_jax.cli import main as cli_main
 from phased_jax.config import get_default_config, model_section
 from phased_jax.errors import UsageError
+from phased_jax.sharding import make_mesh
 from phased_jax.train.compile import GiB, replicated_dims
 from phased_jax.train.trainer import build_trainer
 
@@ -141,3 +142,13 @@ def test_without_libtpu_says_how_to_install(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("phased-jax compile: error: compiling "
                                                             "for TPU needs libtpu")
     assert "pip install -e '.[tpu]'" in proc.stderr
+
+
+def test_a_mesh_axis_that_splits_a_torus_axis_still_builds():
+    # tensor 8 on v5p-128's 4x4x4 torus is no product of whole torus axes; train and compile
+    # must still build the mesh (found by compiling Llama-2 70B with --config.mesh.shape=(1,-1,8))
+    c = get_default_config()
+    c.mesh.shape = (1, -1, 8)
+    mesh = make_mesh(c.mesh, tpu_devices(parse_tpu("v5p-128")))
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 8}
+    assert len({d.id for d in mesh.devices.flat}) == 64
