@@ -183,7 +183,7 @@ case "$cmd" in
     if [ "$slices" -gt 1 ]; then
       [[ " ${job[*]}" == *" --config.mesh.dcn_shape"* ]] || echo "$me: warning: no" \
         "--config.mesh.dcn_shape in the job; the config's own must span the $slices slices," \
-        "e.g. '($slices,1,1)' (compile --slices assumes that when it is (1,1,1))" >&2
+        "e.g. '($slices,1,1)' (run --check stops at one that does not)" >&2
       if [ -n "${COORDINATOR_ADDRESS:-}" ]; then
         coord=$COORDINATOR_ADDRESS
       else
