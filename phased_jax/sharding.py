@@ -112,6 +112,11 @@ def make_mesh(mesh_cfg: ConfigDict, devices: Sequence[Any] | None = None) -> Mes
     devices = list(devices if devices is not None else jax.devices())
     shape, dcn_shape = resolve_mesh_shape(mesh_cfg.shape, mesh_cfg.dcn_shape, len(devices))
     full = tuple(mesh_sizes(mesh_cfg, len(devices)).values())
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices != math.prod(dcn_shape) and slices > 1:
+        raise ConfigError(f"the devices span {slices} slices but config.mesh.dcn_shape="
+                          f"{dcn_shape} spans {math.prod(dcn_shape)}; set e.g. "
+                          f"--config.mesh.dcn_shape='({slices},1,1)' (data parallel over DCN)")
     # Auto axis types: JAX 0.10 defaults make_mesh to explicit axes (see DESIGN.md).
     auto = (AxisType.Auto,) * 3
     if math.prod(dcn_shape) > 1 and hasattr(devices[0], "slice_index"):

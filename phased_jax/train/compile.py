@@ -57,15 +57,6 @@ class StepMemory:
         return not self.shortfall
 
 
-def check_slices(config: ConfigDict, slices: int) -> None:
-    """The mesh must say how it spans the slices, as `train` will build it on the pod."""
-    dcn = tuple(int(s) for s in config.mesh.dcn_shape)
-    if dcn[0] * dcn[1] * dcn[2] != slices:
-        raise UsageError(f"--slices {slices} but config.mesh.dcn_shape={dcn} spans "
-                         f"{dcn[0] * dcn[1] * dcn[2]} slice(s); set e.g. "
-                         f"--config.mesh.dcn_shape='({slices},1,1)' (data parallel over DCN)")
-
-
 def replicated_dims(trainer) -> list[str]:
     """Parameter dims a rule names a mesh axis for but the axis does not divide: the rule
     table quietly replicates them (`sharding.logical_to_mesh_spec`); say so, as it costs memory."""
@@ -144,8 +135,7 @@ class CompileResult:
 def compile_for_tpu(config: ConfigDict, tpu: TpuSlice, slices: int = 1,
                     steps: tuple[str, ...] = STEPS) -> CompileResult:
     """Compile `steps` of `config` for `slices` slices of `tpu`, as `train` would build them."""
-    check_slices(config, slices)
-    devices = tpu_devices(tpu, slices)
+    devices = tpu_devices(tpu, slices)  # the mesh must span them (`sharding.make_mesh`)
     trainer = build_trainer(config, devices=devices)
     seq = int(config.data.max_length)
     mesh = sharding.mesh_axis_sizes(trainer.mesh)

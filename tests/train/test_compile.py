@@ -17,7 +17,7 @@ import pytest
 from phased_jax.accelerators import parse_tpu, tpu_devices
 from phased_jax.cli import main as cli_main
 from phased_jax.config import get_default_config, model_section
-from phased_jax.errors import UsageError
+from phased_jax.errors import ConfigError, UsageError
 from phased_jax.sharding import make_mesh
 from phased_jax.train.compile import GiB, replicated_dims
 from phased_jax.train.trainer import build_trainer
@@ -152,3 +152,15 @@ def test_a_mesh_axis_that_splits_a_torus_axis_still_builds():
     mesh = make_mesh(c.mesh, tpu_devices(parse_tpu("v5p-128")))
     assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 8}
     assert len({d.id for d in mesh.devices.flat}) == 64
+
+
+def test_devices_over_several_slices_need_a_dcn_shape_that_spans_them():
+    two = tpu_devices(parse_tpu("v5e-4"), num_slices=2)
+    c = get_default_config()
+    with pytest.raises(ConfigError, match=r"span 2 slices but config.mesh.dcn_shape=\(1, 1, 1\)"):
+        make_mesh(c.mesh, two)
+    c.mesh.dcn_shape = (2, 1, 1)
+    mesh = make_mesh(c.mesh, two)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    # each data-parallel half is one slice: fsdp stays on ICI
+    assert all(len({d.slice_index for d in row.flat}) == 1 for row in mesh.devices)
