@@ -35,10 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from phased_jax.accelerators import DEVICES
 from phased_jax.config import get_default_config
+from phased_jax.data.tokens import random_batch
 
 print = functools.partial(print, flush=True)  # progress shows under load
 
@@ -72,14 +71,6 @@ def fit_layers(batch: int, seq: int, card_gib: float = CARD_GIB, dims: dict = WI
     return max(1, int((USABLE * card_gib * 2**30 - fixed) // per_layer))
 
 
-def make_batch(batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
-    """Random tokens, every one a target: the same arrays feed both sides."""
-    ids = np.random.RandomState(0).randint(3, vocab, (batch, seq + 1)).astype(np.int32)
-    return dict(input_ids=ids[:, :-1], targets=ids[:, 1:], loss_mask=np.ones((batch, seq), np.int32),
-                segment_ids=np.ones((batch, seq), np.int32),
-                positions=np.tile(np.arange(seq, dtype=np.int32), (batch, 1)))
-
-
 def model_overrides(spec: dict) -> dict[str, Any]:
     """The `model` section's fields for this run's shape."""
     out = {k: spec[k] for k in ("vocab_size", "hidden_size", "num_heads", "num_kv_heads",
@@ -111,7 +102,7 @@ def run_jax(spec: dict, workdir: Path) -> dict[str, Any]:
     trainer = build_trainer(c, devices=[device])
     state = trainer.init_state(num_steps=1000)
     to_hf.save(workdir / "init", trainer.model_cfg, state.params, dtype=spec["dtype"], overwrite=True)
-    batch = trainer.shard_batch(make_batch(spec["batch"], spec["seq"], spec["vocab_size"]))
+    batch = trainer.shard_batch(random_batch(spec["batch"], spec["seq"], spec["vocab_size"]))
     times, losses = [], []
     for _ in range(spec["warmup"] + spec["steps"]):
         t0 = time.perf_counter()
@@ -141,7 +132,7 @@ def run_torch(spec: dict, workdir: Path) -> dict[str, Any]:
     opt = torch.optim.AdamW([dict(params=groups[0], weight_decay=t.weight_decay),
                              dict(params=groups[1], weight_decay=0.0)],
                             lr=spec["lr"], betas=(t.b1, t.b2), eps=t.eps, fused=cuda)
-    b = make_batch(spec["batch"], spec["seq"], spec["vocab_size"])
+    b = random_batch(spec["batch"], spec["seq"], spec["vocab_size"])
     ids = torch.tensor(b["input_ids"], dtype=torch.long, device=dev)
     targets = torch.tensor(b["targets"], dtype=torch.long, device=dev).flatten()
     bf16 = spec["dtype"] == "bfloat16"

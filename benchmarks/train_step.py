@@ -25,9 +25,9 @@ from collections import defaultdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from phased_jax.config import get_default_config, model_section  # noqa: E402
+from phased_jax.data.tokens import random_batch  # noqa: E402
 from phased_jax.model.flops import flops_per_token  # noqa: E402
 from phased_jax.train import build_trainer  # noqa: E402
 from phased_jax.train.metrics import probe_matmul_flops  # noqa: E402
@@ -39,13 +39,6 @@ SHAPES = {
     "M": dict(hidden_size=1024, num_heads=16, num_kv_heads=8, intermediate_size=2816, batch=2),
 }
 COMMON = dict(vocab_size=32000, num_layers=8, seq=512)
-
-
-def make_batch(batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
-    ids = np.random.RandomState(0).randint(3, vocab, (batch, seq + 1)).astype(np.int32)
-    return dict(input_ids=ids[:, :-1], targets=ids[:, 1:], loss_mask=np.ones((batch, seq), np.int32),
-                segment_ids=np.ones((batch, seq), np.int32),
-                positions=np.tile(np.arange(seq, dtype=np.int32), (batch, 1)))
 
 
 class JaxSide:
@@ -62,7 +55,7 @@ class JaxSide:
         c.mesh.shape = (1, 1, 1)
         self.trainer = build_trainer(c, devices=jax.devices()[:1])
         self.state = self.trainer.init_state(num_steps=1000)
-        self.batch = self.trainer.shard_batch(make_batch(shape["batch"], COMMON["seq"],
+        self.batch = self.trainer.shard_batch(random_batch(shape["batch"], COMMON["seq"],
                                                          COMMON["vocab_size"]))
         self.model_cfg = self.trainer.model_cfg
 
@@ -88,7 +81,7 @@ class TorchSide:
         self.model = transformers.LlamaForCausalLM(hc).float().train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.95),
                                      weight_decay=0.1)
-        b = make_batch(shape["batch"], COMMON["seq"], COMMON["vocab_size"])
+        b = random_batch(shape["batch"], COMMON["seq"], COMMON["vocab_size"])
         self.ids = torch.tensor(b["input_ids"], dtype=torch.long)
 
     def step(self) -> float:

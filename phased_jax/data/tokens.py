@@ -36,6 +36,15 @@ CACHE_VERSION = "tokens-v1"  # bump when the layout or the rules above change
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
 
+def random_batch(rows: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A full batch of random tokens (ids >= 3, past the special ones), every one a target:
+    the same arrays for both sides of a speed comparison (`benchmarks/`)."""
+    ids = np.random.RandomState(seed).randint(3, vocab, (rows, seq + 1)).astype(np.int32)
+    return dict(input_ids=ids[:, :-1], targets=ids[:, 1:], loss_mask=np.ones((rows, seq), np.int32),
+                segment_ids=np.ones((rows, seq), np.int32),
+                positions=np.tile(np.arange(seq, dtype=np.int32), (rows, 1)))
+
+
 @dataclass
 class TokenReport:
     """What tokenisation changed: truncated examples (kept) and skipped ones (left out)."""

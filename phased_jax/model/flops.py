@@ -5,12 +5,16 @@ from __future__ import annotations
 from phased_jax.model.config import ModelConfig
 
 
+def layer_param_count(cfg: ModelConfig) -> int:
+    """Parameters of one decoder layer: attention, SwiGLU MLP and the two norms."""
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    attn = D * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + cfg.num_heads * cfg.head_dim * D
+    return attn + 3 * D * F + 2 * D
+
+
 def param_count(cfg: ModelConfig) -> int:
     """Parameters of the decoder (untied embedding and LM head), as Hugging Face counts them."""
-    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    attn = D * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + cfg.num_heads * cfg.head_dim * D
-    per_layer = attn + 3 * D * F + 2 * D
-    return cfg.num_layers * per_layer + 2 * V * D + D
+    return cfg.num_layers * layer_param_count(cfg) + 2 * cfg.vocab_size * cfg.hidden_size + cfg.hidden_size
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:

@@ -33,7 +33,7 @@ from phased_jax.config_cli import flag_value, parse_config_argv
 from phased_jax.errors import ConfigError, UsageError
 from phased_jax.model.attention import resolve_attention_impl
 from phased_jax.model.config import PRESETS, ModelConfig
-from phased_jax.model.flops import flops_per_token
+from phased_jax.model.flops import flops_per_token, layer_param_count
 from phased_jax.model.params import abstract_params, logical_axes
 
 GiB = 1024**3
@@ -84,7 +84,7 @@ def activation_breakdown(cfg: ModelConfig, tokens: int, seq: int, tensor: int, r
                          itemsize: int, *, flash: bool = False, loss_chunk: int = 0
                          ) -> dict[str, int]:
     """Estimated peak activation bytes of one device for one micro-batch of `tokens` tokens
-    (`tokens / seq` rows), by term; `activation_bytes` is their sum.
+    (`tokens / seq` rows), by term; `peak_activations` picks the live ones at the peak.
 
     - `layer_inputs`: every layer's input (D per token), saved for the backward pass.
     - `policy_saved`: what the remat policy saves per layer besides (per token): `none`:
@@ -133,7 +133,6 @@ def activation_breakdown(cfg: ModelConfig, tokens: int, seq: int, tensor: int, r
     rows = max(1, tokens // seq)
     chunk = min(loss_chunk, seq) if loss_chunk > 0 else seq
     L = cfg.num_layers
-    layer_params = D * (nh + 2 * kv) * Hd + nh * Hd * D + 3 * D * F + 2 * D
     return {
         "layer_inputs": int(L * tokens * D * itemsize),
         "policy_saved": int(L * tokens * saved * itemsize),
@@ -141,7 +140,7 @@ def activation_breakdown(cfg: ModelConfig, tokens: int, seq: int, tensor: int, r
         "attention_scores": int(tokens * (L * scores_saved + scores_working)),
         "final_hidden": int(tokens * D * itemsize * (3 if loss_chunk > 0 else 2)),
         "logits": int(rows * chunk * cfg.vocab_size / tensor * (itemsize + f32 + f32)),
-        "gathered_layer": int(layer_params / tensor * (itemsize + f32)),
+        "gathered_layer": int(layer_param_count(cfg) / tensor * (itemsize + f32)),
     }
 
 
