@@ -149,16 +149,21 @@ def logical_to_mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[i
     if logical is None:
         return PartitionSpec()
     sizes = mesh_axis_sizes(mesh)
-    mesh_axes = nn.logical_to_mesh_axes(tuple(logical), rules)
     out = []
-    for dim, axes in zip(shape, mesh_axes, strict=True):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        names = tuple(n for n in names if sizes.get(n, 1) > 1)  # size-1 axes shard nothing
+    for dim, axes in zip(shape, nn.logical_to_mesh_axes(tuple(logical), rules), strict=True):
+        names = rule_axes(axes, sizes)
         if names and dim % math.prod(sizes[n] for n in names) == 0:
             out.append(names[0] if len(names) == 1 else names)
         else:
             out.append(None)
     return PartitionSpec(*out)
+
+
+def rule_axes(axes: str | Sequence[str] | None, sizes: Mapping[str, int]) -> tuple[str, ...]:
+    """The mesh axes a rule's target names that span more than one device (a size-1 axis
+    shards nothing)."""
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return tuple(n for n in names if sizes.get(n, 1) > 1)
 
 
 def param_shardings(cfg: ModelConfig, placement: Placement) -> Any:
@@ -190,8 +195,7 @@ def batch_shards(mesh: Mesh | Mapping[str, int], rules: Rules) -> int:
     """How many ways the `batch` logical axis is split."""
     sizes = mesh_axis_sizes(mesh)
     axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return math.prod(sizes.get(n, 1) for n in names)
+    return math.prod(sizes[n] for n in rule_axes(axes, sizes))
 
 
 def check_batch(global_batch: int, grad_accum: int, mesh: Mesh | Mapping[str, int],

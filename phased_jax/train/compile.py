@@ -47,7 +47,6 @@ class StepMemory:
     compile_s: float
     arguments: int = 0
     outputs: int = 0
-    aliased: int = 0  # outputs written into donated arguments
     temporaries: int = 0
     peak: int = 0
     shortfall: str = ""  # the compiler's out-of-memory message when the step does not fit
@@ -67,8 +66,7 @@ def replicated_dims(trainer) -> list[str]:
     for (path, spec), x in zip(specs, jax.tree.leaves(trainer.abstract_params), strict=True):
         mesh_axes = nn.logical_to_mesh_axes(tuple(spec), trainer.rules)
         for name, dim, axes in zip(spec, x.shape, mesh_axes, strict=True):
-            names = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ())
-                          if sizes.get(a, 1) > 1)
+            names = sharding.rule_axes(axes, sizes)
             ways = math.prod(sizes[a] for a in names)
             if names and dim % ways:
                 notes.append(f"{jax.tree_util.keystr(path, simple=True, separator='/')}: "
@@ -109,11 +107,8 @@ def compile_step(trainer, name: str, seq_len: int) -> StepMemory:
     ma = compiled.memory_analysis()
     return StepMemory(
         name, time.perf_counter() - t0, arguments=ma.argument_size_in_bytes,
-        outputs=ma.output_size_in_bytes, aliased=ma.alias_size_in_bytes,
-        temporaries=ma.temp_size_in_bytes,
-        peak=int(getattr(ma, "peak_memory_in_bytes", 0)) or (
-            ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
-            + ma.temp_size_in_bytes))
+        outputs=ma.output_size_in_bytes,
+        temporaries=ma.temp_size_in_bytes, peak=ma.peak_memory_in_bytes)
 
 
 @dataclasses.dataclass
