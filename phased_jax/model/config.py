@@ -1,4 +1,4 @@
-"""Model shapes and numerics: one dataclass for Llama-2 and Mistral, and the named presets."""
+"""Model shapes and numerics: one dataclass for Llama-2/3 and Mistral, and the named presets."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
 # see phased_jax.model.attention; "auto": splash on TPU, cudnn on GPU, xla elsewhere
 ATTENTION_IMPLS = ("xla", "dot_product_attention", "splash", "cudnn", "auto")
 ATTENTION_BLOCK_MULTIPLE = 128  # TPU lane width: splash's block sizes are multiples of it
+# How RoPE's frequencies are stretched for contexts beyond pretraining (transformers'
+# `rope_scaling.rope_type`); "none" is plain RoPE. See phased_jax.model.rope.
+ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,7 +19,8 @@ class ModelConfig:
     """Everything that fixes the decoder's parameters and numerics.
 
     `architecture` only changes how the model is named in Hugging Face files; the maths of
-    Llama-2 and Mistral differ only by `sliding_window`.
+    Llama-2, Llama-3 and Mistral differ only by `sliding_window`, RoPE's base and scaling and
+    the vocabulary.
     """
 
     vocab_size: int
@@ -29,6 +33,19 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # RoPE scaling (one of ROPE_SCALINGS) and its parameters, flat so each is overridable from
+    # the command line. factor: context stretch; original_max_position: pretraining context
+    # (0 = max_position_embeddings); low/high_freq_factor: llama3's band edges; beta_fast/slow,
+    # attention_factor (0 = yarn's default 0.1 ln(factor) + 1): yarn's.
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    rope_scaling_original_max_position: int = 0
+    rope_scaling_low_freq_factor: float = 1.0
+    rope_scaling_high_freq_factor: float = 4.0
+    rope_scaling_beta_fast: float = 32.0
+    rope_scaling_beta_slow: float = 1.0
+    rope_scaling_attention_factor: float = 0.0
+    tie_word_embeddings: bool = False  # the LM head is the embedding table (Llama-3.2 1B/3B)
     sliding_window: int = 0  # 0: full causal attention
     architecture: str = "llama"  # "llama" | "mistral"
     bos_token_id: int = 1
@@ -58,6 +75,10 @@ class ModelConfig:
             problems.append(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
         if self.architecture not in ("llama", "mistral"):
             problems.append(f"architecture {self.architecture!r} is not 'llama' or 'mistral'")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            problems.append(f"rope_scaling {self.rope_scaling!r} is not one of {ROPE_SCALINGS}")
+        elif self.rope_scaling != "none" and self.rope_scaling_factor < 1.0:
+            problems.append(f"rope_scaling_factor ({self.rope_scaling_factor}) must be >= 1")
         if self.attention_impl not in ATTENTION_IMPLS:
             problems.append(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
         for name in ("attention_block_q", "attention_block_kv"):
@@ -89,6 +110,14 @@ class ModelConfig:
 
 
 _LLAMA2 = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
+# Meta's config.json for the base models: 128,256 tokens, <|begin_of_text|> 128000,
+# <|end_of_text|> 128001, no pad token (we pad with <|end_of_text|>; padding is masked).
+_LLAMA3 = dict(vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000,
+               eos_token_id=128001, pad_token_id=128001)
+# 3.1: 128K context by the `llama3` RoPE scaling of the 8K pretraining context.
+_LLAMA31 = dict(_LLAMA3, max_position_embeddings=131072, rope_scaling="llama3",
+                rope_scaling_factor=8.0, rope_scaling_original_max_position=8192,
+                rope_scaling_low_freq_factor=1.0, rope_scaling_high_freq_factor=4.0)
 
 PRESETS: dict[str, ModelConfig] = {
     "llama2-7b": ModelConfig(
@@ -107,6 +136,22 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
         num_kv_heads=8, max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0,
         sliding_window=4096, architecture="mistral",
+    ),
+    "llama3-8b": ModelConfig(
+        hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+        max_position_embeddings=8192, **_LLAMA3,
+    ),
+    "llama3-70b": ModelConfig(
+        hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64, num_kv_heads=8,
+        max_position_embeddings=8192, **_LLAMA3,
+    ),
+    "llama3.1-8b": ModelConfig(
+        hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+        **_LLAMA31,
+    ),
+    "llama3.1-70b": ModelConfig(
+        hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64, num_kv_heads=8,
+        **_LLAMA31,
     ),
     # Test and demo sizes: small enough to compile and train on two CPU cores.
     "tiny-llama": ModelConfig(
