@@ -100,6 +100,28 @@ def special_id(tokenizer: Any, role: str) -> int:
     return int(value)
 
 
+def special_ids(tokenizer: Any) -> set[int]:
+    """Ids of the tokenizer's special tokens: the named ones (BOS, EOS, ...) and every added
+    token marked special (Llama-3's `<|eot_id|>` and header tokens are only the latter)."""
+    ids = set(getattr(tokenizer, "all_special_ids", ()))
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return ids | {int(i) for i, t in added.items() if getattr(t, "special", False)}
+
+
+def stop_ids(template: str, tokenizer: Any) -> list[int]:
+    """The tokens that end an answer at generation: EOS, and the last special token of the
+    template's rendered target, the token training put at the end of every answer (EOS for
+    `authors`/`alpaca`/`text`; the chat template's end of turn, e.g. Llama-3's `<|eot_id|>`,
+    which is not EOS for a base model's tokenizer)."""
+    stops = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    if template not in TEMPLATES:
+        return stops
+    target = encode_parts(render("x", "", "x", template, tokenizer)[1], tokenizer)
+    specials = special_ids(tokenizer)
+    last = next((t for t in reversed(target) if t in specials), None)
+    return stops if last is None or last in stops else [*stops, last]
+
+
 def encode_prompt(instruction: str, input_: str, template: str, tokenizer: Any) -> list[int]:
     """Prompt ids for generation, exactly as in training."""
     return encode_parts(render(instruction, input_, None, template, tokenizer)[0], tokenizer)

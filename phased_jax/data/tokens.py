@@ -90,8 +90,11 @@ class TokenizedExamples:
 
 
 def pad_id_of(tokenizer: Any) -> int:
-    """The pad id: the tokenizer's, else `<unk>`'s (Llama's convention, id 0), else 0."""
-    for value in (tokenizer.pad_token_id, getattr(tokenizer, "unk_token_id", None)):
+    """The pad id: the tokenizer's, else `<unk>`'s (Llama-2's convention, id 0), else EOS's
+    (Llama-3 has neither pad nor unk; its id 0 is the text "!"), else 0. Padding is masked
+    from attention and loss, so the choice only needs to be a real token id."""
+    for value in (tokenizer.pad_token_id, getattr(tokenizer, "unk_token_id", None),
+                  tokenizer.eos_token_id):
         if value is not None:
             return int(value)
     return 0

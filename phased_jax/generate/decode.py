@@ -23,7 +23,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from phased_jax import sharding
-from phased_jax.data.templates import encode_prompt
+from phased_jax.data.templates import encode_prompt, stop_ids
+from phased_jax.data.tokens import pad_id_of
 from phased_jax.generate import cpu
 from phased_jax.model.cache import KVCache
 from phased_jax.model.transformer import Transformer
@@ -215,15 +216,15 @@ def generate(model: Transformer, params: Any, tokenizer: Any,
              max_length: int = 1024, batch_size: int = 8, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, placement: sharding.Placement | None = None,
              length_multiple: int = 16) -> list[str]:
-    """Answers (decoded text, EOS dropped), in input order.
+    """Answers (decoded text, the stop token dropped), in input order. An answer ends at EOS
+    or at the token that ended every answer in training (`templates.stop_ids`).
 
     Each prompt is a record `{"instruction", "input"}` or an instruction string, rendered with
     `template` exactly as in training; or token ids, used as given. `template=None` tokenizes
     strings as they are (no BOS added). Defaults are the paper's: greedy, 1024 tokens in all.
     """
     ids = [encode(tokenizer, p, template) for p in prompts]
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos, pad = stop_ids(template, tokenizer), pad_id_of(tokenizer)
     out = generate_ids(model, params, ids, eos_token_ids=eos, max_new_tokens=max_new_tokens,
                        max_length=max_length, batch_size=batch_size,
                        sampling=Sampling(temperature, top_p), seed=seed, pad_id=pad,

@@ -21,8 +21,8 @@ import jax
 from phased_jax import params_checkpoint
 from phased_jax.config import get_default_config
 from phased_jax.config_cli import add_config_help, parse_config_argv, split_config_argv
-from phased_jax.data.templates import TEMPLATES, encode_prompt
-from phased_jax.data.tokens import load_tokenizer
+from phased_jax.data.templates import TEMPLATES, encode_prompt, stop_ids
+from phased_jax.data.tokens import load_tokenizer, pad_id_of
 from phased_jax.errors import ConfigError, UsageError
 from phased_jax.fileio import write_jsonl_atomic
 from phased_jax.generate import testsets
@@ -143,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     placement = Placement.from_config(config.mesh)
     model, params = load_model(model_dir, placement, precision, hf=bool(args.hf))
     prompts = [encode_prompt(i.instruction, i.input, template, tokenizer) for i in items]
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos, pad = stop_ids(template, tokenizer), pad_id_of(tokenizer)
     too_long = [f"{i.test_set}/{i.id}" for i, p in zip(items, prompts, strict=True)
                 if len(p) >= args.max_length]
     if too_long:
