@@ -36,7 +36,8 @@ class ModelConfig:
     # RoPE scaling (one of ROPE_SCALINGS) and its parameters, flat so each is overridable from
     # the command line. factor: context stretch; original_max_position: pretraining context
     # (0 = max_position_embeddings); low/high_freq_factor: llama3's band edges; beta_fast/slow,
-    # attention_factor (0 = yarn's default 0.1 ln(factor) + 1): yarn's.
+    # attention_factor (0 = yarn's default 0.1 ln(factor) + 1; a file's mscale/mscale_all_dim
+    # are folded into it on load), truncate (round the ramp's ends to whole dimensions): yarn's.
     rope_scaling: str = "none"
     rope_scaling_factor: float = 1.0
     rope_scaling_original_max_position: int = 0
@@ -45,6 +46,7 @@ class ModelConfig:
     rope_scaling_beta_fast: float = 32.0
     rope_scaling_beta_slow: float = 1.0
     rope_scaling_attention_factor: float = 0.0
+    rope_scaling_truncate: bool = True
     tie_word_embeddings: bool = False  # the LM head is the embedding table (Llama-3.2 1B/3B)
     sliding_window: int = 0  # 0: full causal attention
     architecture: str = "llama"  # "llama" | "mistral"
@@ -79,6 +81,11 @@ class ModelConfig:
             problems.append(f"rope_scaling {self.rope_scaling!r} is not one of {ROPE_SCALINGS}")
         elif self.rope_scaling != "none" and self.rope_scaling_factor < 1.0:
             problems.append(f"rope_scaling_factor ({self.rope_scaling_factor}) must be >= 1")
+        elif self.rope_scaling == "llama3" and not (
+                0 < self.rope_scaling_low_freq_factor < self.rope_scaling_high_freq_factor):
+            problems.append(f"rope_scaling_low_freq_factor ({self.rope_scaling_low_freq_factor}) "
+                            f"must be > 0 and below rope_scaling_high_freq_factor "
+                            f"({self.rope_scaling_high_freq_factor})")
         if self.attention_impl not in ATTENTION_IMPLS:
             problems.append(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
         for name in ("attention_block_q", "attention_block_kv"):

@@ -2,8 +2,8 @@
 
 Parameters carry logical axis names only (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`,
 `vocab`, `layers`); the mesh rules that map them to devices live in `phased_jax.sharding`.
-Attention and its mask rule are in `phased_jax.model.attention`, the decode cache in
-`phased_jax.model.cache`.
+Attention and its mask rule are in `phased_jax.model.attention`, RoPE in `phased_jax.model.rope`,
+the decode cache in `phased_jax.model.cache`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from phased_jax.model import attention
 from phased_jax.model.attention import Mask, attend, make_mask
 from phased_jax.model.cache import KVCache, write_cache
 from phased_jax.model.config import ModelConfig
+from phased_jax.model.rope import apply_rope, rope_tables
 
 Array = jax.Array
 
@@ -26,21 +27,6 @@ Array = jax.Array
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
            init: Any, dtype: Any) -> Array:
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
-
-
-def rope_tables(positions_BxL: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
-    """cos and sin [batch, L, head_dim] in float32, laid out as Hugging Face's rotate_half expects."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs_BxLxH2 = positions_BxL.astype(jnp.float32)[..., None] * inv_freq
-    emb = jnp.concatenate([freqs_BxLxH2, freqs_BxLxH2], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
-
-
-def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
-    """Rotate x [..., head_dim]; cos/sin broadcast against x."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -184,7 +170,7 @@ class Transformer(nn.Module):
         table_VxD = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                            nn.initializers.normal(cfg.initializer_range), pdt)
         x_BxLxD = jnp.take(table_VxD, input_ids_BxL, axis=0).astype(dtype)
-        cos, sin = rope_tables(positions_BxL, cfg.head_dim, cfg.rope_theta)
+        cos, sin = rope_tables(positions_BxL, cfg)
 
         k_pos_BxS, k_seg_BxS = positions_BxL, segment_ids_BxL
         if cache is not None:  # keys: this step's slots and every slot written before

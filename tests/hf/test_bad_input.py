@@ -94,8 +94,8 @@ def test_missing_shard(hf_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("rope", [
-    {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
-    {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}},
+    {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+    {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 8.0}},
 ])
 def test_rope_scaling_refused(hf_copy, rope):
     _edit_config(hf_copy, **rope)
