@@ -37,7 +37,8 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> n
 
 
 def check_tensors(reader: TensorReader, cfg: ModelConfig, directory: Path) -> None:
-    """Every tensor the config implies is present with the right shape, and nothing else is."""
+    """Every tensor the config implies is present with the right shape, and nothing else is
+    (a tied model's repeated head must equal the embedding)."""
     expected = dict(mapping.hf_tensor_specs(cfg))
     missing = [n for n in expected if n not in reader.shapes]
     if missing:
@@ -50,19 +51,33 @@ def check_tensors(reader: TensorReader, cfg: ModelConfig, directory: Path) -> No
             raise CheckpointError(
                 f"{reader.files[name]}: tensor {name!r} has shape {list(reader.shapes[name])}, "
                 f"expected {list(shape)} from config.json")
-    extra = sorted(n for n in reader.shapes if n not in expected and not mapping.IGNORED.fullmatch(n))
+    extra = sorted(n for n in reader.shapes if n not in expected and not mapping.IGNORED.fullmatch(n)
+                   and not (cfg.tie_word_embeddings and n == mapping.TIED_HEAD))
     if extra:
         raise CheckpointError(
             f"{reader.files[extra[0]]}: unexpected tensor {extra[0]!r}"
             + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
             + "; it has no place in a plain Llama/Mistral model (biases? extra heads?)")
+    if cfg.tie_word_embeddings and mapping.TIED_HEAD in reader.shapes:
+        check_tied_head(reader, directory)
+
+
+def check_tied_head(reader: TensorReader, directory: Path) -> None:
+    """A tied checkpoint may repeat the embedding as the head (older exports do); a repeat that
+    differs would be silently dropped, so it is refused."""
+    head, embed = mapping.TIED_HEAD, mapping.EMBED_RULES[0].hf[0]
+    if reader.shapes[head] != reader.shapes[embed] or not np.array_equal(reader.get(head),
+                                                                         reader.get(embed)):
+        raise CheckpointError(
+            f"{reader.files[head]}: tensor {head!r} differs from {embed!r}, but config.json sets "
+            "tie_word_embeddings=true (the head is the embedding); untie it or drop the tensor")
 
 
 def read_params(reader: TensorReader, cfg: ModelConfig, shardings: Any = None) -> dict:
     """Our params pytree from `reader`, in `cfg.param_dtype`, one leaf at a time."""
     abstract = abstract_params(cfg)
     params: dict = {}
-    for rule in mapping.RULES:
+    for rule in mapping.rules(cfg):
         target = mapping.get_path(abstract, rule.path)
         buf = aligned_empty(target.shape, target.dtype)
         for i in range(cfg.num_layers) if rule.layered else (None,):

@@ -1,8 +1,9 @@
 """Hugging Face `config.json` <-> our ModelConfig, refusing every field our decoder cannot honour.
 
 A field we silently ignored would give a model that loads and then computes something else, so
-anything outside plain Llama-2/Mistral (rope scaling, biases, tied embeddings, other
-activations, quantization) is an error that names the field.
+anything outside plain Llama-2/Mistral (rope scaling, biases, other activations,
+quantization) is an error that names the field. Tied embeddings (`tie_word_embeddings`) are
+honoured: the model has no head of its own.
 """
 
 from __future__ import annotations
@@ -173,7 +174,6 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfi
         "hidden_act": (d.get("hidden_act", "silu"), "silu"),
         "attention_bias": (bool(d.get("attention_bias", False)), False),
         "mlp_bias": (bool(d.get("mlp_bias", False)), False),
-        "tie_word_embeddings": (bool(d.get("tie_word_embeddings", False)), False),
         "attention_dropout": (float(d.get("attention_dropout", 0.0)), 0.0),
         "quantization_config": (d.get("quantization_config"), None),
     }
@@ -208,6 +208,7 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfi
             eos_token_id=_first(d.get("eos_token_id"), 2),
             pad_token_id=_first(d.get("pad_token_id"), 0),
             initializer_range=float(d.get("initializer_range", 0.02)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             dtype=dtype if dtype in _DTYPES else "float32",
             param_dtype=dtype if dtype in _DTYPES else "float32",
         )
@@ -243,7 +244,7 @@ def hf_config_from(cfg: ModelConfig, dtype: str | None = None) -> dict[str, Any]
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
         "attention_dropout": 0.0,
         "use_cache": True,
         "dtype": dtype or cfg.param_dtype,

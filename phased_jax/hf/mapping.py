@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -102,29 +102,38 @@ LAYER_RULES: tuple[Rule, ...] = (
     _transpose_rule(("layers", "mlp", "wo"), _L + "mlp.down_proj.weight",
                     lambda c: (c.hidden_size, c.intermediate_size)),
 )
-FINAL_RULES: tuple[Rule, ...] = (
-    _identity_rule(("final_norm", "scale"), "model.norm.weight", lambda c: (c.hidden_size,)),
-    _transpose_rule(("lm_head",), "lm_head.weight", lambda c: (c.vocab_size, c.hidden_size)),
-)
-# In the order HF checkpoints list them: embeddings, layer 0..L-1, final norm, head.
-RULES: tuple[Rule, ...] = EMBED_RULES + LAYER_RULES + FINAL_RULES
+NORM_RULE = _identity_rule(("final_norm", "scale"), "model.norm.weight", lambda c: (c.hidden_size,))
+HEAD_RULE = _transpose_rule(("lm_head",), "lm_head.weight", lambda c: (c.vocab_size, c.hidden_size))
+# A tied model's head is the embedding table: a checkpoint may repeat it under this name.
+TIED_HEAD = HEAD_RULE.hf[0]
+
+
+def final_rules(cfg: ModelConfig) -> tuple[Rule, ...]:
+    """The final norm, and the head unless tied (HF's save_pretrained writes no tied head)."""
+    return (NORM_RULE,) if cfg.tie_word_embeddings else (NORM_RULE, HEAD_RULE)
+
+
+def rules(cfg: ModelConfig) -> tuple[Rule, ...]:
+    """Every rule of `cfg`'s model, in the order HF checkpoints list them: embeddings,
+    layer 0..L-1, final norm, head."""
+    return EMBED_RULES + LAYER_RULES + final_rules(cfg)
+
+
+def slices(cfg: ModelConfig) -> Iterator[tuple[Rule, int | None]]:
+    """(rule, layer) for every HF tensor group in checkpoint order (layer None: not layered)."""
+    for rule in EMBED_RULES:
+        yield rule, None
+    for i in range(cfg.num_layers):
+        for rule in LAYER_RULES:
+            yield rule, i
+    for rule in final_rules(cfg):
+        yield rule, None
 
 
 def hf_tensor_specs(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     """Every HF tensor name with its shape, in checkpoint order."""
-    specs: list[tuple[str, tuple[int, ...]]] = []
-
-    def add(rule: Rule, layer: int | None = None) -> None:
-        specs.extend(zip(rule.hf_names(layer), rule.hf_shapes(cfg), strict=True))
-
-    for rule in EMBED_RULES:
-        add(rule)
-    for i in range(cfg.num_layers):
-        for rule in LAYER_RULES:
-            add(rule, i)
-    for rule in FINAL_RULES:
-        add(rule)
-    return specs
+    return [spec for rule, layer in slices(cfg)
+            for spec in zip(rule.hf_names(layer), rule.hf_shapes(cfg), strict=True)]
 
 
 def get_path(tree: dict, path: tuple[str, ...]):

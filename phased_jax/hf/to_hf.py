@@ -69,7 +69,11 @@ def _host(x: Any, layer: int | None = None) -> np.ndarray:
 
 def _check_params(params: dict, cfg: ModelConfig) -> None:
     abstract = abstract_params(cfg)
-    for rule in mapping.RULES:
+    extra = sorted(set(params) - set(abstract)) if isinstance(params, dict) else []
+    if extra:  # e.g. an untied head under a tied config: exporting would drop it silently
+        raise CheckpointError(f"params hold {extra[0]!r}, which this model config has no place "
+                              f"for (tie_word_embeddings={cfg.tie_word_embeddings})")
+    for rule in mapping.rules(cfg):
         want = mapping.get_path(abstract, rule.path).shape
         try:
             got = tuple(mapping.get_path(params, rule.path).shape)
@@ -80,21 +84,10 @@ def _check_params(params: dict, cfg: ModelConfig) -> None:
                                   f"expected {list(want)} for this model config")
 
 
-def _slices(cfg: ModelConfig) -> Iterator[tuple[mapping.Rule, int | None]]:
-    """(rule, layer) in checkpoint order: embeddings, layer 0..L-1, final norm and head."""
-    for rule in mapping.EMBED_RULES:
-        yield rule, None
-    for i in range(cfg.num_layers):
-        for rule in mapping.LAYER_RULES:
-            yield rule, i
-    for rule in mapping.FINAL_RULES:
-        yield rule, None
-
-
 def hf_tensors(cfg: ModelConfig, params: dict, dtype: np.dtype | None = None
                ) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, array) in checkpoint order, converting one leaf slice at a time."""
-    for rule, layer in _slices(cfg):
+    for rule, layer in mapping.slices(cfg):
         host = _host(mapping.get_path(params, rule.path), layer)
         for name, t in zip(rule.hf_names(layer), rule.to_hf(cfg, host), strict=True):
             yield name, (t if dtype is None else t.astype(dtype, copy=False))
@@ -103,7 +96,7 @@ def hf_tensors(cfg: ModelConfig, params: dict, dtype: np.dtype | None = None
 def _gather_only(cfg: ModelConfig, params: dict) -> Iterator[None]:
     """The gathers of `hf_tensors` without the conversion: what a process that writes nothing
     does so that process 0's gathers complete."""
-    for rule, layer in _slices(cfg):
+    for rule, layer in mapping.slices(cfg):
         _host(mapping.get_path(params, rule.path), layer)
         yield None
 

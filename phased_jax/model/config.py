@@ -125,6 +125,8 @@ _LLAMA3 = dict(vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0, bos_to
 _LLAMA31 = dict(_LLAMA3, max_position_embeddings=131072, rope_scaling="llama3",
                 rope_scaling_factor=8.0, rope_scaling_original_max_position=8192,
                 rope_scaling_low_freq_factor=1.0, rope_scaling_high_freq_factor=4.0)
+# 3.2 1B/3B: the 3.1 context with scaling factor 32, and the head tied to the embedding.
+_LLAMA32 = dict(_LLAMA31, rope_scaling_factor=32.0, tie_word_embeddings=True)
 
 PRESETS: dict[str, ModelConfig] = {
     "llama2-7b": ModelConfig(
@@ -159,6 +161,14 @@ PRESETS: dict[str, ModelConfig] = {
     "llama3.1-70b": ModelConfig(
         hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64, num_kv_heads=8,
         **_LLAMA31,
+    ),
+    "llama3.2-1b": ModelConfig(
+        hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8,
+        head_dim=64, **_LLAMA32,
+    ),
+    "llama3.2-3b": ModelConfig(
+        hidden_size=3072, intermediate_size=8192, num_layers=28, num_heads=24, num_kv_heads=8,
+        head_dim=128, **_LLAMA32,
     ),
     # Test and demo sizes: small enough to compile and train on two CPU cores.
     "tiny-llama": ModelConfig(

@@ -13,8 +13,11 @@ def layer_param_count(cfg: ModelConfig) -> int:
 
 
 def param_count(cfg: ModelConfig) -> int:
-    """Parameters of the decoder (untied embedding and LM head), as Hugging Face counts them."""
-    return cfg.num_layers * layer_param_count(cfg) + 2 * cfg.vocab_size * cfg.hidden_size + cfg.hidden_size
+    """Parameters of the decoder, as Hugging Face counts them: the embedding and the LM head
+    (once when tied), the layers and the final norm."""
+    tables = 1 if cfg.tie_word_embeddings else 2
+    return (cfg.num_layers * layer_param_count(cfg) + tables * cfg.vocab_size * cfg.hidden_size
+            + cfg.hidden_size)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:

@@ -155,9 +155,10 @@ class Transformer(nn.Module):
                  cache: KVCache | None = None, last_only: bool = False, return_hidden: bool = False):
         """last_only: logits of the last position only, [batch, 1, vocab] (a prefill needs no
         others, and the LM head over every prompt position is a large share of its work).
-        return_hidden: (final-normed hidden states [batch, L, D], the LM head parameter [D, vocab])
-        instead of logits, so a loss can apply the head a chunk at a time
-        (`lm_head_logits(x, head)` gives exactly `__call__`'s logits); not with a cache."""
+        return_hidden: (final-normed hidden states [batch, L, D], the LM head [D, vocab]: the
+        `lm_head` parameter, or the embedding table transposed when tied) instead of logits, so a
+        loss can apply the head a chunk at a time (`lm_head_logits(x, head)` gives exactly
+        `__call__`'s logits); not with a cache."""
         cfg = self.cfg
         dtype, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         B, L = input_ids_BxL.shape
@@ -195,8 +196,11 @@ class Transformer(nn.Module):
         if last_only:
             x_BxLxD = x_BxLxD[:, -1:]
         x_BxLxD = RMSNorm(cfg.rms_norm_eps, dtype, pdt, name="final_norm")(x_BxLxD)
-        head_DxV = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
-                          nn.initializers.normal(cfg.initializer_range), pdt)
+        if cfg.tie_word_embeddings:  # no head of its own: the table, transposed, as HF ties it
+            head_DxV = table_VxD.T  # ("embed", "vocab"), sharded as an untied head would be
+        else:
+            head_DxV = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size),
+                              ("embed", "vocab"), nn.initializers.normal(cfg.initializer_range), pdt)
         if return_hidden:  # the caller applies `lm_head_logits` itself, e.g. chunk by chunk
             return x_BxLxD, head_DxV
         logits_BxLxV = lm_head_logits(x_BxLxD, head_DxV)

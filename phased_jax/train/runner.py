@@ -37,12 +37,14 @@ from phased_jax.config_checks import validate_config
 from phased_jax.config_cli import parse_config_argv
 from phased_jax.data.pipeline import Batching, prepare
 from phased_jax.errors import CheckpointError, ConfigError
+from phased_jax.hf import hf_config
 from phased_jax.model import Transformer
 from phased_jax.model.config import ModelConfig
 from phased_jax.params_checkpoint import (
     load_params,
     params_complete,
     params_nbytes,
+    read_model_config,
     save_params,
 )
 from phased_jax.train.metrics import make_writer
@@ -119,22 +121,22 @@ def _initial_params(path: str, want: ModelConfig, trainer: Trainer) -> Any:
     """Params from `model.init_from` (HF directory or phased-jax params checkpoint), or None."""
     if not path:
         return None
-    if Path(path, "config.json").is_file():
-        model, params = hf.load(path, dtype=want.param_dtype, shardings=trainer.param_shardings)
-        got = model.cfg
-    elif Path(path, "model_config.json").is_file():
-        got, params = load_params(path, trainer.param_shardings)
-    else:
+    is_hf = Path(path, "config.json").is_file()
+    if not is_hf and not Path(path, "model_config.json").is_file():
         raise ConfigError(f"model.init_from={path!r} is neither an HF directory (config.json) "
                           "nor a phased-jax params checkpoint (model_config.json)")
     shape_fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                    "num_kv_heads", "head_dim")
+    # Shapes first, from the config alone: params of another shape would not fit the shardings.
+    got = hf_config.read_config(Path(path)) if is_hf else read_model_config(path)
+                    "num_kv_heads", "head_dim", "tie_word_embeddings")
     diff = {f: (getattr(got, f), getattr(want, f)) for f in shape_fields
             if getattr(got, f) != getattr(want, f)}
     if diff:
         raise ConfigError(f"model.init_from={path!r} has shapes that differ from config.model "
                           f"(checkpoint, config): {diff}; set config.model to match it")
-    return params
+    if is_hf:
+        return hf.load(path, dtype=want.param_dtype, shardings=trainer.param_shardings)[1]
+    return load_params(path, trainer.param_shardings)[1]
 
 
 def run(config: ConfigDict, hooks: Sequence[StepHook] = ()) -> dict[str, Any]:

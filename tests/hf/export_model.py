@@ -42,7 +42,7 @@ def make_params(mesh: Mesh | None) -> dict:
     """The params, sharded over `mesh` ("fsdp" axis), or on one device if None."""
     abstract = abstract_params(CFG)
     params: dict = {}
-    for k, rule in enumerate(mapping.RULES):
+    for k, rule in enumerate(mapping.rules(CFG)):
         shape = mapping.get_path(abstract, rule.path).shape
         sharding = None if mesh is None else NamedSharding(mesh, SPECS[rule.path])
 

@@ -103,7 +103,7 @@ def test_rope_scaling_refused(hf_copy, rope):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("attention_bias", True), ("mlp_bias", True), ("tie_word_embeddings", True),
+    ("attention_bias", True), ("mlp_bias", True),
     ("hidden_act", "gelu"), ("quantization_config", {"quant_method": "gptq"}),
 ])
 def test_unsupported_config_fields(field, value):

@@ -121,12 +121,13 @@ def test_config_translation_round_trips():
     assert (legacy_cfg.rope_theta, legacy_cfg.sliding_window) == (1e6, 4096)  # HF's defaults
 
 
-def test_mapping_covers_every_param():
+@pytest.mark.parametrize("tied", [False, True])
+def test_mapping_covers_every_param(tied):
     from phased_jax.model.config import get_preset
 
-    cfg = get_preset("tiny-mistral")
+    cfg = get_preset("tiny-mistral", tie_word_embeddings=tied)
     leaves = {tuple(k.key for k in path) for path, _ in
               jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]}
-    assert leaves == {rule.path for rule in mapping.RULES}
+    assert leaves == {rule.path for rule in mapping.rules(cfg)}
     names = [n for n, _ in mapping.hf_tensor_specs(cfg)]
-    assert len(names) == len(set(names)) == 3 + 9 * cfg.num_layers
+    assert len(names) == len(set(names)) == (2 if tied else 3) + 9 * cfg.num_layers
