@@ -125,9 +125,9 @@ def _initial_params(path: str, want: ModelConfig, trainer: Trainer) -> Any:
     if not is_hf and not Path(path, "model_config.json").is_file():
         raise ConfigError(f"model.init_from={path!r} is neither an HF directory (config.json) "
                           "nor a phased-jax params checkpoint (model_config.json)")
-    shape_fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
     # Shapes first, from the config alone: params of another shape would not fit the shardings.
     got = hf_config.read_config(Path(path)) if is_hf else read_model_config(path)
+    shape_fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                     "num_kv_heads", "head_dim", "tie_word_embeddings")
     diff = {f: (getattr(got, f), getattr(want, f)) for f in shape_fields
             if getattr(got, f) != getattr(want, f)}
