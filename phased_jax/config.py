@@ -94,6 +94,15 @@ def get_default_config() -> ConfigDict:
     c.train.eval_every = 0  # 0: eval at each phase end only
     c.train.peak_flops = 0.0  # per device, for MFU where the device kind is unknown (CPU); 0 = probe
     c.train.tensorboard = True  # event files in <output_dir>/tensorboard (also metrics.jsonl)
+    # Weights & Biases (phased_jax/train/tracking.py; pip install 'phased-jax[wandb]'): the
+    # TensorBoard scalars, the config, phase boundaries and eval losses; files under
+    # <output_dir>/logs/wandb, run id in <output_dir>/logs/wandb_run_id (a resumed run keeps it).
+    c.train.wandb = ConfigDict()
+    c.train.wandb.project = ""  # "" = W&B off
+    c.train.wandb.entity = ""  # "" = your default entity
+    c.train.wandb.name = ""  # "" = config.name
+    c.train.wandb.tags = ()
+    c.train.wandb.mode = ""  # "" = WANDB_MODE or W&B's default (online); offline | online | disabled
 
     c.mesh = ConfigDict()
     c.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor) within a slice; -1 = the rest of the devices

@@ -17,6 +17,7 @@ from phased_jax.data.phases import check_order
 from phased_jax.data.records import FORMATS
 from phased_jax.data.templates import TEMPLATES
 from phased_jax.errors import ConfigError
+from phased_jax.train import tracking
 from phased_jax.train.optimizer import SCHEDULES
 
 
@@ -109,6 +110,27 @@ def _check_train(c: ConfigDict) -> None:
     _number(c, "train.log_every", lambda v: v >= 1, ">= 1", integer=True)
     _number(c, "train.eval_every", lambda v: v >= 0, ">= 0 (0 = at each phase end)", integer=True)
     _choice(c, "train.opt_state_dtype", ("", *DTYPES))
+    _check_wandb(c)
+
+
+def _check_wandb(c: ConfigDict) -> None:
+    """`train.wandb`: strings and a tuple of tags; wandb installed when a project asks for it."""
+    for name in ("project", "entity", "name"):
+        value = _field(c, f"train.wandb.{name}")
+        if value is not _ABSENT and not isinstance(value, str):
+            raise ConfigError(f"train.wandb.{name}={value!r} is invalid: it must be a string"
+                              + _fix(f"train.wandb.{name}"))
+    tags = _field(c, "train.wandb.tags")
+    if tags is not _ABSENT and (isinstance(tags, str) or not isinstance(tags, tuple | list)
+                                or not all(isinstance(t, str) and t for t in tags)):
+        raise ConfigError(f"train.wandb.tags={tags!r} is invalid: it must be a tuple of "
+                          "non-empty strings such as ('llama3', 'phased')"
+                          + _fix("train.wandb.tags"))
+    _choice(c, "train.wandb.mode", tracking.MODES)
+    if tracking.enabled(c) and not tracking.installed():
+        raise ConfigError(f"train.wandb.project={c.train.wandb.project!r} asks for Weights & "
+                          f"Biases but wandb is not installed: {tracking.INSTALL} (or set "
+                          "--config.train.wandb.project='' to run without it)")
 
 
 def _check_data(c: ConfigDict) -> None:

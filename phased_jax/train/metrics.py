@@ -1,4 +1,5 @@
-"""Step metrics: loss, grad norm, LR, tokens/s and MFU to TensorBoard, JSON lines and the console.
+"""Step metrics: loss, grad norm, LR, tokens/s and MFU to TensorBoard, JSON lines and the console
+(and, with `train.wandb`, the same scalars to Weights & Biases: `tracking.py`).
 
 MFU = model matmul FLOPs per step (`flops_per_token`, 6N-style, with attention) / step time /
 (peak FLOPs per device x devices). Peaks are dense bf16 figures from the vendors' spec sheets;
@@ -61,12 +62,13 @@ class MetricsWriter:
     def __init__(self, log_dir: str | Path, *, flops_per_step: float, tokens_per_step: int,
                  peak_flops_total: float, total_steps: int, log_every: int = 10,
                  tensorboard: bool = True, console: bool = True, prefix: str = "train",
-                 step_offset: int = 0) -> None:
+                 step_offset: int = 0, tracker: Any = None) -> None:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.flops_per_step, self.tokens_per_step = flops_per_step, tokens_per_step
         self.peak_flops_total, self.log_every = peak_flops_total, max(1, log_every)
         self.prefix, self.step_offset = prefix, step_offset
+        self._tracker = tracker  # a tracking.Tracker: W&B gets TensorBoard's scalars
         self._json = open(self.log_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
         self._tb = None
         if tensorboard and jax.process_index() == 0:
@@ -125,10 +127,13 @@ class MetricsWriter:
             return
         self._json.write(json.dumps({"phase": self.prefix, **record}) + "\n")
         self._json.flush()
+        scalars = {f"{self.prefix}/{key}": value for key, value in record.items()
+                   if key not in ("step", "time")}
         if self._tb is not None:
-            for key, value in record.items():
-                if key not in ("step", "time"):
-                    self._tb.add_scalar(f"{self.prefix}/{key}", value, record["step"])
+            for tag, value in scalars.items():
+                self._tb.add_scalar(tag, value, record["step"])
+        if self._tracker is not None:
+            self._tracker.log(scalars, record["step"])
         if self._bar is not None:
             shown = {k: record[k] for k in ("loss", "grad_norm", "lr", "tokens_per_s", "mfu",
                                                "useful_mfu")
@@ -148,8 +153,8 @@ class MetricsWriter:
 
 
 def make_writer(trainer: Any, seq_len: int, log_dir: str | Path, total_steps: int,
-                prefix: str = "train", step_offset: int = 0, console: bool = True
-                ) -> MetricsWriter:
+                prefix: str = "train", step_offset: int = 0, console: bool = True,
+                tracker: Any = None) -> MetricsWriter:
     """A MetricsWriter sized from a Trainer (its model, batch and `train` section) and the
     sequence length of its batches."""
     tc = trainer.train_cfg
@@ -159,4 +164,4 @@ def make_writer(trainer: Any, seq_len: int, log_dir: str | Path, total_steps: in
         tokens_per_step=trainer.global_batch * seq_len, peak_flops_total=peak * jax.device_count(),
         total_steps=total_steps, log_every=int(tc.log_every),
         tensorboard=bool(tc.get("tensorboard", True)), console=console, prefix=prefix,
-        step_offset=step_offset)
+        step_offset=step_offset, tracker=tracker)

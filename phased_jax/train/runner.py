@@ -11,7 +11,8 @@ does what that phase still owes, and every file appears whole or not at all.
 
 Files under `output_dir`: `checkpoints/<global step>/` (Orbax; phase ends kept for good),
 `phases/phase<k>-<name>/` (phase-end params, `phased-jax convert` exports them to HF),
-`logs/metrics.jsonl` + `logs/tensorboard/`, `logs/phase_log.jsonl` (one line per step run),
+`logs/metrics.jsonl` + `logs/tensorboard/` (+ `logs/wandb/` with `train.wandb`: `tracking.py`),
+`logs/phase_log.jsonl` (one line per step run),
 `hf/` (the final model in HF format), `data_report.json`.
 """
 
@@ -47,6 +48,7 @@ from phased_jax.params_checkpoint import (
     read_model_config,
     save_params,
 )
+from phased_jax.train import tracking
 from phased_jax.train.metrics import make_writer
 from phased_jax.train.runlog import RunLog
 from phased_jax.train.trainer import Trainer, build_trainer
@@ -144,15 +146,16 @@ def run(config: ConfigDict, hooks: Sequence[StepHook] = ()) -> dict[str, Any]:
     validate_config(config)  # again: the demo and tests call run() without the command line
     t_start = time.time()
     runner = PhaseRunner(config, hooks)
-    pos = runner.resume()
-    for k in range(pos.phase, len(runner.steps)):
-        state = runner.train_phase(k, pos)
-        runner.finish_phase(k, state)
-        pos = Position(k + 1, 0, state)
-    runner.close()
-    if pos.state is None:
-        raise ConfigError("no phase to run: the config's data produced no phases")
-    runner.finish_run(pos.state)
+    with runner.tracker:  # the W&B run (if any) ends with this one, failed on an error
+        pos = runner.resume()
+        for k in range(pos.phase, len(runner.steps)):
+            state = runner.train_phase(k, pos)
+            runner.finish_phase(k, state)
+            pos = Position(k + 1, 0, state)
+        runner.close()
+        if pos.state is None:
+            raise ConfigError("no phase to run: the config's data produced no phases")
+        runner.finish_run(pos.state)
     out, total = runner.out, runner.starts[-1]
     summary = {"phases": [p.phase.name for p in runner.data.phases], "steps": runner.steps,
                "phase_end_steps": runner.starts[1:], "output_dir": str(out),
@@ -196,6 +199,7 @@ class PhaseRunner:
         self.log = RunLog(self.out / "logs" / "phase_log.jsonl")
         self.logged: set[tuple[Any, Any]] = set()  # (event, phase) lines a killed run wrote
         self.initial_params: Any = None
+        self.tracker = tracking.start(config, self.out)  # last: run() finishes it
 
     def resume(self) -> Position:
         """Where to start: the newest checkpoint's position, or the beginning."""
@@ -241,10 +245,11 @@ class PhaseRunner:
                        steps=self.steps[k], from_step=first, examples=len(phase.examples))
         _say(f"phase {k + 1}/{len(self.steps)} ({phase.phase.name}): {len(phase.examples)} "
              f"examples, {self.steps[k]} steps, starting at step {first}")
+        self.tracker.phase_start(k + 1, _label(k, phase), start + 1, start + first + 1)
         every = int(self.config.checkpoint.every_steps)
         writer = make_writer(self.trainer, int(self.config.data.max_length), self.out / "logs",
                              self.steps[k] - first,
-                             prefix=_label(k, phase), step_offset=start)
+                             prefix=_label(k, phase), step_offset=start, tracker=self.tracker)
         try:
             for s in range(first, self.steps[k]):
                 batch = self.trainer.shard_batch(loader.batch(s))
@@ -273,6 +278,7 @@ class PhaseRunner:
                                       evaluation=True)
             loss = _eval_loss(self.trainer, state.params, ev)
             self.log.write(event="eval", phase=k + 1, step=end, eval_loss=loss)
+            self.tracker.eval_loss(_label(k, phase), end, loss)
             _say(f"phase {k + 1} eval loss {loss:.4f}")
         target = self.out / "phases" / _label(k, phase)
         if self.config.checkpoint.phase_params and not distributed.from_process_0(
@@ -281,6 +287,7 @@ class PhaseRunner:
                 save_params(target, self.trainer.model_cfg, state.params, overwrite=True)
         if ("phase_end", k + 1) not in self.logged:
             self.log.write(event="phase_end", phase=k + 1, name=phase.phase.name, step=end)
+            self.tracker.phase_end(k + 1, _label(k, phase), end)
 
     def close(self) -> None:
         with _storage(self.ckpt_dir, self.state_bytes):
