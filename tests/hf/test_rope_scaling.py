@@ -125,7 +125,7 @@ def scaled_checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", sorted(SCALINGS))
-def test_logits_match_transformers_beyond_original_context(scaled_checkpoint, kind):
+def test_logits_match_transformers_beyond_original_context(scaled_checkpoint, kind, tmp_path):
     directory, torch_model = scaled_checkpoint(kind)
     model, params = hf.load(directory, dtype="float32")
     assert model.cfg.rope_scaling == kind and model.cfg.rope_theta == 500000.0
@@ -143,6 +143,12 @@ def test_logits_match_transformers_beyond_original_context(scaled_checkpoint, ki
     plain = np.asarray(forward(params, model.cfg.replace(rope_scaling="none"),
                                jnp.asarray(ids[:1]), jnp.asarray(mask[:1])))
     assert np.abs(plain[0, ORIGINAL:] - got[0, ORIGINAL:]).max() > 100 * TOL
+    # exported, transformers rebuilds the very same model (config.json's RoPE included)
+    hf.save(tmp_path / "out", model, params)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out",
+                                                                 attn_implementation="eager")
+    with torch.no_grad():
+        assert torch.equal(reloaded(torch.tensor(ids)).logits, torch_model(torch.tensor(ids)).logits)
 
 
 def test_greedy_decoding_with_cache_matches_transformers(tmp_path):
