@@ -2,11 +2,12 @@
 
 The inverse frequencies are computed once per config on the host, in numpy float32 with the
 same operations in the same order as transformers' `modeling_rope_utils` (including PyTorch's
-`a / tensor` = `reciprocal(tensor) * a`), so a checkpoint trained with `llama3`, `linear` or
-`yarn` scaling sees the very frequencies it was trained with at every position, including those
-beyond `original_max_position_embeddings`. `dynamic` NTK scaling changes with the running
-sequence length and `longrope` switches tables by it; neither is implemented (they are refused
-where a config names them, in `phased_jax.hf.hf_config`).
+`a / tensor` = `reciprocal(tensor) * a`; only pow differs, ours correctly rounded, PyTorch's
+within a float32 ulp of it), so a checkpoint trained with `llama3`, `linear` or `yarn` scaling
+sees the frequencies it was trained with at every position, including those beyond
+`original_max_position_embeddings`. `dynamic` NTK scaling changes with the running sequence
+length and `longrope` switches tables by it; neither is implemented: `ModelConfig.rope_scaling`
+does not accept them and `phased_jax.hf.hf_config` refuses them in a config.json, naming the field.
 """
 
 from __future__ import annotations
