@@ -195,6 +195,9 @@ def test_greedy_decoding_with_cache_matches_transformers(tmp_path):
      r"unsupported rope_parameters.attention_factor=0.0"),
     ({"rope_parameters": {**SCALINGS["linear"], "rope_theta": 1e4, "factor": 0.5}},
      r"rope_scaling_factor \(0.5\) must be >= 1"),
+    ({"rope_parameters": {**SCALINGS["llama3"], "rope_theta": 1e4, "low_freq_factor": 4.0,
+                          "high_freq_factor": 1.0}},
+     r"rope_scaling_low_freq_factor \(4.0\) must be > 0 and below rope_scaling_high_freq_factor"),
 ])
 def test_unsupported_rope_refused(rope_fields, match):
     d = {**hf.hf_config_from(get_preset("tiny-llama")), **rope_fields}
