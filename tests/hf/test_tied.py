@@ -134,3 +134,26 @@ def test_config_translation_keeps_the_tie():
     assert not hf.config_from_hf({**d, "tie_word_embeddings": False}).tie_word_embeddings
     del d["tie_word_embeddings"]  # transformers' Llama default: untied
     assert not hf.config_from_hf(d).tie_word_embeddings
+
+
+def test_init_from_loads_a_tied_checkpoint_sharded_and_refuses_a_tie_mismatch(tied):
+    from phased_jax.config import get_default_config, model_section
+    from phased_jax.errors import ConfigError
+    from phased_jax.train import build_trainer
+    from phased_jax.train.runner import _initial_params
+
+    directory, _ = tied
+    model, want = hf.load(directory)
+    c = get_default_config()
+    shape = {k: getattr(model.cfg, k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+        "num_kv_heads", "head_dim", "tie_word_embeddings")}
+    c.model = model_section("tiny-llama", **shape, dtype="float32", param_dtype="float32")
+    c.mesh.shape = (2, 2, 2)
+    trainer = build_trainer(c)
+    got = _initial_params(str(directory), trainer.model_cfg, trainer)
+    assert set(got) == set(want) and got["embed"].sharding == trainer.param_shardings["embed"]
+    np.testing.assert_array_equal(np.asarray(got["embed"]), np.asarray(want["embed"]))
+    untied = trainer.model_cfg.replace(tie_word_embeddings=False)
+    with pytest.raises(ConfigError, match=r"'tie_word_embeddings': \(True, False\)"):
+        _initial_params(str(directory), untied, trainer)
