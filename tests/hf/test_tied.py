@@ -157,3 +157,19 @@ def test_init_from_loads_a_tied_checkpoint_sharded_and_refuses_a_tie_mismatch(ti
     untied = trainer.model_cfg.replace(tie_word_embeddings=False)
     with pytest.raises(ConfigError, match=r"'tie_word_embeddings': \(True, False\)"):
         _initial_params(str(directory), untied, trainer)
+
+
+def test_convert_round_trip_through_orbax(tied, tmp_path):
+    """HF -> params checkpoint (model_config.json keeps the tie) -> sharded HF, bit-exact."""
+    from phased_jax.cli import main
+    from phased_jax.params_checkpoint import read_model_config
+
+    directory, _ = tied
+    assert main(["convert", str(directory), str(tmp_path / "orbax")]) == 0
+    assert read_model_config(tmp_path / "orbax").tie_word_embeddings
+    assert main(["convert", str(tmp_path / "orbax"), str(tmp_path / "hf"),
+                 "--max-shard-size", "20KB"]) == 0
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert HEAD not in index["weight_map"]
+    assert_same_tensors(read_safetensors_dir(directory), read_safetensors_dir(tmp_path / "hf"))

@@ -8,10 +8,12 @@ import math
 import jax
 import pytest
 
+from phased_jax.config import get_default_config
 from phased_jax.hf import hf_config_from
 from phased_jax.model.config import PRESETS
 from phased_jax.model.flops import param_count
 from phased_jax.model.params import abstract_params
+from phased_jax.train.plan import sharded_param_bytes
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -56,5 +58,11 @@ def test_tied_presets_count_the_table_once():
         assert cfg.tie_word_embeddings
         untied = cfg.replace(tie_word_embeddings=False)
         assert param_count(untied) - param_count(cfg) == cfg.vocab_size * cfg.hidden_size
+        # the planner's per-device bytes: no head, so one [vocab, hidden] table (over 8 devices)
+        rules, mesh = get_default_config().mesh.rules, {"data": 1, "fsdp": 4, "tensor": 2}
+        count, nbytes = sharded_param_bytes(cfg, mesh, rules, 2)
+        untied_count, untied_bytes = sharded_param_bytes(untied, mesh, rules, 2)
+        assert (count, untied_count) == (param_count(cfg), param_count(untied))
+        assert untied_bytes - nbytes == 2 * cfg.vocab_size * cfg.hidden_size // 8
     assert param_count(PRESETS["llama3.2-1b"]) == 1_235_814_400  # Meta: "1.23B"
     assert param_count(PRESETS["llama3.2-3b"]) == 3_212_749_824  # Meta: "3.21B"
