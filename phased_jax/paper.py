@@ -18,6 +18,8 @@ HF_WEIGHTS = {
     "llama2-13b": "checkpoints/Llama-2-13b-hf",
     "llama2-70b": "checkpoints/Llama-2-70b-hf",
     "mistral-7b-v0.1": "checkpoints/Mistral-7B-v0.1",
+    "llama3-8b": "checkpoints/Meta-Llama-3-8B",
+    "llama3-70b": "checkpoints/Meta-Llama-3-70B",
 }
 SCORED_ALPACA = "data/alpaca52k-scored.jsonl"  # `phased-score` output for Alpaca 52K
 

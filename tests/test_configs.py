@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ from phased_jax.sharding import resolve_mesh_shape, rules_from_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.py"))
 PAPER = {"llama2-7b": 6_738_415_616, "llama2-13b": 13_015_864_320,
-         "llama2-70b": 68_976_648_192, "mistral-7b-v0.1": 7_241_732_096}
+         "llama2-70b": 68_976_648_192, "mistral-7b-v0.1": 7_241_732_096,
+         "llama3-8b": 8_030_261_248, "llama3-70b": 70_553_706_496}  # transformers' counts
 
 
 def load(path: Path):
@@ -31,7 +33,8 @@ def test_configs_exist():
     names = {p.stem for p in CONFIGS}
     for want in ("llama2_7b_phased", "llama2_7b_oneoff", "llama2_13b_phased", "llama2_13b_oneoff",
                  "mistral_7b_phased", "mistral_7b_oneoff", "llama2_7b_random_stages",
-                 "llama2_7b_order_213", "llama2_7b_stage3_only", "llama2_7b_mixed_13", "demo"):
+                 "llama2_7b_order_213", "llama2_7b_stage3_only", "llama2_7b_mixed_13", "demo",
+                 "llama3_8b_phased", "llama3_8b_oneoff", "llama3_70b_phased", "llama3_70b_oneoff"):
         assert want in names, want
     assert len(CONFIGS) >= 22
 
@@ -58,6 +61,27 @@ def test_config_loads_and_validates(path):
         assert c.data.thresholds == (1.5, 3.5)
         assert not c.train.carry_optimizer
         assert c.model.init_from and c.data.paths
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.stem.startswith("llama3_")],
+                         ids=lambda p: p.stem)
+def test_llama3_configs_fit_the_slice_their_docstring_names(path):
+    """The slice is named once, in the docstring (`phased-jax compile` measured it there); the
+    mesh resolves on its chips and the planner agrees it fits (within its 90% margin)."""
+    from phased_jax.accelerators import parse_tpu
+    from phased_jax.sharding import mesh_sizes
+    from phased_jax.train.plan import make_plan
+
+    spec = importlib.util.spec_from_file_location(f"doc_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (name,) = set(re.findall(r"v5p-\d+", module.__doc__))
+    tpu, c = parse_tpu(name), module.get_config()
+    assert c.data.tokenizer == c.model.init_from and c.data.template == "authors"
+    mesh = mesh_sizes(c.mesh, tpu.chips)
+    plan = make_plan(model_config(c.model), c.train, mesh, rules_from_config(c.mesh),
+                     int(c.data.max_length), device="v5p")
+    assert plan.total < 0.9 * tpu.hbm_gib * 2**30, (name, mesh, plan.total / 2**30)
 
 
 def test_ablation_orders_are_the_papers():

@@ -1,0 +1,8 @@
+"""One-off IFT baseline, Llama-3 8B: all data in one phase. Fits a TPU v5p-8, as
+llama3_8b_phased.py (the same step; its docstring has the compile and the chat template)."""
+
+from phased_jax.paper import paper_config
+
+
+def get_config():
+    return paper_config("llama3-8b", order="oneoff", name="llama3_8b_oneoff")
