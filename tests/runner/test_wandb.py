@@ -24,7 +24,7 @@ from phased_jax.config_checks import validate_config
 from phased_jax.errors import ConfigError
 from tests.runner.runs import REPO, step_lines, train, write_config
 
-pytest.importorskip("wandb")
+pytestmark = pytest.mark.slow  # two tiny training runs in subprocesses: ~40 s on 2 cores
 
 PHASE_ENDS = (3, 6, 9)  # train.max_steps_per_phase = 3
 KILL_AFTER = 4  # phase 2's first step: the last checkpoint is phase 1's end, so step 4 reruns
@@ -95,9 +95,10 @@ def resumed(tiny_experiment, tmp_path_factory):
         c.train.max_steps_per_phase = 3
         c.data.eval_fraction = 0.25
         c.export.at_end = False""")
+    no_network = "http://127.0.0.1:9"  # a proxy that refuses: any connection attempt fails
     env = {"WANDB_MODE": "offline", "WANDB_CONFIG_DIR": str(root / "config"),
            "WANDB_CACHE_DIR": str(root / "cache"), "WANDB_DATA_DIR": str(root / "data"),
-           "WANDB_API_KEY": "", "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
+           "WANDB_API_KEY": "", "https_proxy": no_network, "http_proxy": no_network}
     before = _wandb_core_pids()
     killed = train(cfg, env=env, kill_after=KILL_AFTER, check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -127,6 +128,9 @@ def test_offline_files_and_the_run_id_survive_a_kill(resumed):
         config = {i.key: json.loads(i.value_json) for r in runs for i in r.config.update}
         assert config["train"]["max_steps_per_phase"] == 3
         assert config["output_dir"] == str(out)
+    exits = [[r.exit.exit_code for r in _wandb_records(a / f"run-{run_id}.wandb")
+              if r.HasField("exit")] for a in attempts]
+    assert exits == [[], [0]], "the killed attempt never finished; the rerun finished cleanly"
     assert not resumed["leftover"] and not resumed["leftover_after"], "W&B service left running"
 
 
@@ -196,6 +200,31 @@ def test_a_project_without_wandb_installed_says_how_to_install_it(monkeypatch):
     with pytest.raises(ConfigError, match="pip install 'phased-jax\\[wandb\\]'"):
         validate_config(_config(project="p"), ("train",))
     validate_config(_config(project=""), ("train",))  # off: no wandb needed
+
+
+def test_an_error_finishes_the_run_as_failed(tmp_path, monkeypatch):
+    import wandb
+
+    from phased_jax.train import tracking
+
+    for name, value in (("WANDB_MODE", "offline"), ("WANDB_CONFIG_DIR", tmp_path / "config"),
+                        ("WANDB_CACHE_DIR", tmp_path / "cache"), ("WANDB_CONSOLE", "off")):
+        monkeypatch.setenv(name, str(value))
+    c = _config(project="p")
+    c.output_dir = str(tmp_path / "run")
+    try:
+        with pytest.raises(RuntimeError, match="a step failed"), \
+                tracking.start(c, c.output_dir) as tracker:
+            tracker.log({"phase1-stage1/loss": 2.5}, 1)
+            raise RuntimeError("a step failed")
+    finally:
+        wandb.teardown()  # W&B's service process ends with the run, not with pytest
+    assert tracker.run is None
+    run_id = (tmp_path / "run" / "logs" / "wandb_run_id").read_text().strip()
+    (path,) = (tmp_path / "run" / "logs" / "wandb").glob(f"offline-run-*-{run_id}/*.wandb")
+    records = _wandb_records(path)
+    assert [r.exit.exit_code for r in records if r.HasField("exit")] == [1]
+    assert [(r["phase1-stage1/loss"], r["global_step"]) for r in _history(records)] == [(2.5, 1)]
 
 
 def test_runs_without_a_project_never_import_wandb(tmp_path):
