@@ -20,7 +20,9 @@ resumed run re-runs the steps since its last checkpoint (bitwise the same), so r
 W&B's step: each carries `global_step` (the step over all phases, TensorBoard's x-axis) and
 every metric is plotted against it (`define_metric(step_metric="global_step")`). A re-run step
 is then a second row at the same `global_step` with the same values: nothing is dropped or
-misplaced, and W&B's internal `_step` only counts rows.
+misplaced, and W&B's internal `_step` only counts rows. Offline, a kill loses at most the rows
+of its last `FLUSH_S` seconds (W&B flushes its file every 15 s by default); the resumed run logs
+again those after the last checkpoint.
 """
 
 from __future__ import annotations
