@@ -41,6 +41,8 @@ PAPER = {
     "llama2-13b": ("configs/llama2_13b_phased.py", (("v5p-16", None),)),
     "mistral-7b": ("configs/mistral_7b_phased.py", (("v5p-8", None),)),
     "llama2-70b": ("configs/llama2_70b_phased.py", (("v5p-128", None), ("v5p-128", (1, -1, 8)))),
+    "llama3-8b": ("configs/llama3_8b_phased.py", (("v5p-8", None), ("v5p-16", None))),
+    "llama3-70b": ("configs/llama3_70b_phased.py", (("v5p-128", None),)),
 }
 LOSS_CHUNK = 512  # tokens of the sequence per chunk in the chunked-loss rows
 VARIANTS = {
