@@ -75,7 +75,7 @@ def test_llama3_configs_fit_the_slice_their_docstring_names(path):
     spec = importlib.util.spec_from_file_location(f"doc_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    (name,) = set(re.findall(r"v5p-\d+", module.__doc__))
+    name = re.search(r"Fits a TPU (v5p-\d+)", module.__doc__).group(1)
     tpu, c = parse_tpu(name), module.get_config()
     assert c.data.tokenizer == c.model.init_from and c.data.template == "authors"
     mesh = mesh_sizes(c.mesh, tpu.chips)
