@@ -1,9 +1,9 @@
 """Hugging Face `config.json` <-> our ModelConfig, refusing every field our decoder cannot honour.
 
 A field we silently ignored would give a model that loads and then computes something else, so
-anything outside plain Llama-2/Mistral (rope scaling, biases, other activations,
-quantization) is an error that names the field. Tied embeddings (`tie_word_embeddings`) are
-honoured: the model has no head of its own.
+anything our Llama/Mistral decoder does not compute (RoPE scaling other than linear, llama3
+and yarn; biases; other activations; quantization) is an error that names the field. Tied
+embeddings (`tie_word_embeddings`) are honoured: the model has no head of its own.
 """
 
 from __future__ import annotations
