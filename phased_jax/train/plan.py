@@ -92,13 +92,22 @@ def activation_breakdown(cfg: ModelConfig, tokens: int, seq: int, tensor: int, r
       `qkv_proj`: qkv and o; `full`: nothing. The attention scores are in `attention_scores`.
     - `layer_working`: one layer's working set, recomputed in the backward pass (no scores).
     - `attention_scores`: xla: per query token and head a row of `keys` probs in the compute
-      dtype (XLA fuses the float32 softmax into its neighbours) and float32 row statistics, in
-      the working layer, and by `none`/`dots` in every layer. flash (`splash`/`cudnn`): the kernel keeps the scores in
+      dtype (XLA fuses the float32 softmax into its neighbours; with grouped kv heads their
+      gradient product too) and float32 row statistics, in the working layer, and by
+      `none`/`dots` in every layer. flash (`splash`/`cudnn`): the kernel keeps the scores in
       on-chip blocks and saves O(L) float32 softmax stats (logsumexp, max) per head instead.
     - `final_hidden`: the final-normed hidden states (the LM head's input) and their gradient;
       chunked loss adds their [chunks, rows, chunk, D] copy for the scan.
-    - `logits`: logits in the compute dtype, their float32 copy and float32 gradient, for every
-      token, or with `loss_chunk` > 0 for one chunk (`rows x loss_chunk` tokens) only.
+    - `logits`: every token's logits in the compute dtype and their float32 gradient (XLA fuses
+      the float32 softmax into that gradient); with `loss_chunk` > 0 one chunk's (`rows x
+      loss_chunk` tokens) only, whose gradient also has a compute-dtype copy for the head's
+      matmuls.
+    - `lm_head`: the LM head [D, vocab / tensor] all-gathered in the compute dtype and its
+      float32 gradient before the reduction. Live at the loss; with `loss_chunk` > 0 also while
+      going back through the layers: XLA schedules the loss's forward scan (it only feeds the
+      reported loss) and the head gradient's reduction after the layers' backward pass (seen in
+      the buffer assignment of Llama-3 8B and 70B on v5p). It matters for Llama-3's 128,256
+      tokens: 3 GiB a device for 8B, 6 GiB for 70B.
     - `gathered_layer`: FSDP's working copy of one layer: its weights all-gathered in the
       compute dtype and its whole gradient in float32 before the reduce-scatter (per device,
       split by `tensor` only). Independent of the batch; it matters for 70B-wide layers.
@@ -125,9 +134,10 @@ def activation_breakdown(cfg: ModelConfig, tokens: int, seq: int, tensor: int, r
     else:
         row = nh * keys / tensor  # one row of scores per query token and head
         # XLA fuses the float32 softmax into its neighbours: the probs in the compute dtype
-        # are what stays live; with grouped kv heads a float32 copy stays live beside them
-        # (both measured on TPU compiles: Llama-2 7B, Mistral 7B; benchmarks/tpu_compile.py).
-        per_score = itemsize + (f32 if kv < nh else 0)
+        # are what stays live; with grouped kv heads (a [.., kv, group, L, keys] einsum) their
+        # gradient product in the compute dtype stays live beside them (XLA's buffer assignment
+        # of Llama-3 8B on v5p; Llama-2 7B, Mistral 7B, 70B: benchmarks/tpu_compile.py).
+        per_score = itemsize * (2 if kv < nh else 1)
         scores_working = row * per_score + 2 * nh / tensor * f32
         scores_saved = {"none": scores_working, "dots": row * itemsize}.get(remat, 0.0)
     rows = max(1, tokens // seq)
@@ -139,29 +149,40 @@ def activation_breakdown(cfg: ModelConfig, tokens: int, seq: int, tensor: int, r
         "layer_working": int(tokens * working * itemsize),
         "attention_scores": int(tokens * (L * scores_saved + scores_working)),
         "final_hidden": int(tokens * D * itemsize * (3 if loss_chunk > 0 else 2)),
-        "logits": int(rows * chunk * cfg.vocab_size / tensor * (itemsize + f32 + f32)),
+        "logits": int(rows * chunk * cfg.vocab_size / tensor
+                      * (itemsize * (2 if loss_chunk > 0 else 1) + f32)),
+        "lm_head": int(cfg.hidden_size * cfg.vocab_size / tensor * (itemsize + f32)),
         "gathered_layer": int(layer_param_count(cfg) / tensor * (itemsize + f32)),
     }
 
 
 LAYER_PHASE = ("layer_inputs", "policy_saved", "layer_working", "attention_scores", "final_hidden",
                "gathered_layer")
-LOSS_PHASE = ("layer_inputs", "policy_saved", "final_hidden", "logits")
+LOSS_PHASE = ("layer_inputs", "policy_saved", "final_hidden", "logits", "lm_head")
 
 
-def peak_activations(terms: dict[str, int], grads: int = 0) -> tuple[int, str]:
+def live_terms(phase: str, loss_chunk: int = 0) -> tuple[str, ...]:
+    """The terms live at `phase` (`layers` or `loss`): with a chunked loss the gathered head and
+    its gradient stay live through the layers too (`activation_breakdown`'s `lm_head`)."""
+    if phase == "loss":
+        return LOSS_PHASE
+    return LAYER_PHASE + (("lm_head",) if loss_chunk > 0 else ())
+
+
+def peak_activations(terms: dict[str, int], grads: int = 0, loss_chunk: int = 0
+                     ) -> tuple[int, str]:
     """(peak bytes, phase) of the backward pass: the larger of two moments, not the sum.
 
     - `layers`: going back through the layers, every saved input and policy residual, one
       layer's recomputed working set with its attention scores, while the gradients fill in
-      (counted in `Plan.grads`);
+      (counted in `Plan.grads`); with `loss_chunk` > 0 the gathered LM head and its gradient;
     - `loss`: the LM head and cross-entropy before any layer gradient exists, so the
       gradients' bytes are not yet live: subtract them (`grads`).
     The two never overlap, so summing them would overstate the peak by the logits (as XLA's
     buffer assignment shows for Llama-2 7B on v5p: chunking the loss leaves its peak unchanged).
     """
-    layers = sum(terms[k] for k in LAYER_PHASE)
-    loss = sum(terms[k] for k in LOSS_PHASE) - grads
+    layers = sum(terms[k] for k in live_terms("layers", loss_chunk))
+    loss = sum(terms[k] for k in live_terms("loss", loss_chunk)) - grads
     return (layers, "layers") if layers >= loss else (loss, "loss")
 
 
@@ -170,7 +191,8 @@ def activation_bytes(cfg: ModelConfig, tokens: int, seq: int, tensor: int, remat
     """Estimated peak activation bytes of one device for one micro-batch of `tokens` tokens
     (`peak_activations` of `activation_breakdown`'s terms, gradients aside)."""
     return peak_activations(activation_breakdown(cfg, tokens, seq, tensor, remat, itemsize,
-                                                 flash=flash, loss_chunk=loss_chunk))[0]
+                                                 flash=flash, loss_chunk=loss_chunk),
+                            loss_chunk=loss_chunk)[0]
 
 
 def make_plan(cfg: ModelConfig, train_cfg: ConfigDict, mesh: dict[str, int],
@@ -185,12 +207,13 @@ def make_plan(cfg: ModelConfig, train_cfg: ConfigDict, mesh: dict[str, int],
     o_size = jnp.dtype(train_cfg.get("opt_state_dtype") or cfg.param_dtype).itemsize
     count, param_bytes = sharded_param_bytes(cfg, mesh, rules, 1)
     tokens = global_batch // grad_accum // sharding.batch_shards(mesh, rules) * seq
+    loss_chunk = int(train_cfg.get("loss_chunk", 0))
     terms = activation_breakdown(
         cfg, tokens, seq, mesh["tensor"], cfg.remat_policy, jnp.dtype(cfg.dtype).itemsize,
         flash=is_flash(cfg.attention_impl, device, dtype=cfg.dtype, packing=packing),
-        loss_chunk=int(train_cfg.get("loss_chunk", 0)))
+        loss_chunk=loss_chunk)
     grads = param_bytes * p_size * (2 if grad_accum > 1 else 1)  # + accumulator
-    activations, phase = peak_activations(terms, grads)
+    activations, phase = peak_activations(terms, grads, loss_chunk)
     return Plan(
         num_params=count, params=param_bytes * p_size, grads=grads,
         opt_state=param_bytes * o_size * 2,  # Adam's two moments
@@ -279,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  activations  {gib(plan.activations)}   (estimate, remat={cfg.remat_policy}, "
           f"attention {cfg.attention_impl} ({'flash' if flash else 'scores materialised'}), "
           f"loss_chunk {int(tc.get('loss_chunk', 0))})")
-    live = LAYER_PHASE if plan.peak_phase == "layers" else LOSS_PHASE
+    live = live_terms(plan.peak_phase, int(tc.get("loss_chunk", 0)))
     print(f"    at the peak ({'going back through the layers' if plan.peak_phase == 'layers' else 'the loss, before layer gradients'}):")
     for name, value in plan.activation_terms.items():
         print(f"    {name:<16} {gib(value)}{'' if name in live else '   (not live at the peak)'}")

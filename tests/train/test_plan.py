@@ -95,7 +95,11 @@ def test_flash_attention_keeps_o_of_l_scores_and_xla_materialises_them():
     # row statistics, in the working layer
     assert terms[False, 2048]["attention_scores"] == 4 * 2048 * (32 * 2048 * 2 + 2 * 32 * 4)
     assert terms[True, 2048]["attention_scores"] < terms[False, 2048]["attention_scores"] / 100
-    for key in ("layer_inputs", "policy_saved", "layer_working", "final_hidden", "logits"):
+    # grouped kv heads (Mistral: 8 of 32): the probs' gradient product stays live beside them
+    gqa = plan.activation_breakdown(get_preset("mistral-7b-v0.1"), 4 * 2048, 2048, 1, "full", 2)
+    assert gqa["attention_scores"] == 4 * 2048 * (32 * 2048 * 2 * 2 + 2 * 32 * 4)
+    for key in ("layer_inputs", "policy_saved", "layer_working", "final_hidden", "logits",
+                "lm_head"):
         assert terms[False, 2048][key] == terms[True, 2048][key]
 
 
@@ -103,19 +107,29 @@ def test_loss_chunk_keeps_one_chunks_logits():
     cfg = get_preset("llama2-7b")
     full = plan.activation_breakdown(cfg, 4 * 2048, 2048, 1, "full", 2)
     chunked = plan.activation_breakdown(cfg, 4 * 2048, 2048, 1, "full", 2, loss_chunk=256)
-    # bf16 logits + f32 copy + f32 gradient of 32000 vocab, 4 rows x (2048 or 256) positions
-    assert full["logits"] == 4 * 2048 * 32000 * 10
-    assert chunked["logits"] == 4 * 256 * 32000 * 10
+    # 32000 vocab, 4 rows x 2048 positions: bf16 logits + their f32 gradient (the f32 softmax
+    # fuses into it); one chunk of 256: its gradient has a bf16 copy too, for the head's matmuls
+    assert full["logits"] == 4 * 2048 * 32000 * (2 + 4)
+    assert chunked["logits"] == 4 * 256 * 32000 * (2 + 2 + 4)
+    # the gathered bf16 head [4096, 32000] and its f32 gradient, whatever the chunking
+    assert full["lm_head"] == chunked["lm_head"] == 4096 * 32000 * (2 + 4)
+    # chunked, the head and its gradient stay live going back through the layers (XLA runs
+    # the loss's forward scan and the head gradient's reduction after them); full, they do not
+    no_loss_peak = 10**15  # gradients so large that the loss moment cannot be the peak
+    layers = {c: plan.peak_activations(t, no_loss_peak, c) for c, t in ((0, full), (256, chunked))}
+    assert layers[0] == (sum(full[k] for k in plan.LAYER_PHASE), "layers")
+    assert layers[256][0] - layers[0][0] == (full["lm_head"] + chunked["final_hidden"]
+                                             - full["final_hidden"])
     # a small model with Llama-3's vocabulary peaks at the loss: chunking lowers the peak
     wide_vocab = get_preset("tiny-llama", vocab_size=128_256, hidden_size=512)
     full_peak = plan.peak_activations(plan.activation_breakdown(wide_vocab, 8 * 2048, 2048, 1,
                                                                 "full", 2))
     chunked_peak = plan.peak_activations(plan.activation_breakdown(
-        wide_vocab, 8 * 2048, 2048, 1, "full", 2, loss_chunk=256))
+        wide_vocab, 8 * 2048, 2048, 1, "full", 2, loss_chunk=256), loss_chunk=256)
     assert full_peak[1] == "loss" and chunked_peak[0] < full_peak[0] / 2
-    # a chunk longer than the sequence is the whole sequence
+    # a chunk longer than the sequence is the whole sequence (one chunk of the scan)
     assert plan.activation_breakdown(cfg, 4 * 2048, 2048, 1, "full", 2,
-                                     loss_chunk=4096)["logits"] == full["logits"]
+                                     loss_chunk=4096)["logits"] == chunked["logits"] * 8
 
 
 @pytest.mark.parametrize("impl,device,dtype,packing,flash", [
@@ -150,13 +164,15 @@ def test_plan_terms_sum_and_cli_shows_them(capsys):
     p = plan.make_plan(get_preset("llama2-7b"), c.train, {"data": 1, "fsdp": 32, "tensor": 1},
                        rules, 2048, device="v4")
     # the peak is one moment of the backward pass: the layers' terms, or the loss's
-    live = plan.LAYER_PHASE if p.peak_phase == "layers" else plan.LOSS_PHASE
+    live = plan.live_terms(p.peak_phase, 512)
     assert p.activations == sum(p.activation_terms[k] for k in live) - (
         p.grads if p.peak_phase == "loss" else 0) > 0
     assert p.activations < sum(p.activation_terms.values())
     itemsize = np.dtype(get_preset("llama2-7b").dtype).itemsize
-    # 4 rows per device, one chunk: logits in the compute dtype, an f32 copy and f32 gradient
-    assert p.activation_terms["logits"] == 4 * 512 * 32000 * (itemsize + 8)
+    # 4 rows per device, one chunk: logits and their gradient in the compute dtype, and the
+    # f32 gradient; the gathered head (bf16 + f32 gradient) is live at the layers' peak
+    assert p.activation_terms["logits"] == 4 * 512 * 32000 * (2 * itemsize + 4)
+    assert "lm_head" in live and p.activation_terms["lm_head"] == 4096 * 32000 * (itemsize + 4)
 
 
 def test_suggested_mesh_is_the_least_tensor_parallelism_that_fits(capsys):
