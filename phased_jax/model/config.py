@@ -121,6 +121,10 @@ _LLAMA2 = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5
 # <|end_of_text|> 128001, no pad token (we pad with <|end_of_text|>; padding is masked).
 _LLAMA3 = dict(vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000,
                eos_token_id=128001, pad_token_id=128001)
+_LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                  num_kv_heads=8)
+_LLAMA3_70B = dict(hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
+                   num_kv_heads=8)
 # 3.1: 128K context by the `llama3` RoPE scaling of the 8K pretraining context.
 _LLAMA31 = dict(_LLAMA3, max_position_embeddings=131072, rope_scaling="llama3",
                 rope_scaling_factor=8.0, rope_scaling_original_max_position=8192,
@@ -146,22 +150,10 @@ PRESETS: dict[str, ModelConfig] = {
         num_kv_heads=8, max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0,
         sliding_window=4096, architecture="mistral",
     ),
-    "llama3-8b": ModelConfig(
-        hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
-        max_position_embeddings=8192, **_LLAMA3,
-    ),
-    "llama3-70b": ModelConfig(
-        hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64, num_kv_heads=8,
-        max_position_embeddings=8192, **_LLAMA3,
-    ),
-    "llama3.1-8b": ModelConfig(
-        hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
-        **_LLAMA31,
-    ),
-    "llama3.1-70b": ModelConfig(
-        hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64, num_kv_heads=8,
-        **_LLAMA31,
-    ),
+    "llama3-8b": ModelConfig(**_LLAMA3_8B, max_position_embeddings=8192, **_LLAMA3),
+    "llama3-70b": ModelConfig(**_LLAMA3_70B, max_position_embeddings=8192, **_LLAMA3),
+    "llama3.1-8b": ModelConfig(**_LLAMA3_8B, **_LLAMA31),
+    "llama3.1-70b": ModelConfig(**_LLAMA3_70B, **_LLAMA31),
     "llama3.2-1b": ModelConfig(
         hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8,
         head_dim=64, **_LLAMA32,

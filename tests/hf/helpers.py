@@ -25,3 +25,12 @@ def assert_same_tensors(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> N
         assert a[name].dtype == b[name].dtype, name
         assert a[name].shape == b[name].shape, name
         assert np.array_equal(a[name].view(np.uint8), b[name].view(np.uint8)), name
+
+
+def padded_batch(vocab: int, seq: int, valid: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, attention mask) of two rows of `seq` random tokens; row 1 right-padded after `valid`."""
+    ids = np.random.RandomState(0).randint(3, vocab, size=(2, seq))
+    mask = np.ones((2, seq), np.int64)
+    mask[1, valid:] = 0
+    ids[1, valid:] = 0
+    return ids, mask

@@ -11,24 +11,18 @@ import torch
 import phased_jax.hf as hf
 from phased_jax.model.transformer import Transformer
 
+from .helpers import padded_batch
+
 TOL = 1e-4  # max |logit difference| allowed, float32 on CPU
 SEQ, VALID = 40, 23  # row 1 is right-padded after VALID tokens
 WINDOW = 8
-
-
-def _batch(vocab: int) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.random.RandomState(0).randint(3, vocab, size=(2, SEQ))
-    mask = np.ones((2, SEQ), np.int64)
-    mask[1, VALID:] = 0
-    ids[1, VALID:] = 0
-    return ids, mask
 
 
 @pytest.mark.parametrize("case", ["llama-gqa", "llama-mha-theta-eps", "mistral-window"])
 def test_logits_match_transformers(hf_checkpoint, case):
     directory, torch_model = hf_checkpoint(case)
     model, params = hf.load(directory, dtype="float32")
-    ids, mask = _batch(model.cfg.vocab_size)
+    ids, mask = padded_batch(model.cfg.vocab_size, SEQ, VALID)
     with torch.no_grad():
         want = torch_model(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
     got = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(ids),

@@ -19,6 +19,7 @@ from phased_jax.model.config import PRESETS, get_preset
 from phased_jax.model.transformer import Transformer
 
 from .conftest import build_hf_model
+from .helpers import padded_batch
 
 TOL = 1e-4  # max |logit difference|, float32 on CPU (as tests/hf/test_parity.py)
 ORIGINAL, SEQ, VALID = 64, 160, 131  # pretraining context; positions run well past it
@@ -100,14 +101,6 @@ def test_preset_frequencies_match_transformers(name):
     assert rope.attention_scaling(cfg) == want_scale
 
 
-def _batch(vocab: int) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.random.RandomState(0).randint(3, vocab, size=(2, SEQ))
-    mask = np.ones((2, SEQ), np.int64)
-    mask[1, VALID:] = 0
-    ids[1, VALID:] = 0
-    return ids, mask
-
-
 @pytest.fixture(scope="module")
 def scaled_checkpoint(tmp_path_factory):
     """kind -> (directory, torch model): a tiny Llama-3-shaped model with that RoPE scaling."""
@@ -129,7 +122,7 @@ def test_logits_match_transformers_beyond_original_context(scaled_checkpoint, ki
     directory, torch_model = scaled_checkpoint(kind)
     model, params = hf.load(directory, dtype="float32")
     assert model.cfg.rope_scaling == kind and model.cfg.rope_theta == 500000.0
-    ids, mask = _batch(model.cfg.vocab_size)
+    ids, mask = padded_batch(model.cfg.vocab_size, SEQ, VALID)
     with torch.no_grad():
         want = torch_model(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
     forward = jax.jit(lambda p, m, ids, mask: Transformer(m).apply({"params": p}, ids,
