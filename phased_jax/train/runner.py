@@ -50,7 +50,7 @@ from phased_jax.params_checkpoint import (
 )
 from phased_jax.train import tracking
 from phased_jax.train.metrics import make_writer
-from phased_jax.train.runlog import RunLog
+from phased_jax.train.runlog import RunLog, read_events
 from phased_jax.train.trainer import Trainer, build_trainer
 
 # A callback after each step (and the start of its checkpoint save, if any): (runner, phase
@@ -214,6 +214,7 @@ class PhaseRunner:
         logged = sorted({(e.get("event"), e.get("phase")) for e in events}, key=str)
         self.logged = {tuple(x) for x in distributed.from_process_0(logged)}
         if restored is not None:
+            self._replay_tracking(events)
             self.log.write(event="resume", phase=pos.phase + 1, step_in_phase=pos.step,
                            step=global_step)
             _say(f"resuming phase {pos.phase + 1} at step {pos.step}/{self.steps[pos.phase]} "
@@ -222,6 +223,26 @@ class PhaseRunner:
             self.initial_params = _initial_params(self.config.model.init_from,
                                                   model_config(self.config.model), self.trainer)
         return pos
+
+    def _replay_tracking(self, events: list[dict[str, Any]]) -> None:
+        """W&B gets again what the killed attempts logged up to the checkpoint (`events`: the
+        rewound phase log; `tracking` says why)."""
+        if self.tracker.run is None:
+            return
+        metrics, _ = read_events(self.out / "logs" / "metrics.jsonl")  # rewound, torn lines gone
+        self.tracker.replay(metrics)
+        for e in events:
+            k = int(e.get("phase", 0)) - 1
+            if not 0 <= k < len(self.steps):
+                continue
+            label = _label(k, self.data.phases[k])
+            if e.get("event") == "phase_start":
+                self.tracker.phase_start(k + 1, label, self.starts[k] + 1,
+                                         self.starts[k] + int(e.get("from_step", 0)) + 1)
+            elif e.get("event") == "eval":
+                self.tracker.eval_loss(label, e["step"], e["eval_loss"])
+            elif e.get("event") == "phase_end":
+                self.tracker.phase_end(k + 1, label, e["step"])
 
     def _start_state(self, k: int, pos: Position) -> Any:
         if pos.state is not None and pos.step >= self.steps[k]:

@@ -20,9 +20,14 @@ resumed run re-runs the steps since its last checkpoint (bitwise the same), so r
 W&B's step: each carries `global_step` (the step over all phases, TensorBoard's x-axis) and
 every metric is plotted against it (`define_metric(step_metric="global_step")`). A re-run step
 is then a second row at the same `global_step` with the same values: nothing is dropped or
-misplaced, and W&B's internal `_step` only counts rows. Offline, a kill loses at most the rows
-of its last `FLUSH_S` seconds (W&B flushes its file every 15 s by default); the resumed run logs
-again those after the last checkpoint.
+misplaced, and W&B's internal `_step` only counts rows.
+
+A kill loses the rows W&B had not yet written (it flushes its file every `FLUSH_S` seconds here,
+15 s by default), rows before the last checkpoint included, which no step rerun brings back. So
+a resumed attempt first logs again, from the run's own logs (`metrics.jsonl` and
+`phase_log.jsonl`, rewound to the checkpoint), everything up to where it resumes (`replay`):
+each attempt's W&B record holds the whole history to its end, and a row W&B had kept is
+logged twice, with the same values at the same `global_step`.
 """
 
 from __future__ import annotations
@@ -91,6 +96,15 @@ class Tracker:
         if self.run is not None:
             self.log({"eval/loss": loss}, global_step)
             self.run.summary[f"phases/{label}/eval_loss"] = loss
+
+    def replay(self, metrics: list[dict[str, Any]]) -> None:
+        """Log again `metrics.jsonl` rows (MetricsWriter's records: `phase`, `step`, `time` and
+        the scalars) under the names `MetricsWriter` gives them."""
+        if self.run is None:
+            return
+        for row in metrics:
+            self.log({f"{row['phase']}/{k}": v for k, v in row.items()
+                      if k not in ("phase", "step", "time")}, row["step"])
 
     def close(self, exit_code: int = 0) -> None:
         if self.run is not None:
