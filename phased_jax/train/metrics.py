@@ -51,6 +51,13 @@ def peak_flops_per_device(device: Any = None, configured: float = 0.0) -> tuple[
     return probe_matmul_flops() / jax.local_device_count(), "matmul probe (f32)"
 
 
+def scalar_tags(prefix: str, record: dict[str, Any]) -> dict[str, float]:
+    """A record's scalars (a `metrics.jsonl` row or one being written) under the names
+    TensorBoard and W&B give them, `<prefix>/<key>`."""
+    return {f"{prefix}/{key}": value for key, value in record.items()
+            if key not in ("phase", "step", "time")}
+
+
 class MetricsWriter:
     """Writes one record every `log_every` steps; also the console progress bar.
 
@@ -127,8 +134,7 @@ class MetricsWriter:
             return
         self._json.write(json.dumps({"phase": self.prefix, **record}) + "\n")
         self._json.flush()
-        scalars = {f"{self.prefix}/{key}": value for key, value in record.items()
-                   if key not in ("step", "time")}
+        scalars = scalar_tags(self.prefix, record)
         if self._tb is not None:
             for tag, value in scalars.items():
                 self._tb.add_scalar(tag, value, record["step"])

@@ -44,6 +44,7 @@ from ml_collections import ConfigDict
 
 from phased_jax.errors import ConfigError, PhasedError
 from phased_jax.fileio import write_text_atomic
+from phased_jax.train.metrics import scalar_tags
 
 STEP = "global_step"
 ID_FILE = "wandb_run_id"  # under <output_dir>/logs/
@@ -98,13 +99,12 @@ class Tracker:
             self.run.summary[f"phases/{label}/eval_loss"] = loss
 
     def replay(self, metrics: list[dict[str, Any]]) -> None:
-        """Log again `metrics.jsonl` rows (MetricsWriter's records: `phase`, `step`, `time` and
-        the scalars) under the names `MetricsWriter` gives them."""
+        """Log again `metrics.jsonl` rows (MetricsWriter's records) under the names
+        MetricsWriter gave them."""
         if self.run is None:
             return
         for row in metrics:
-            self.log({f"{row['phase']}/{k}": v for k, v in row.items()
-                      if k not in ("phase", "step", "time")}, row["step"])
+            self.log(scalar_tags(row["phase"], row), row["step"])
 
     def close(self, exit_code: int = 0) -> None:
         if self.run is not None:
