@@ -42,6 +42,14 @@ def build_hf_model(arch: str, seed: int = 0, **overrides):
     return model
 
 
+def save_hf_model(tmp_path_factory, name: str, arch: str, **overrides) -> tuple[Path, object]:
+    """(directory, torch model): `build_hf_model(arch, **overrides)` saved by save_pretrained."""
+    model = build_hf_model(arch, **overrides)
+    directory = tmp_path_factory.mktemp(name)
+    model.save_pretrained(directory)
+    return directory, model
+
+
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
     """name -> (directory, torch model); each case saved once with save_pretrained."""
@@ -50,10 +58,7 @@ def hf_checkpoint(tmp_path_factory):
     def get(name: str):
         if name not in made:
             arch, overrides = CASES[name]
-            model = build_hf_model(arch, **overrides)
-            directory = tmp_path_factory.mktemp(name)
-            model.save_pretrained(directory)
-            made[name] = (directory, model)
+            made[name] = save_hf_model(tmp_path_factory, name, arch, **overrides)
         return made[name]
 
     return get

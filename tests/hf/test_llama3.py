@@ -12,7 +12,7 @@ import pytest
 import phased_jax.hf as hf
 from phased_jax.generate.decode import generate_ids
 
-from .conftest import build_hf_model
+from .conftest import save_hf_model
 from .helpers import assert_same_tensors, read_safetensors_dir
 
 torch = pytest.importorskip("torch")
@@ -27,14 +27,12 @@ SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_f
 @pytest.fixture(scope="module")
 def llama3(tmp_path_factory):
     """(HF directory, torch model) of the tiny Llama-3.1-shaped model with tied embeddings."""
-    model = build_hf_model(
-        "llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_key_value_heads=2,
-        head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.3,
-        bos_token_id=1, eos_token_id=EOS, pad_token_id=0, tie_word_embeddings=True,
+    return save_hf_model(
+        tmp_path_factory, "llama3", "llama", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=128, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        rms_norm_eps=1e-5, initializer_range=0.3, bos_token_id=1, eos_token_id=EOS,
+        pad_token_id=0, tie_word_embeddings=True,
         rope_parameters={"rope_theta": 500000.0, **SCALING})
-    directory = tmp_path_factory.mktemp("llama3")
-    model.save_pretrained(directory)
-    return directory, model
 
 
 def test_config_arrives(llama3):

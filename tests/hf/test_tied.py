@@ -18,7 +18,7 @@ from phased_jax.errors import CheckpointError
 from phased_jax.model.config import get_preset
 from phased_jax.model.params import abstract_params
 
-from .conftest import build_hf_model
+from .conftest import save_hf_model
 from .helpers import assert_same_tensors, read_safetensors_dir
 
 torch = pytest.importorskip("torch")
@@ -31,10 +31,9 @@ EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 @pytest.fixture(scope="module")
 def tied(tmp_path_factory):
     """(directory, torch model): a tiny tied GQA Llama saved by transformers."""
-    model = build_hf_model("llama", num_key_value_heads=2, tie_word_embeddings=True)
+    directory, model = save_hf_model(tmp_path_factory, "tied", "llama", num_key_value_heads=2,
+                                     tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    directory = tmp_path_factory.mktemp("tied")
-    model.save_pretrained(directory)
     return directory, model
 
 
