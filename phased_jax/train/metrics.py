@@ -58,6 +58,35 @@ def scalar_tags(prefix: str, record: dict[str, Any]) -> dict[str, float]:
             if key not in ("phase", "step", "time")}
 
 
+class TensorBoardScalars:
+    """A TensorBoard event file of scalars, written in the caller's thread.
+
+    tensorboardX's SummaryWriter writes from a thread of its own that dies on a write error (a
+    full disk) without a word, after which its bounded queue blocks the training loop forever
+    at the next few scalars. Written here, the error is raised where the runner reports it in
+    one line (`phased_jax.io_errors`); metrics are written every `log_every` steps, so the
+    synchronous write costs nothing that matters.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        from tensorboardX.event_file_writer import EventsWriter
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self._file = EventsWriter(str(directory / "events"))
+
+    def write(self, scalars: dict[str, float], step: int) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        now = time.time()
+        for tag, value in scalars.items():
+            self._file.write_event(Event(wall_time=now, step=int(step), summary=scalar(tag, value)))
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class MetricsWriter:
     """Writes one record every `log_every` steps; also the console progress bar.
 
@@ -79,8 +108,7 @@ class MetricsWriter:
         self._json = open(self.log_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
         self._tb = None
         if tensorboard and jax.process_index() == 0:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(self.log_dir / "tensorboard"))
+            self._tb = TensorBoardScalars(self.log_dir / "tensorboard")
         self._bar = None
         if console and jax.process_index() == 0:
             from tqdm import tqdm
@@ -136,8 +164,7 @@ class MetricsWriter:
         self._json.flush()
         scalars = scalar_tags(self.prefix, record)
         if self._tb is not None:
-            for tag, value in scalars.items():
-                self._tb.add_scalar(tag, value, record["step"])
+            self._tb.write(scalars, record["step"])
         if self._tracker is not None:
             self._tracker.log(scalars, record["step"])
         if self._bar is not None:

@@ -271,13 +271,15 @@ class PhaseRunner:
         writer = make_writer(self.trainer, int(self.config.data.max_length), self.out / "logs",
                              self.steps[k] - first,
                              prefix=_label(k, phase), step_offset=start, tracker=self.tracker)
+        logs = str(self.out / "logs")  # metrics, TensorBoard, the phase log: a full disk is one line
         try:
             for s in range(first, self.steps[k]):
                 batch = self.trainer.shard_batch(loader.batch(s))
                 state, metrics = self.trainer.step(state, batch)
-                writer.write(s + 1, metrics)
-                self.log.write(event="step", phase=k + 1, step_in_phase=s + 1,
-                               step=start + s + 1)
+                with _storage(logs):
+                    writer.write(s + 1, metrics)
+                    self.log.write(event="step", phase=k + 1, step_in_phase=s + 1,
+                                   step=start + s + 1)
                 done = s + 1 == self.steps[k]
                 if done or (every > 0 and (s + 1) % every == 0):
                     with _storage(self.ckpt_dir, self.state_bytes):
@@ -286,7 +288,8 @@ class PhaseRunner:
                 for hook in self.hooks:
                     hook(self, k, s + 1)
         finally:  # the progress bar ends its line before any error is printed
-            writer.close()
+            with _storage(logs):
+                writer.close()
         return state
 
     def finish_phase(self, k: int, state: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -177,6 +178,46 @@ def test_full_disk_is_one_clear_line_then_a_clean_resume(tiny_experiment, refere
         resumed = train(cfg)
         assert "resuming phase" in resumed.stdout
         _assert_complete_and_equal(out, reference)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_metrics_on_a_full_disk_raise_rather_than_hang(tmp_path):
+    """TensorBoard's scalars are written in the caller's thread: tensorboardX's own writer
+    thread died on a full disk and its bounded queue then blocked the training loop forever
+    (seen once in CI, in the test above)."""
+    import errno
+    import threading
+
+    from phased_jax.train.metrics import MetricsWriter
+
+    mnt = tmp_path / "small"
+    if not _mount_tmpfs(mnt, "1m"):
+        pytest.skip("needs `mount -t tmpfs` (root in a container that allows it) for a full disk")
+    try:
+        writer = MetricsWriter(mnt / "logs", flops_per_step=1.0, tokens_per_step=1,
+                               peak_flops_total=1.0, total_steps=1000, log_every=1,
+                               console=False)
+        metrics = {f"metric_{i}": np.float32(i) for i in range(15)}
+        writer.write(1, metrics)
+        writer.write(2, metrics)
+        with open(mnt / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:  # the rest of the disk
+                f.write(b"\0" * 4096)
+        raised: list[BaseException] = []
+
+        def keep_logging() -> None:
+            try:
+                for step in range(3, 1000):
+                    writer.write(step, metrics)
+            except OSError as e:
+                raised.append(e)
+
+        thread = threading.Thread(target=keep_logging, daemon=True)
+        thread.start()
+        thread.join(60)
+        assert not thread.is_alive(), "metrics writing hung on a full disk"
+        assert raised and raised[0].errno == errno.ENOSPC
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
