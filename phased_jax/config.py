@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
+from phased_jax.init_from import AUTO, CHECKPOINT_FIELDS, RUN_FIELDS
 from phased_jax.model.config import ModelConfig, get_preset
+
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
 TRAINING_PRECISION = {"dtype": "bfloat16", "param_dtype": "float32"}
 
@@ -25,9 +28,18 @@ def model_section(preset: str, **overrides) -> ConfigDict:
 
     The model's `dtype` (activations and matmuls) and `param_dtype` (stored parameters and
     gradients) are the run's one precision knob: bfloat16 compute over float32 parameters
-    unless `overrides` say otherwise.
+    unless `overrides` say otherwise. Preset `auto` leaves every shape field empty (typed, so
+    still overridable) for `init_from.resolve_model` to fill from `model.init_from`.
     """
-    section = ConfigDict(get_preset(preset, **{**TRAINING_PRECISION, **overrides}).to_dict())
+    if preset == AUTO:
+        run = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in RUN_FIELDS}
+        section = ConfigDict({**run, **TRAINING_PRECISION})
+        types = {f.name: _TYPES[f.type] for f in dataclasses.fields(ModelConfig)}
+        for name in CHECKPOINT_FIELDS:
+            section[name] = config_dict.placeholder(types[name])
+        section.update(overrides)
+    else:
+        section = ConfigDict(get_preset(preset, **{**TRAINING_PRECISION, **overrides}).to_dict())
     section.preset = preset
     section.init_from = ""  # HF directory or Orbax checkpoint to start from; "" = random init
     return section

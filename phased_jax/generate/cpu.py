@@ -80,13 +80,26 @@ def layer_views(a: Any) -> tuple[Array, ...] | None:
     """Arrays over each a[i]'s memory, if `a` is a concrete array on one CPU device, else None.
 
     `device_put` of a host view aliases it on the CPU backend (a copy where it cannot, e.g. for
-    misaligned memory); the views keep `a`'s buffer alive.
+    misaligned memory); the views keep `a`'s buffer alive. Each view gets `layer_sharding`: a
+    stack placed on a one-device mesh has a rank-n spec that no rank n-1 layer can take.
     """
     if (isinstance(a, jax.core.Tracer) or not isinstance(a, jax.Array)
             or len(a.devices()) != 1 or next(iter(a.devices())).platform != "cpu"):
         return None
     host = np.asarray(a)  # a view of the device buffer on the CPU backend
-    return tuple(jax.device_put(host[i], a.sharding) for i in range(a.shape[0]))
+    sharding = layer_sharding(a.sharding)
+    return tuple(jax.device_put(host[i], sharding) for i in range(a.shape[0]))
+
+
+def layer_sharding(stacked: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The sharding of one layer sliced out of a stack placed by `stacked`: a `NamedSharding`
+    less its leading (layers) axis, keeping the mesh; any other kind unchanged (its placement
+    does not depend on rank)."""
+    if isinstance(stacked, jax.sharding.NamedSharding):
+        spec = tuple(stacked.spec)[1:]
+        return jax.sharding.NamedSharding(stacked.mesh, jax.sharding.PartitionSpec(*spec),
+                                          memory_kind=stacked.memory_kind)
+    return stacked
 
 
 # XLA's CPU backend gives dots to YNNPACK by default. A decode step's matmuls have only `batch`

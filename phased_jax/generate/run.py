@@ -18,7 +18,7 @@ from typing import Any
 
 import jax
 
-from phased_jax import params_checkpoint
+from phased_jax import local_paths, params_checkpoint
 from phased_jax.config import get_default_config
 from phased_jax.config_cli import add_config_help, parse_config_argv, split_config_argv
 from phased_jax.data.templates import TEMPLATES, encode_prompt, stop_ids
@@ -50,7 +50,9 @@ def parser() -> argparse.ArgumentParser:
                      help="Orbax params checkpoint (DIR/params + DIR/model_config.json, as "
                           "written by `phased-jax convert` / phased_jax.params_checkpoint)")
     data = p.add_mutually_exclusive_group(required=True)
-    data.add_argument("--input", metavar="FILE", help="JSONL of {instruction, input?, id?, test_set?}")
+    data.add_argument("--input", metavar="FILE", help="questions in any format `train` reads: JSONL {instruction, input?, id?, "
+                           "test_set?}, an Alpaca JSON list, the authors' or phased-score's JSONL "
+                           "(outputs are ignored)")
     data.add_argument("--test-sets", metavar="DIR|paper",
                       help="directory of <set>.jsonl, or 'paper' for the paper's six sets")
     p.add_argument("--output", required=True, metavar="FILE")
@@ -65,7 +67,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--length-multiple", type=int, default=64,
                    help="prompt lengths are padded to a multiple of this (fewer compiles)")
     p.add_argument("--limit", type=int, default=0, help="first N items of each set (smoke runs)")
-    p.add_argument("--generator", default="", help="name recorded in each line (default: model dir)")
+    p.add_argument("--generator", default="", help="name recorded in each line (default: the model directory's name; for a "
+                        "run's RUN/hf or RUN/phases/PHASE, RUN or RUN/PHASE)")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "phased_jax" / "testsets"),
                    help="where --test-sets paper keeps the built sets")
     p.add_argument("--alpaca-eval-source", default=testsets.ALPACA_EVAL_SOURCE)
@@ -128,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     config_argv, rest = split_config_argv(argv or [])
     args = parser().parse_args(rest)
     check_args(args)
+    local_paths.check_generate(args)  # model, tokenizer, questions, --output: one line each
     config = parse_config_argv(config_argv, "phased-jax generate", USAGE,
-                               default=get_default_config, sections=("model",)).config
+                               default=get_default_config, sections=("model",),
+                               model_source=args.hf or args.checkpoint).config
     template = config.data.template
     if template not in TEMPLATES:
         raise UsageError(f"data.template={template!r} is invalid: choose one of "
@@ -156,12 +161,25 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size, sampling=Sampling(args.temperature, args.top_p),
         seed=args.seed, placement=placement, length_multiple=args.length_multiple)
     seconds = time.perf_counter() - t0
-    generator = args.generator or Path(model_dir).resolve().name
+    generator = args.generator or generator_name(model_dir)
     rows = [dict(i.answer(tokenizer.decode(a, skip_special_tokens=True)).to_row(),
                  generator=generator) for i, a in zip(items, answers, strict=True)]
     if jax.process_index() == 0:  # every host decoded the same rows; one writes them
         write_jsonl_atomic(args.output, rows)
     n_tokens = sum(len(a) for a in answers)
-    log.info("wrote %d answers to %s (%d tokens in %.1fs, %.1f tokens/s incl. compile)",
-             len(rows), args.output, n_tokens, seconds, n_tokens / max(seconds, 1e-9))
+    if jax.process_index() == 0:
+        print(f"wrote {len(rows)} answers by {generator!r} to {args.output} ({n_tokens} tokens in "
+              f"{seconds:.1f}s, {n_tokens / max(seconds, 1e-9):.1f} tokens/s incl. compile)",
+              flush=True)
     return 0
+
+
+def generator_name(model_dir: str) -> str:
+    """The name a model's answers carry: its directory's, or for the directories a run writes
+    (`RUN/hf`, `RUN/phases/phaseK-...`) the run's, so two runs' answers never look alike."""
+    path = Path(model_dir).resolve()
+    if path.name == "hf":
+        return path.parent.name
+    if path.parent.name == "phases":
+        return f"{path.parent.parent.name}/{path.name}"
+    return path.name

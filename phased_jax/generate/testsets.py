@@ -24,8 +24,22 @@ from pathlib import Path
 from typing import Any
 
 from phased_jax.errors import DataError
-from phased_jax.fileio import iter_jsonl, write_jsonl_atomic, write_text_atomic
-from phased_jax.formats import AnswerRow
+from phased_jax.fileio import (
+    DEFAULT_MAX_RECORD_BYTES,
+    BadRecord,
+    read_head,
+    sniff_binary,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
+from phased_jax.formats import (
+    MISSING,
+    AnswerRow,
+    RowError,
+    file_records,
+    looks_like_authors,
+    row_fields,
+)
 
 # The sizes the paper reports (DESIGN.md section 1); a built set of another size is an error.
 EXPECTED_SIZES: dict[str, int] = {
@@ -65,22 +79,38 @@ class TestItem:
         return AnswerRow(self.test_set, self.id, self.instruction, self.input, output)
 
 
-def read_test_set(path: Path, test_set: str | None = None) -> list[TestItem]:
-    """Items of one JSONL file; `test_set` defaults to each line's field, else the file stem."""
-    return [_item(row, f"{path}:{lineno}", test_set or row.get("test_set") or path.stem,
-                  default_id=str(lineno)) for lineno, row in iter_jsonl(path, DataError)]
+def read_test_set(path: Path, test_set: str | None = None,
+                  max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> list[TestItem]:
+    """Items of one file in any format training reads (JSONL, an Alpaca JSON list, the authors'
+    or `phased-score`'s JSONL; outputs are ignored). `test_set` defaults to each row's field,
+    else the file stem; `id` to the row's, else its line (item, in a JSON list) number."""
+    path = Path(path)
+    if binary := sniff_binary(read_head(path, DataError)):
+        raise DataError(f"{path}: {binary.why}")
+    items = []
+    for line, item, row in file_records(path, max_record_bytes, DataError):
+        where = f"{path}:{line}" + (f" (item {item})" if item else "")
+        if isinstance(row, BadRecord):
+            raise DataError(f"{where}: {row.message}")
+        items.append(_item(row, where, test_set, default_id=str(item or line), stem=path.stem))
+    return items
 
 
-def _item(row: Any, where: str, test_set: str, default_id: str) -> TestItem:
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    instruction, input_ = row.get("instruction"), row.get("input") or ""
-    if not isinstance(instruction, str) or not instruction.strip():
-        raise DataError(f"{where}: needs a non-empty string field 'instruction' "
-                        f"(fields present: {sorted(row)})")
-    if not isinstance(input_, str):
-        raise DataError(f"{where}: field 'input' must be a string, got {type(input_).__name__}")
-    return TestItem(str(test_set), str(row.get("id", default_id)), instruction, input_, where)
+def _item(row: Any, where: str, test_set: str | None, default_id: str, stem: str = "") -> TestItem:
+    if isinstance(row, dict) and not looks_like_authors(row):
+        instruction = row.get("instruction")
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise DataError(f"{where}: needs a non-empty string field 'instruction' "
+                            f"(fields present: {sorted(row)})")
+    try:
+        fields = row_fields(row, optional=("input", "output"))
+    except RowError as e:
+        raise DataError(f"{where}: {e}") from None
+    if not fields.instruction.strip():
+        raise DataError(f"{where}: the instruction is empty")
+    row_id = fields.id if fields.id is not MISSING else row.get("id", default_id)
+    return TestItem(str(test_set or row.get("test_set") or stem), str(row_id),
+                    fields.instruction, fields.input, where)
 
 
 def load_dir(path: str | Path, names: Iterable[str] | None = None) -> list[TestItem]:

@@ -2,7 +2,9 @@
 
 The direction follows from SRC (config.json: HF -> Orbax; model_config.json: Orbax -> HF) unless
 `--to` says. Tokenizer files travel along: HF -> Orbax copies them to DST/tokenizer/, and
-Orbax -> HF writes them from --tokenizer or, by default, SRC/tokenizer/. Either way DST appears
+Orbax -> HF writes them from --tokenizer or, by default, SRC/tokenizer/ (and says when there is
+none). `--random --preset NAME --tokenizer DIR DST` writes a random model of a preset in HF
+format, with that tokenizer, to try the workflow on. Either way DST appears
 complete or not at all, and `--overwrite` removes the old DST only once the new one is complete.
 """
 
@@ -13,9 +15,12 @@ from pathlib import Path
 
 import jax
 
-from phased_jax.errors import CheckpointError
+from phased_jax.errors import CheckpointError, UsageError
 from phased_jax.hf.from_hf import load
-from phased_jax.hf.to_hf import TOKENIZER_FILES, save
+from phased_jax.hf.to_hf import save, tokenizer_files
+from phased_jax.local_paths import check_convert
+from phased_jax.model.config import PRESETS, ModelConfig, get_preset
+from phased_jax.model.params import init_params
 from phased_jax.params_checkpoint import CONFIG_FILE, load_params, save_params
 
 TOKENIZER_DIR = "tokenizer"
@@ -26,9 +31,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="phased-jax convert",
         description="Convert a Hugging Face Llama/Mistral directory (config.json + safetensors) "
                     "to a params Orbax checkpoint (DST/params/ + DST/model_config.json), or back.")
-    p.add_argument("src", type=Path, help="input: an HF model directory or a params checkpoint")
+    p.add_argument("src", type=Path, nargs="?",
+                   help="input: an HF model directory or a params checkpoint (none with --random)")
     p.add_argument("dst", type=Path, help="output directory (must not exist or be empty, "
                                           "unless --overwrite)")
+    p.add_argument("--random", action="store_true",
+                   help="write a randomly initialised --preset model in HF format (no SRC): a "
+                        "small model of your own to try the workflow on")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny-llama",
+                   help="--random: the model's shapes (default: tiny-llama)")
+    p.add_argument("--vocab-size", type=int, default=0,
+                   help="--random: vocabulary size (default: the preset's, raised to the "
+                        "--tokenizer's size)")
+    p.add_argument("--seed", type=int, default=0, help="--random: initialisation seed")
     p.add_argument("--to", choices=("hf", "orbax"),
                    help="output format (default: the opposite of what SRC holds)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
@@ -56,12 +71,12 @@ def detect_direction(src: Path) -> str:
 
 def hf_to_orbax(args: argparse.Namespace) -> None:
     model, params = load(args.src, dtype=args.dtype, allow_pickle=args.allow_pickle)
-    tokenizer_files = [args.src / f for f in TOKENIZER_FILES if (args.src / f).is_file()]
-    save_params(args.dst, model.cfg, params, overwrite=args.overwrite,
-                extra_files={f"{TOKENIZER_DIR}/{f.name}": f for f in tokenizer_files})
+    files = tokenizer_files(args.src, TOKENIZER_DIR)
+    save_params(args.dst, model.cfg, params, overwrite=args.overwrite, extra_files=files)
     n = sum(x.size for x in jax.tree.leaves(params))
     print(f"wrote {args.dst}: {model.cfg.architecture}, {n / 1e6:.1f}M params "
-          f"({model.cfg.param_dtype}), {len(tokenizer_files)} tokenizer files")
+          f"({model.cfg.param_dtype}), "
+          + (f"{len(files)} tokenizer files" if files else f"no tokenizer ({args.src} has none)"))
 
 
 def orbax_to_hf(args: argparse.Namespace) -> None:
@@ -69,10 +84,42 @@ def orbax_to_hf(args: argparse.Namespace) -> None:
     tokenizer = args.tokenizer
     if tokenizer is None and (args.src / TOKENIZER_DIR).is_dir():
         tokenizer = args.src / TOKENIZER_DIR
+    write_hf(args, cfg, params, tokenizer)
+
+
+def write_hf(args: argparse.Namespace, cfg: ModelConfig, params: dict,
+             tokenizer: Path | None) -> None:
     save(args.dst, cfg, params, tokenizer=tokenizer, dtype=args.dtype,
          max_shard_size=args.max_shard_size, overwrite=args.overwrite)
-    print(f"wrote {args.dst}: {cfg.architecture} in HF format"
-          + (f" with tokenizer from {tokenizer}" if tokenizer else ""))
+    print(f"wrote {args.dst}: {cfg.architecture} in HF format, "
+          + (f"tokenizer from {tokenizer}" if tokenizer else
+             f"no tokenizer (none in {args.src}/{TOKENIZER_DIR}/; pass --tokenizer DIR to "
+             "include one)" if args.src else "no tokenizer (pass --tokenizer DIR to include one)"))
+
+
+def random_hf(args: argparse.Namespace) -> None:
+    """A randomly initialised model of a preset (seeded, the preset's initializer_range), in
+    HF format: a small model of your own to walk the workflow with."""
+    cfg = get_preset(args.preset, param_dtype=args.dtype or "float32",
+                     dtype=args.dtype or "float32")
+    if args.vocab_size:
+        cfg = cfg.replace(vocab_size=args.vocab_size)
+    if args.tokenizer is not None:
+        cfg = _with_tokenizer_ids(cfg, args.tokenizer)
+    params = init_params(cfg, jax.random.key(args.seed))
+    write_hf(args, cfg, params, args.tokenizer)
+
+
+def _with_tokenizer_ids(cfg: ModelConfig, directory: Path) -> ModelConfig:
+    """`cfg` with the tokenizer's vocabulary size (if larger) and BOS/EOS/pad ids, so that the
+    random model and its tokenizer agree."""
+    from phased_jax.data.tokens import load_tokenizer, pad_id_of
+
+    tok = load_tokenizer(str(directory), "--tokenizer")
+    vocab = max(cfg.vocab_size, len(tok))
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+           "pad_token_id": pad_id_of(tok)}
+    return cfg.replace(vocab_size=vocab, **{k: v for k, v in ids.items() if v is not None})
 
 
 def main(argv: list[str]) -> int:
@@ -80,11 +127,22 @@ def main(argv: list[str]) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help or a usage error: argparse has printed why
         return int(e.code or 0)
-    direction = args.to or detect_direction(args.src)
+    check_convert(args)  # SRC missing or DST a file: one line, before anything is read
+    if args.random and args.src is not None:
+        raise UsageError("--random writes a new model: give only DST, not SRC and DST")
+    if not args.random and args.src is None:
+        raise UsageError("give SRC DST to convert, or --random DST (with --preset and "
+                         "--tokenizer) to write a random model")
+    direction = "hf" if args.random else args.to or detect_direction(args.src)
     if args.dst.exists() and any(args.dst.iterdir()) and not args.overwrite:
         raise CheckpointError(f"{args.dst}: already exists and is not empty; choose another "
                               "output or pass --overwrite")
-    if direction == "orbax":
+    if args.random:
+        if args.to == "orbax":
+            raise UsageError("--random writes a Hugging Face directory; convert it with a "
+                             "second `phased-jax convert` for a params checkpoint")
+        random_hf(args)
+    elif direction == "orbax":
         hf_to_orbax(args)
     else:
         orbax_to_hf(args)

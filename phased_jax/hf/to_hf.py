@@ -101,6 +101,15 @@ def _gather_only(cfg: ModelConfig, params: dict) -> Iterator[None]:
         yield None
 
 
+def tokenizer_files(directory: str | Path, under: str = "tokenizer") -> dict[str, Path]:
+    """`under/NAME` -> file for each tokenizer file in `directory` (none if it is empty or ""):
+    what a params checkpoint carries so that it converts and generates without --tokenizer."""
+    if not directory:
+        return {}
+    return {f"{under}/{name}": Path(directory, name) for name in TOKENIZER_FILES
+            if Path(directory, name).is_file()}
+
+
 def _save_tokenizer(tokenizer: Any, directory: Path) -> None:
     if hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(str(directory))

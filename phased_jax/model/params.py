@@ -31,3 +31,10 @@ def abstract_params(cfg: ModelConfig) -> Any:
 def logical_axes(cfg: ModelConfig) -> Any:
     """Each parameter's logical axis names, as a tree of PartitionSpecs."""
     return nn.get_partition_spec(boxed_abstract_params(cfg))
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
+    """Freshly initialised params on the default device (a plain pytree): for small models
+    written whole, e.g. `phased-jax convert --random`; training inits them sharded."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return nn.meta.unbox(jax.jit(lambda r: Transformer(cfg).init(r, ids)["params"])(rng))

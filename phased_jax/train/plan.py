@@ -246,13 +246,16 @@ USAGE = """usage: phased-jax plan (--config CONFIG_FILE | --preset NAME) [--conf
                       [--num-devices N] [--device KIND] [--mfu F]"""
 
 
+DEFAULT_DEVICE = "v4"
+
+
 def _define_flags(fv) -> None:
     flags.DEFINE_enum("preset", None, sorted(PRESETS), "plan the default config with this model "
                       "(instead of --config)", flag_values=fv)
     flags.DEFINE_integer("num_devices", 0, "devices to plan for (default: this machine's)",
                          flag_values=fv)
-    flags.DEFINE_enum("device", "v4", sorted(DEVICES), "device kind (memory and peak FLOP/s)",
-                      flag_values=fv)
+    flags.DEFINE_enum("device", None, sorted(DEVICES), "device kind (memory and peak FLOP/s); "
+                      f"default {DEFAULT_DEVICE}, said in the output", flag_values=fv)
     flags.DEFINE_float("mfu", 0.4, "assumed MFU for the step time", flag_values=fv)
 
 
@@ -277,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     if fv is None:
         return 0
     config = fv.config
+    device = fv.device
+    if device is None:
+        device = DEFAULT_DEVICE
+        mem_gib = DEVICES[device][0]
+        print(f"device: {device} ({mem_gib:g} GiB), assumed; give --device KIND to plan for "
+              f"another ({', '.join(sorted(DEVICES))})")
     n_dev = fv.num_devices
     if n_dev <= 0:
         n_dev = jax.device_count()
@@ -284,9 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     mesh = sharding.mesh_sizes(config.mesh, n_dev)
     cfg = model_config(config.model)
     tc, seq = config.train, int(config.data.max_length)
-    plan = make_plan(cfg, tc, mesh, sharding.rules_from_config(config.mesh), seq, device=fv.device,
+    plan = make_plan(cfg, tc, mesh, sharding.rules_from_config(config.mesh), seq, device=device,
                      packing=bool(config.data.get("packing", False)))
-    mem_gib, peak = DEVICES[fv.device]
+    mem_gib, peak = DEVICES[device]
     step_s = plan.flops_per_step / (n_dev * peak * fv.mfu)
     gib = lambda b: f"{b / GiB:9.2f} GiB"
     print(f"model {config.model.get('preset', '')}: {plan.num_params:,} parameters; mesh {mesh} "
@@ -297,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  params       {gib(plan.params)}")
     print(f"  gradients    {gib(plan.grads)}")
     print(f"  optimizer    {gib(plan.opt_state)}   (AdamW mu + nu)")
-    flash = is_flash(cfg.attention_impl, fv.device, dtype=cfg.dtype,
+    flash = is_flash(cfg.attention_impl, device, dtype=cfg.dtype,
                      packing=bool(config.data.get("packing", False)))
     print(f"  activations  {gib(plan.activations)}   (estimate, remat={cfg.remat_policy}, "
           f"attention {cfg.attention_impl} ({'flash' if flash else 'scores materialised'}), "
@@ -308,10 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    {name:<16} {gib(value)}{'' if name in live else '   (not live at the peak)'}")
     print(f"  total        {gib(plan.total)}")
     fits = plan.total <= USABLE * mem_gib * GiB
-    print(f"{fv.device} ({mem_gib:g} GiB): {'FITS' if fits else 'DOES NOT FIT'} "
+    print(f"{device} ({mem_gib:g} GiB): {'FITS' if fits else 'DOES NOT FIT'} "
           f"({plan.total / (mem_gib * GiB):.0%} of memory; plan against {USABLE:.0%})")
     suggestion = suggest_mesh(cfg, tc, n_dev, sharding.rules_from_config(config.mesh), seq,
-                              USABLE * mem_gib * GiB, device=fv.device,
+                              USABLE * mem_gib * GiB, device=device,
                               packing=bool(config.data.get("packing", False)))
     if suggestion is None:
         print("no mesh (1, fsdp, tensor) fits: use more devices, train.grad_accum, "

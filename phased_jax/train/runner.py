@@ -31,21 +31,21 @@ import numpy as np
 from absl import flags
 from ml_collections import ConfigDict
 
-from phased_jax import distributed, hf, io_errors
+from phased_jax import distributed, hf, io_errors, local_paths
 from phased_jax.checkpoint import RunCheckpoints
 from phased_jax.config import model_config
 from phased_jax.config_checks import validate_config
 from phased_jax.config_cli import parse_config_argv
 from phased_jax.data.pipeline import Batching, prepare
 from phased_jax.errors import CheckpointError, ConfigError
-from phased_jax.hf import hf_config
+from phased_jax.hf.to_hf import tokenizer_files
+from phased_jax.init_from import checkpoint_kind, resolve_model
 from phased_jax.model import Transformer
 from phased_jax.model.config import ModelConfig
 from phased_jax.params_checkpoint import (
     load_params,
     params_complete,
     params_nbytes,
-    read_model_config,
     save_params,
 )
 from phased_jax.train import tracking
@@ -96,6 +96,7 @@ def main(argv: list[str], hooks: Sequence[StepHook] = (),
     fv = parse_config_argv(argv, "phased-jax train", USAGE, _define_flags)
     if fv is None:
         return 0
+    local_paths.check_train(fv.config)  # inputs, outputs and the Hub: before any data is read
     if fv.local_pod > 0:
         command = [*worker_command, *_without_local_pod(argv)]
         return distributed.launch_local_pod(fv.local_pod, command, fv.local_devices)
@@ -120,30 +121,19 @@ def _say(message: str) -> None:
 
 
 def _initial_params(path: str, want: ModelConfig, trainer: Trainer) -> Any:
-    """Params from `model.init_from` (HF directory or phased-jax params checkpoint), or None."""
+    """Params from `model.init_from` (HF directory or phased-jax params checkpoint), or None.
+    Their shapes were checked against the config by `init_from.resolve_model`."""
     if not path:
         return None
-    is_hf = Path(path, "config.json").is_file()
-    if not is_hf and not Path(path, "model_config.json").is_file():
-        raise ConfigError(f"model.init_from={path!r} is neither an HF directory (config.json) "
-                          "nor a phased-jax params checkpoint (model_config.json)")
-    # Shapes first, from the config alone: params of another shape would not fit the shardings.
-    got = hf_config.read_config(Path(path)) if is_hf else read_model_config(path)
-    shape_fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                    "num_kv_heads", "head_dim", "tie_word_embeddings")
-    diff = {f: (getattr(got, f), getattr(want, f)) for f in shape_fields
-            if getattr(got, f) != getattr(want, f)}
-    if diff:
-        raise ConfigError(f"model.init_from={path!r} has shapes that differ from config.model "
-                          f"(checkpoint, config): {diff}; set config.model to match it")
-    if is_hf:
+    if checkpoint_kind(path) == "hf":
         return hf.load(path, dtype=want.param_dtype, shardings=trainer.param_shardings)[1]
     return load_params(path, trainer.param_shardings)[1]
 
 
 def run(config: ConfigDict, hooks: Sequence[StepHook] = ()) -> dict[str, Any]:
     """Train every phase of `config` (resuming if checkpoints exist); returns a summary."""
-    validate_config(config)  # again: the demo and tests call run() without the command line
+    resolve_model(config)  # again: the demo and tests call run() without the command line
+    validate_config(config)
     t_start = time.time()
     runner = PhaseRunner(config, hooks)
     with runner.tracker:  # the W&B run (if any) ends with this one, failed on an error
@@ -265,7 +255,9 @@ class PhaseRunner:
         self.log.write(event="phase_start", phase=k + 1, name=phase.phase.name,
                        steps=self.steps[k], from_step=first, examples=len(phase.examples))
         _say(f"phase {k + 1}/{len(self.steps)} ({phase.phase.name}): {len(phase.examples)} "
-             f"examples, {self.steps[k]} steps, starting at step {first}")
+             f"examples, {self.steps[k]} steps, "
+             + (f"from its first step (global step {start + 1})" if first == 0 else
+                f"resuming at step {first + 1} of {self.steps[k]} (global step {start + first + 1})"))
         self.tracker.phase_start(k + 1, _label(k, phase), start + 1, start + first + 1)
         every = int(self.config.checkpoint.every_steps)
         writer = make_writer(self.trainer, int(self.config.data.max_length), self.out / "logs",
@@ -308,7 +300,8 @@ class PhaseRunner:
         if self.config.checkpoint.phase_params and not distributed.from_process_0(
                 ("phase_end", k + 1) in self.logged and params_complete(target)):
             with _storage(str(target)):
-                save_params(target, self.trainer.model_cfg, state.params, overwrite=True)
+                save_params(target, self.trainer.model_cfg, state.params, overwrite=True,
+                            extra_files=tokenizer_files(self.config.data.tokenizer))
         if ("phase_end", k + 1) not in self.logged:
             self.log.write(event="phase_end", phase=k + 1, name=phase.phase.name, step=end)
             self.tracker.phase_end(k + 1, _label(k, phase), end)
