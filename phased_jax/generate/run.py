@@ -56,7 +56,8 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("--test-sets", metavar="DIR|paper",
                       help="directory of <set>.jsonl, or 'paper' for the paper's six sets")
     p.add_argument("--output", required=True, metavar="FILE")
-    p.add_argument("--tokenizer", metavar="DIR", help="default: the model directory")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="default: the model directory (a params checkpoint's DIR/tokenizer/)")
     p.add_argument("--max-length", type=int, default=1024, help="prompt + answer tokens (paper: 1024)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="answer tokens at most (default: whatever --max-length leaves)")
@@ -143,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     items = load_items(args)
     model_dir = args.hf or args.checkpoint
-    tokenizer = load_tokenizer(args.tokenizer or model_dir, "--tokenizer" if args.tokenizer
-                               else "--tokenizer (default: the model directory)")
+    tokenizer = load_tokenizer(*tokenizer_source(args))
     placement = Placement.from_config(config.mesh)
     model, params = load_model(model_dir, placement, precision, hf=bool(args.hf))
     prompts = [encode_prompt(i.instruction, i.input, template, tokenizer) for i in items]
@@ -172,6 +172,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{seconds:.1f}s, {n_tokens / max(seconds, 1e-9):.1f} tokens/s incl. compile)",
               flush=True)
     return 0
+
+
+def tokenizer_source(args: argparse.Namespace) -> tuple[str, str]:
+    """(directory, the flag to name in errors): --tokenizer, else the model's own (a params
+    checkpoint keeps it in DIR/tokenizer/, as `convert` and the runner's phases/ write it)."""
+    if args.tokenizer:
+        return args.tokenizer, "--tokenizer"
+    if args.checkpoint and Path(args.checkpoint, "tokenizer").is_dir():
+        return str(Path(args.checkpoint, "tokenizer")), "--tokenizer (default: DIR/tokenizer)"
+    return args.hf or args.checkpoint, "--tokenizer (default: the model directory)"
 
 
 def generator_name(model_dir: str) -> str:
