@@ -12,6 +12,8 @@ scores `a` when shown as Assistant 1 and `b` when shown as Assistant 2.
 No test depends on this server's clock: a hung request waits until `stop()` (or `hang_s`, if
 given) and `hold_after=N` parks every request after the first N until `release_held()`, so a
 test can stop a client mid-run at a known point however slow the machine is (`wait_held`).
+`drop()` then takes the server down as a crash would (parked requests hung up on, new
+connections refused), and a new server started with `port=` the old one's brings it back.
 """
 
 from __future__ import annotations
@@ -108,11 +110,13 @@ class FakeOpenAI:
     retry_after: str | None = "0.05"
     retry_after_ms: str | None = None
     missing_models: tuple[str, ...] = ()  # answered 404 model_not_found, as OpenAI does for a retired model
+    port: int = 0  # 0: any free port
     log: list[dict[str, Any]] = field(default_factory=list)
     _attempts: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stopping: threading.Event = field(default_factory=threading.Event)
     _released: threading.Event = field(default_factory=threading.Event)
+    _dropped: threading.Event = field(default_factory=threading.Event)
     _changed: threading.Condition = field(default_factory=threading.Condition)
     _received: int = 0
     _in_flight: int = 0
@@ -149,7 +153,7 @@ class FakeOpenAI:
                 if not isinstance(sys.exc_info()[1], OSError):  # a client that hung up is not news
                     super().handle_error(request, client_address)
 
-        self._server = Server(("127.0.0.1", 0), Handler)
+        self._server = Server(("127.0.0.1", self.port), Handler)
         # A short poll interval: shutdown() waits for one, and every test stops a server.
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
         self._thread.start()
@@ -160,6 +164,18 @@ class FakeOpenAI:
         self._released.set()
         self._server.shutdown()
         self._server.server_close()
+
+    def drop(self) -> None:
+        """Go down mid-run: stop listening (new connections are refused) and hang up on every
+        parked request without an answer."""
+        self._dropped.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._released.set()
+
+    @property
+    def bound_port(self) -> int:
+        return int(self._server.server_address[1])
 
     @property
     def base_url(self) -> str:
@@ -192,6 +208,9 @@ class FakeOpenAI:
         try:
             if hold:
                 self._released.wait()
+            if self._dropped.is_set():
+                h.close_connection = True  # hung up on, unanswered
+                return
             self._handle_one(h)
         finally:
             with self._changed:

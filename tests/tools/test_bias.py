@@ -9,6 +9,8 @@ import pytest
 from phased_tools.agreement import cohen_kappa, compare, load_judgments
 from phased_tools.bias import ALL, JudgedPair, bias, bias_by_system, judged_pair
 from phased_tools.judge import main
+from phased_tools.report import to_markdown
+from phased_tools.winrate import Tally
 
 
 def row(i: int, first: tuple[float, float], second: tuple[float, float], sys_chars: int, base_chars: int,
@@ -70,6 +72,14 @@ def test_unparseable_orders_are_left_out_and_test_sets_split() -> None:
     assert table["a"].position_consistency == 0.0 and table["b"].position_consistency == 1.0
     assert table[ALL].position_consistency == 0.5
     assert JudgedPair("x", "win", "lose", 0, 0).outcome == "tie"
+
+
+def test_winner_and_loser_lengths_keep_a_half_character_in_winrate_md() -> None:
+    # The system wins both items, 101 and 102 characters against 100: winners 101.5, losers 100.
+    # Whole characters printed "102 / 100", a 1.5-character gap shown as 2.
+    rows = [row(0, (8, 2), (8, 2), 101, 100), row(1, (8, 2), (8, 2), 102, 100)]
+    md = to_markdown({"sys": {"s": Tally(win=2)}}, "base", ["s"], [], bias_by_system(rows, ["s"]))
+    assert "| sys | s | 2 | 1.00 | 0.50 | 101.5 / 100.0 |" in md
 
 
 def test_kappa_by_hand() -> None:

@@ -6,6 +6,11 @@ workers, not just the one that saw it; a 200 with a malformed body is retried to
 does not); and the backoff cap must be settable (`--max-backoff`). We keep the client's error
 classes and its reading of `retry-after-ms` / `Retry-After` (seconds or an HTTP date), and
 `x-should-retry`. The client itself runs with `max_retries=0`.
+
+One failure is not retried: a server never reached in this run (connection refused, host name
+unknown) stops the run at once with one line naming the URL, because retrying it only turns a
+typo in --base-url or a server not yet started into minutes of silence and a file of
+"failed" items. Once any reply has come, the same errors are a server dropping mid-run, retried.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +44,38 @@ def redactor(secret: str | None) -> Callable[[str], str]:
     if not secret or len(secret) < 4:
         return lambda s: s
     return lambda s: s.replace(secret, "[REDACTED]")
+
+
+def causes(e: BaseException) -> Iterator[BaseException]:
+    """`e`, then what caused it, and so on down to the socket's own error."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        yield cause
+        cause = cause.__cause__ or cause.__context__
+
+
+def unreachable_reason(e: BaseException) -> str | None:
+    """Why the server could not be reached at all (a refused connection or an unknown host
+    name), found anywhere in `e`'s chain of causes; None for any other failure.
+
+    The chain, not the class, decides: openai's aiohttp transport reports every connection
+    error (refused, or hung up on) as a ConnectTimeout, an APITimeoutError; its httpx one as an
+    APIConnectionError. A real time-out has a TimeoutError in its chain with either.
+    """
+    for cause in causes(e):
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, socket.gaierror):
+            return f"host name not found: {cause.strerror or cause}"
+    return None
+
+
+def unreachable_message(url: str, why: str) -> str:
+    """One line for a server never reached: the URL, why, and what to check."""
+    return (f"cannot reach {url.rstrip('/')} ({why}): is the server running and --base-url "
+            "(or $OPENAI_BASE_URL) right? No output written; run again once it answers")
 
 
 def cached_answer(cfg: ClientConfig, cache: AnswerCache, messages: Messages, stats: Stats,
@@ -73,6 +111,7 @@ class Asker:
         self.rpm = TokenBucket(cfg.rpm) if cfg.rpm else None
         self.tpm = TokenBucket(cfg.tpm) if cfg.tpm else None
         self._pause_until = 0.0
+        self.reached = False  # any HTTP reply seen: from then on a refused connection is retried
 
     async def close(self) -> None:
         for c in self.clients:
@@ -115,8 +154,10 @@ class Asker:
                 resp = await client.post(
                     "/chat/completions", body=payload, cast_to=self._httpx.Response
                 )
+                self.reached = True
                 content, finish, usage = extract_reply(json.loads(resp.content))
             except oa.APIStatusError as e:
+                self.reached = True
                 status = e.status_code
                 headers = getattr(e.response, "headers", None)
                 should = headers.get("x-should-retry") if headers is not None else None
@@ -142,12 +183,18 @@ class Asker:
                 if status == 429 and delay is not None:
                     # A rate limit is the server's, not this request's: pause every worker.
                     self._pause_until = max(self._pause_until, time.monotonic() + delay)
-            except oa.APITimeoutError:
-                reason = f"time-out after {self.cfg.timeout:g} s"
-                self.stats.retries["timeout"] += 1
-            except oa.APIConnectionError as e:
-                reason = f"connection error: {self.redact(type(e.__cause__ or e).__name__)}"
-                self.stats.retries["connection"] += 1
+            except oa.APIConnectionError as e:  # APITimeoutError too
+                why = unreachable_reason(e)
+                if why is not None and not self.reached:
+                    url = self.redact(str(self.clients[0].base_url))
+                    raise FatalError(unreachable_message(url, why)) from None
+                chain = list(causes(e))
+                if any(isinstance(c, TimeoutError) for c in chain):
+                    reason = f"time-out after {self.cfg.timeout:g} s"
+                    self.stats.retries["timeout"] += 1
+                else:
+                    reason = f"connection error: {self.redact(why or type(chain[-1]).__name__)}"
+                    self.stats.retries["connection"] += 1
             except (oa.APIResponseValidationError, ParseError, ValueError, TypeError) as e:
                 # 200 with a body that is not a chat completion (bad JSON, no choices).
                 reason = f"malformed response: {self.redact(str(e))[:200]}"

@@ -15,7 +15,13 @@ from typing import Any
 
 import openai
 
-from phased_tools.asker import extract_reply, model_not_found, retired_model_message
+from phased_tools.asker import (
+    extract_reply,
+    model_not_found,
+    retired_model_message,
+    unreachable_message,
+    unreachable_reason,
+)
 from phased_tools.cache import CachedAnswer
 from phased_tools.chat import FatalError, ParseError
 from phased_tools.client_config import ClientConfig
@@ -79,16 +85,35 @@ def read_output_line(obj: Any) -> OutputLine:
 
 
 class BatchClient:
-    """Upload, create, retrieve and download through the openai client; errors become FatalError."""
+    """Upload, create, retrieve and download through the openai client; errors become FatalError.
+
+    The first call goes out once, without the client's retries: a server that refuses it or
+    whose host name is unknown is one line at once (as for live requests), not ~40 s of
+    retries. Any other failure of that call is sent again through the retrying client.
+    """
 
     def __init__(self, cfg: ClientConfig, api_key: str, redact: Callable[[str], str]) -> None:
         self.redact, self.model = redact, cfg.model
         self.client = openai.OpenAI(api_key=api_key, base_url=cfg.base_url, timeout=cfg.timeout,
                                     max_retries=cfg.max_retries)
+        self.reached = False
 
-    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+    def _first(self, fn: Callable[[openai.OpenAI], Any]) -> Any:
+        """`fn` while the server has not been reached yet: once, then with retries unless unreachable."""
         try:
-            return fn()
+            result = fn(self.client.with_options(max_retries=0))
+        except openai.APIConnectionError as e:
+            if (why := unreachable_reason(e)) is not None:
+                raise FatalError(unreachable_message(self.redact(str(self.client.base_url)), why)) from None
+            result = fn(self.client)
+        except openai.APIStatusError:
+            result = fn(self.client)
+        self.reached = True
+        return result
+
+    def _call(self, what: str, fn: Callable[[openai.OpenAI], Any]) -> Any:
+        try:
+            return fn(self.client) if self.reached else self._first(fn)
         except openai.APIStatusError as e:
             if e.status_code in (401, 403):
                 why = "authentication failed; check OPENAI_API_KEY and --base-url"
@@ -106,18 +131,18 @@ class BatchClient:
 
     def submit(self, data: bytes, token: str) -> str:
         """Upload one input file and create its batch, tagged with `token`; the batch id."""
-        f = self._call("upload", lambda: self.client.files.create(
+        f = self._call("upload", lambda c: c.files.create(
             file=("requests.jsonl", data, "application/jsonl"), purpose="batch"))
-        b = self._call("create", lambda: self.client.batches.create(
+        b = self._call("create", lambda c: c.batches.create(
             input_file_id=f.id, endpoint=ENDPOINT, completion_window="24h", metadata={TOKEN: token}))
         return str(b.id)
 
     def find_tokens(self, tokens: set[str], since: float) -> dict[str, str]:
         """token -> batch id for the batches carrying these tokens, looking back (newest first)
         to the batches created before `since` (a unix time)."""
-        def scan() -> dict[str, str]:
+        def scan(client: openai.OpenAI) -> dict[str, str]:
             found: dict[str, str] = {}
-            for b in self.client.batches.list(limit=100):  # every page, while iterating
+            for b in client.batches.list(limit=100):  # every page, while iterating
                 token = (getattr(b, "metadata", None) or {}).get(TOKEN)
                 if token in tokens:
                     found[token] = str(b.id)
@@ -128,10 +153,10 @@ class BatchClient:
         return self._call("list", scan)
 
     def retrieve(self, batch_id: str) -> Any:
-        return self._call("retrieve", lambda: self.client.batches.retrieve(batch_id))
+        return self._call("retrieve", lambda c: c.batches.retrieve(batch_id))
 
     def download(self, file_id: str) -> str:
-        return self._call("download", lambda: self.client.files.content(file_id).text)
+        return self._call("download", lambda c: c.files.content(file_id).text)
 
     def close(self) -> None:
         self.client.close()

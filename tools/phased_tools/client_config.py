@@ -92,7 +92,10 @@ def add_client_args(p: argparse.ArgumentParser, *, reask_default: int) -> None:
         default=None,
         help="OpenAI-compatible server, e.g. http://localhost:8000/v1 for vLLM "
         "(default: $OPENAI_BASE_URL, else api.openai.com). The key is read only from "
-        "$OPENAI_API_KEY.",
+        "$OPENAI_API_KEY; with a --base-url (or $OPENAI_BASE_URL) and no $OPENAI_API_KEY, the key "
+        "'EMPTY' is sent (as 'Authorization: Bearer EMPTY'; vLLM accepts any key). A server not "
+        "reached before its first reply (connection refused, unknown host) stops the run at once "
+        "(exit 1); one that drops later is retried.",
     )
     g = p.add_argument_group("throughput and retries")
     g.add_argument("--concurrency", type=int, default=32, help="requests in flight (default: %(default)s)")
@@ -179,5 +182,5 @@ def api_key_or_exit(cfg: ClientConfig) -> str:
     if key:
         return key
     if cfg.base_url:
-        return "EMPTY"  # vLLM and friends accept any key
+        return "EMPTY"  # vLLM and friends accept any key (documented in --base-url's help)
     raise SystemExit("error: set OPENAI_API_KEY (or --base-url for a local OpenAI-compatible server)")

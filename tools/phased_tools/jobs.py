@@ -82,7 +82,10 @@ class Progress:
             self.bar.update(1)
 
     def close(self) -> None:
+        """Close the bar; a bar still at 0 is erased, so a run stopped before any answer (server
+        unreachable, bad key) leaves just its one error line."""
         if self.bar is not None:
+            self.bar.leave = self.bar.n > 0
             self.bar.close()
 
 

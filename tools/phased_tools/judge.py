@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         "and length biases; or compare two judges' judgments (--agreement).",
         epilog="Answer files: JSONL with {test_set, id, instruction, input, output} per line. "
         "A system may be given as NAME=PATH. Exit status: 0 done, 3 some requests failed "
-        "(run again to retry them), 1 fatal error, 2 bad arguments or input.",
+        "(run again to retry them), 1 fatal error (authentication, unknown model, server "
+        "unreachable: nothing is written), 2 bad arguments or input.",
     )
     p.add_argument("--system", action="append", default=[], metavar="[NAME=]A.jsonl",
                    help="a system's answers (repeatable)")

@@ -35,7 +35,8 @@ def fmt_share(x: float | None) -> str:
 
 
 def fmt_chars(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.0f}"
+    """A mean length with one decimal: whole characters rounded a 1.5-character gap to 2 (or 1)."""
+    return "n/a" if x is None else f"{x:.1f}"
 
 
 def bias_markdown(bias: BiasTable, test_sets: list[str]) -> list[str]:

@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         "OpenAI-compatible model, as Phased IFT does. Answers are cached as they arrive, so an "
         "interrupted run resumes without paying twice.",
         epilog="Exit status: 0 all scored, 3 some items failed (see OUTPUT.failed.jsonl), "
-        "1 a fatal error (authentication, unknown model), 2 bad arguments or input.",
+        "1 a fatal error (authentication, unknown model, server unreachable: nothing is written), "
+        "2 bad arguments or input.",
     )
     p.add_argument("input", type=Path, help="Alpaca JSON, the authors' JSONL, or JSONL")
     p.add_argument("-o", "--output", type=Path, required=True, help="scored JSONL to write")
