@@ -119,3 +119,91 @@ def test_cli_orbax_checkpoint_gives_the_same_answers(tmp_path, model_dir):
                          "--generator", "g"]) == 0
         outs.append(out.read_text())
     assert outs[0] == outs[1]
+
+
+# One subprocess per device count runs both README forms through the CLI, as a user does:
+# most users have one device, which the suite's 8 fake devices never showed (the decode path
+# crashed placing one layer of a stack placed on a one-device mesh).
+_BOTH_FORMS = """
+import sys
+from phased_jax.cli import main
+model, ckpt, src, out = sys.argv[1:5]
+common = sys.argv[5:]
+for name, flag in (("hf", ["--hf", model]), ("ckpt", ["--checkpoint", ckpt, "--tokenizer", model])):
+    assert main(["generate", *flag, "--input", src, "--output", f"{out}-{name}.jsonl", *common]) == 0
+"""
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_cli_both_forms_on_few_devices_match_eight(tmp_path, model_dir, devices):
+    import os
+    import subprocess
+    import sys
+
+    from phased_jax import params_checkpoint
+
+    model, params = load_hf(model_dir)
+    ckpt = params_checkpoint.save_params(tmp_path / "ckpt", model.cfg, params)
+    src = tmp_path / "test.jsonl"
+    src.write_text('{"instruction": "Write a haiku about the sea."}\n{"instruction": "Hi"}\n')
+    common = ["--max-new-tokens", "12", "--config.model.dtype=float32", "--batch-size", "2",
+              "--config.data.template=alpaca", "--length-multiple", "128", "--generator", "g"]
+    assert cli_main(["generate", "--hf", str(model_dir), "--input", str(src), "--output",
+                     str(tmp_path / "eight.jsonl"), *common]) == 0  # 8 devices, in this process
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    proc = subprocess.run([sys.executable, "-c", _BOTH_FORMS, str(model_dir), str(ckpt), str(src),
+                           str(tmp_path / "few"), *common], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout.count("wrote 2 answers by 'g'") == 2
+    eight = (tmp_path / "eight.jsonl").read_text()
+    assert (tmp_path / "few-hf.jsonl").read_text() == eight
+    assert (tmp_path / "few-ckpt.jsonl").read_text() == eight
+
+
+def test_input_reads_every_training_format(tmp_path, model_dir):
+    """--input takes what `train` and `phased-score` read: an Alpaca list, the authors' JSONL."""
+    from phased_jax.generate.testsets import read_test_set
+
+    alpaca = tmp_path / "mine.json"
+    alpaca.write_text(json.dumps([{"instruction": "Say hi", "input": "", "output": "hi"},
+                                  {"instruction": "Add", "input": "2 and 3", "output": ""}]))
+    assert [(i.test_set, i.id, i.instruction, i.input) for i in read_test_set(alpaca)] == [
+        ("mine", "1", "Say hi", ""), ("mine", "2", "Add", "2 and 3")]
+    authors = tmp_path / "stage3.jsonl"
+    authors.write_text(json.dumps({"id": "46229", "score": "5\n\n", "data": ["Add\n2 and 3", "5"]})
+                       + "\n")
+    assert [(i.id, i.instruction, i.input) for i in read_test_set(authors)] == [
+        ("46229", "Add", "2 and 3")]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "ok"}, {"input": "no instruction"}]))
+    with pytest.raises(Exception, match=r"bad\.json:1 \(item 2\): needs a non-empty string field"):
+        read_test_set(bad)
+
+
+def test_generator_is_named_after_the_run():
+    from phased_jax.generate.run import generator_name
+
+    assert generator_name("runs/l7b-phased/hf") == "l7b-phased"
+    assert generator_name("runs/l7b-phased/phases/phase2-stage2") == "l7b-phased/phase2-stage2"
+    assert generator_name("exported/my-model") == "my-model"
+
+
+def test_layer_views_of_a_stack_on_a_one_device_mesh():
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from phased_jax.generate.cpu import layer_views
+
+    mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1],
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    stack = jax.device_put(np.arange(24, dtype=np.float32).reshape(2, 3, 4),
+                           NamedSharding(mesh, PartitionSpec(None, "fsdp", None)))
+    views = layer_views(stack)
+    assert [v.shape for v in views] == [(3, 4), (3, 4)]
+    assert views[1].sharding.spec == PartitionSpec("fsdp", None)
+    np.testing.assert_array_equal(np.asarray(views[1]), np.asarray(stack)[1])
