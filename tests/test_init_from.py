@@ -29,10 +29,9 @@ def get_config():
 @pytest.fixture(scope="module")
 def random_model(tmp_path_factory) -> dict[str, Path]:
     """A random 3-layer model (not any preset's shape) in HF format, with a tokenizer of 300."""
-    from phased_jax.data.toy_tokenizer import build_tokenizer
-
     import jax
 
+    from phased_jax.data.toy_tokenizer import build_tokenizer
     from phased_jax.hf import save
     from phased_jax.model.config import get_preset
     from phased_jax.model.params import init_params
