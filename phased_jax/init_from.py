@@ -59,7 +59,8 @@ def read_checkpoint_config(path: str, field: str = "model.init_from") -> ModelCo
 
 def resolve_model(config: ConfigDict, source: str = "") -> None:
     """Fill an `auto` model section from its checkpoint (`source`, default `model.init_from`),
-    or check a named preset against `model.init_from`; in place, idempotent."""
+    or check a named preset against `model.init_from` where it exists (whether it must exist
+    is the command's business: `plan` and `compile` need no weights); in place, idempotent."""
     section = config.model
     path = source or section.get("init_from", "")
     field = "model.init_from" if not source or source == section.get("init_from") else source
@@ -77,7 +78,7 @@ def resolve_model(config: ConfigDict, source: str = "") -> None:
                                   f"{field}): drop the override, or name a preset")
         for name in CHECKPOINT_FIELDS:
             section[name] = getattr(got, name)
-    elif path and not source:
+    elif path and not source and Path(path).exists():  # `plan` needs no weights to exist yet
         got = read_checkpoint_config(path, field)
         for name in SHAPE_FIELDS:
             mine, theirs = _stated(section, name), getattr(got, name)
