@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"phased-jax: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    from phased_jax.local_paths import quiet_transformers_notice
+
+    quiet_transformers_notice()  # before the subcommand imports transformers
     module = importlib.import_module(COMMANDS[name][0])
     return run_subcommand(name, lambda: module.main(rest))
 

@@ -202,9 +202,17 @@ def test_missing_config_flag_and_unknown_flag(good, capsys):
         capsys, ["--config", str(good), "--bogus"])
 
 
-def test_bad_data_still_exits_1(good, capsys):
-    assert cli_main(["stats", "--config", str(good)]) == 1  # data.jsonl does not exist
-    assert "data.jsonl" in capsys.readouterr().err
+def test_bad_data_still_exits_1(good, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.jsonl").write_text("{not json\n")  # a bad record: the data's fault
+    assert cli_main(["stats", "--config", str(good)]) == 1
+    assert "data.jsonl:1" in capsys.readouterr().err
+
+
+def test_missing_data_file_is_a_usage_error(good, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # data.jsonl does not exist: found before any data is read
+    err = usage_error(capsys, ["--config", str(good)], "stats")
+    assert f"no such file or directory: data.jsonl (data.paths, relative to {tmp_path})" in err
 
 
 def test_required_field_missing_is_named():

@@ -181,7 +181,10 @@ def _rows_of_hf(name: str, split: str, limit: int) -> Iterator[tuple[str, Any]]:
         else:
             ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # datasets raises many types; the message is what matters
-        raise DataError(f"{name}: cannot load Hugging Face dataset ({type(e).__name__}: {e})") from e
+        from phased_jax.local_paths import hub_load_error
+
+        raise DataError(hub_load_error(name, e) or f"{name}: cannot load Hugging Face dataset "
+                        f"({type(e).__name__}: {e})") from e
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"{name}: no split {split!r}; it has {sorted(ds)}")

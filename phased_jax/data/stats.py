@@ -20,6 +20,7 @@ from phased_jax.data.phases import build_phases, check_phases, config_phases, st
 from phased_jax.data.records import Record, read_config_records
 from phased_jax.data.templates import user_text
 from phased_jax.data.tokens import load_tokenizer
+from phased_jax.local_paths import check_stats
 from phased_jax.score.scale import PAPER_SHARES, histogram, suggest_thresholds
 
 USAGE = "usage: phased-jax stats --config CONFIG_FILE [--config.data.FIELD=VALUE ...]\n"
@@ -94,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if fv is None:
         return 0
     cfg = fv.config
+    check_stats(cfg)  # a missing path or an unreachable Hub: before any data is read
     records, invalid = read_config_records(cfg.data)
     tokenizer = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
     print(f"data: {', '.join(map(str, cfg.data.paths))}")

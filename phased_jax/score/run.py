@@ -41,6 +41,7 @@ from phased_jax.data.tokens import load_tokenizer, tokenize, tokenizer_fingerpri
 from phased_jax.errors import ConfigError, DataError
 from phased_jax.fileio import output_problem, write_jsonl_atomic, write_text_atomic
 from phased_jax.generate.run import load_model
+from phased_jax.local_paths import check_score
 from phased_jax.score.losses import answers_alone, make_forward, mean_losses
 from phased_jax.score.rows import input_rows
 from phased_jax.score.scale import MAPS, to_scores
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if not config.model.init_from:
         raise ConfigError("model.init_from is empty: set it to the base model (an HF directory "
                           "or a params checkpoint), e.g. --config.model.init_from=DIR")
+    check_score(config, args.output)  # inputs, outputs and the Hub: before any data is read
     problem = output_problem(args.output)
     if problem:
         raise ConfigError(f"--output {args.output}: {problem}")
