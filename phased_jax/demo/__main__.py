@@ -22,6 +22,10 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from phased_jax.local_paths import quiet_transformers_notice  # noqa: E402
+
+quiet_transformers_notice()  # before anything imports transformers
+
 from phased_jax import hf  # noqa: E402
 from phased_jax.data.tokens import load_tokenizer  # noqa: E402
 from phased_jax.data.toy_tokenizer import build_tokenizer  # noqa: E402
