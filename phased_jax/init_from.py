@@ -39,7 +39,8 @@ def checkpoint_kind(path: str, field: str = "model.init_from") -> str:
     if Path(path, PARAMS_CONFIG).is_file():
         return "params"
     raise ConfigError(f"{field}={path!r} is neither a Hugging Face model directory "
-                      f"({HF_CONFIG}) nor a phased-jax params checkpoint ({PARAMS_CONFIG})")
+                      f"({HF_CONFIG}) nor a phased-jax params checkpoint ({PARAMS_CONFIG}): "
+                      "give the directory that holds one of them")
 
 
 def read_checkpoint_config(path: str, field: str = "model.init_from") -> ModelConfig:

@@ -309,6 +309,9 @@ def check_generate(args: Any) -> None:
         check_output_file(args.output, "--output")
     if test_sets == "paper" and getattr(args, "cache_dir", None):
         check_output_dir(args.cache_dir, "--cache-dir", "give a directory for the built sets")
+        source = getattr(args, "alpaca_eval_source", "")
+        if not Path(args.cache_dir, "manifest.json").exists() and is_hub_id(source):
+            check_hub([("--alpaca-eval-source (for --test-sets paper)", source)])
 
 
 def check_convert(args: Any) -> None:

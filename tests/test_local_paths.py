@@ -382,3 +382,26 @@ def test_zz_print_times():
     """The measured times (run with -s to see them)."""
     for name, seconds in TIMES.items():
         print(f"{name:<40} " + " / ".join(f"{s:5.2f} s" for s in seconds))
+
+
+def test_paper_test_sets_with_the_hub_unreachable(tmp_path, monkeypatch, capsys):
+    """`generate --test-sets paper` with nothing cached asks the Hub first: one line, seconds."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # never read: the Hub check comes first
+    t0 = time.perf_counter()
+    rc = cli_main(["generate", "--hf", str(model), "--test-sets", "paper", "--cache-dir",
+                   str(tmp_path / "sets"), "--output", str(tmp_path / "answers.jsonl")])
+    assert rc == 1 and time.perf_counter() - t0 < 10
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot be reached" in err and "HF_HUB_OFFLINE=1" in err, err
+    assert not (tmp_path / "answers.jsonl").exists()
