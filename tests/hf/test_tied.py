@@ -138,6 +138,7 @@ def test_config_translation_keeps_the_tie():
 def test_init_from_loads_a_tied_checkpoint_sharded_and_refuses_a_tie_mismatch(tied):
     from phased_jax.config import get_default_config, model_section
     from phased_jax.errors import ConfigError
+    from phased_jax.init_from import resolve_model
     from phased_jax.train import build_trainer
     from phased_jax.train.runner import _initial_params
 
@@ -153,9 +154,12 @@ def test_init_from_loads_a_tied_checkpoint_sharded_and_refuses_a_tie_mismatch(ti
     got = _initial_params(str(directory), trainer.model_cfg, trainer)
     assert set(got) == set(want) and got["embed"].sharding == trainer.param_shardings["embed"]
     np.testing.assert_array_equal(np.asarray(got["embed"]), np.asarray(want["embed"]))
-    untied = trainer.model_cfg.replace(tie_word_embeddings=False)
-    with pytest.raises(ConfigError, match=r"'tie_word_embeddings': \(True, False\)"):
-        _initial_params(str(directory), untied, trainer)
+    c.model.init_from = str(directory)
+    resolve_model(c)  # the tie agrees
+    c.model.tie_word_embeddings = False  # refused from the two configs, before any weight
+    with pytest.raises(ConfigError, match=r"model.tie_word_embeddings=False \(preset 'tiny-llama'\) "
+                                          r"differs from True in model.init_from="):
+        resolve_model(c)
 
 
 def test_convert_round_trip_through_orbax(tied, tmp_path):
