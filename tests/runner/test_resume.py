@@ -63,13 +63,15 @@ def test_sigkill_then_rerun_is_exact(tiny_experiment, reference, tmp_path, kill_
     assert max(step_lines(out)) == kill_after
     resumed = train(cfg)
     assert "resuming phase" in resumed.stdout
-    in_phase, phase_steps = kill_after - PHASE_ENDS[0], PHASE_ENDS[1] - PHASE_ENDS[0]
-    if in_phase:  # phase 2 goes on mid-way
-        assert re.search(rf"phase 2/3 .*resuming at step {in_phase + 1} of {phase_steps} "
-                         rf"\(global step {kill_after + 1}\)", resumed.stdout), resumed.stdout
+    # The run goes on from its newest checkpoint (at or before the kill); phase 2's start line
+    # says where: mid-way, or from its first step when the checkpoint was phase 1's end.
+    phase, step = map(int, re.search(r"resuming phase (\d) at step (\d+)/", resumed.stdout).groups())
+    if phase == 2 and step:
+        expect = (rf"resuming at step {step + 1} of {PHASE_ENDS[1] - PHASE_ENDS[0]} "
+                  rf"\(global step {PHASE_ENDS[0] + step + 1}\)")
     else:
-        assert re.search(rf"phase 2/3 .*from its first step \(global step {kill_after + 1}\)",
-                         resumed.stdout), resumed.stdout
+        expect = rf"from its first step \(global step {PHASE_ENDS[0] + 1}\)"
+    assert re.search(rf"phase 2/3 .*{expect}", resumed.stdout), resumed.stdout
     assert "starting at step" not in resumed.stdout
     assert step_lines(out) == list(range(1, PHASE_ENDS[-1] + 1)), "no step twice, none skipped"
     _assert_same_params(final_params(out), final_params(reference))
