@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 
 from phased_jax.errors import PhasedError, UsageError
+from phased_jax.local_paths import quiet_transformers_notice
 
 # name -> (module with `main(argv) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -36,8 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"phased-jax: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    from phased_jax.local_paths import quiet_transformers_notice
-
     quiet_transformers_notice()  # before the subcommand imports transformers
     module = importlib.import_module(COMMANDS[name][0])
     return run_subcommand(name, lambda: module.main(rest))

@@ -16,7 +16,9 @@ from pathlib import Path
 from ml_collections import ConfigDict
 
 from phased_jax.errors import CheckpointError, ConfigError
-from phased_jax.model.config import ModelConfig
+from phased_jax.hf.hf_config import read_config
+from phased_jax.model.config import PRESETS, ModelConfig
+from phased_jax.params_checkpoint import read_model_config
 
 AUTO = "auto"
 HF_CONFIG, PARAMS_CONFIG = "config.json", "model_config.json"
@@ -48,11 +50,7 @@ def read_checkpoint_config(path: str, field: str = "model.init_from") -> ModelCo
     kind = checkpoint_kind(path, field)
     try:
         if kind == "hf":
-            from phased_jax.hf.hf_config import read_config
-
             return read_config(Path(path))
-        from phased_jax.params_checkpoint import read_model_config
-
         return read_model_config(path)
     except CheckpointError as e:
         raise ConfigError(f"{field}: {e}") from None
@@ -94,8 +92,6 @@ def unset_preset_fields(section: ConfigDict, preset: str) -> None:
     """Empty the fields that still hold `preset`'s values, so `--config.model.preset=auto` on a
     config built from a named preset takes them from the checkpoint; a field the config file
     or command line changed stays stated (and must then agree with the checkpoint)."""
-    from phased_jax.model.config import PRESETS
-
     if section.get("preset") != AUTO or preset not in PRESETS:
         return
     for name in CHECKPOINT_FIELDS:

@@ -50,6 +50,7 @@ from phased_jax.formats import (
     parse_score_text,
     row_fields,
 )
+from phased_jax.local_paths import hub_load_error
 
 FORMATS = ("auto", "alpaca", "authors", "scored", "jsonl", "hf")
 SCORE_RANGE = (1.0, 5.0)
@@ -181,8 +182,6 @@ def _rows_of_hf(name: str, split: str, limit: int) -> Iterator[tuple[str, Any]]:
         else:
             ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # datasets raises many types; the message is what matters
-        from phased_jax.local_paths import hub_load_error
-
         raise DataError(hub_load_error(name, e) or f"{name}: cannot load Hugging Face dataset "
                         f"({type(e).__name__}: {e})") from e
     if isinstance(ds, datasets.DatasetDict):

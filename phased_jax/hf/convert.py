@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 
+from phased_jax.data.tokens import load_tokenizer, pad_id_of
 from phased_jax.errors import CheckpointError, UsageError
 from phased_jax.hf.from_hf import load
 from phased_jax.hf.to_hf import save, tokenizer_files
@@ -113,8 +114,6 @@ def random_hf(args: argparse.Namespace) -> None:
 def _with_tokenizer_ids(cfg: ModelConfig, directory: Path) -> ModelConfig:
     """`cfg` with the tokenizer's vocabulary size (if larger) and BOS/EOS/pad ids, so that the
     random model and its tokenizer agree."""
-    from phased_jax.data.tokens import load_tokenizer, pad_id_of
-
     tok = load_tokenizer(str(directory), "--tokenizer")
     vocab = max(cfg.vocab_size, len(tok))
     ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
