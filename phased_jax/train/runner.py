@@ -59,23 +59,28 @@ StepHook = Callable[["PhaseRunner", int, int], None]
 TRAIN_COMMAND = (sys.executable, "-m", "phased_jax.cli", "train")  # a local pod's workers
 
 USAGE = """usage: phased-jax train --config CONFIG_FILE [--config.SECTION.FIELD=VALUE ...]
-                       [--local-pod N [--local-devices D]] [--distributed]
+                       [--local-pod N [--local-devices D] [--watchdog-s S]] [--distributed]
 
 Runs the config's phases in order; rerun the same command to resume from the latest checkpoint.
   --local-pod N      run as N local CPU processes joined by jax.distributed (tests a pod)
   --local-devices D  fake CPU devices per local process (default 4)
+  --watchdog-s S     stop a local pod in which no worker made progress for S seconds, its
+                     workers' Python stacks in <output_dir>/logs/local_pod_stacks.txt
+                     (default 300; 0: never)
   --distributed      call jax.distributed.initialize() (multi-host pods; launch/tpu.sh sets it)"""
 
 
 def _define_flags(fv) -> None:
     flags.DEFINE_integer("local_pod", 0, "run as N local processes", flag_values=fv)
     flags.DEFINE_integer("local_devices", 4, "fake CPU devices per local process", flag_values=fv)
+    flags.DEFINE_float("watchdog_s", 300.0, "stop a local pod idle this long (0: never)",
+                       flag_values=fv)
     flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() on a pod", flag_values=fv)
 
 
 def _without_local_pod(argv: list[str]) -> list[str]:
     """`argv` (flag names already underscored) less the local-pod flags, for the workers."""
-    names = ("--local_pod", "--local_devices")
+    names = ("--local_pod", "--local_devices", "--watchdog_s")
     out, skip = [], False
     for a in argv:
         if skip:
@@ -92,18 +97,27 @@ def main(argv: list[str], hooks: Sequence[StepHook] = (),
     """The `train` subcommand; `hooks` and the local pod's `worker_command` are for callers
     that extend a run (the tests' fault injection runs each worker with its own hooks)."""
     argv = [a.replace("--local-pod", "--local_pod").replace("--local-devices", "--local_devices")
-            if a.startswith("--local-") else a for a in argv]
+            .replace("--watchdog-s", "--watchdog_s")
+            if a.startswith(("--local-", "--watchdog-")) else a for a in argv]
     fv = parse_config_argv(argv, "phased-jax train", USAGE, _define_flags)
     if fv is None:
         return 0
     local_paths.check_train(fv.config)  # inputs, outputs and the Hub: before any data is read
     if fv.local_pod > 0:
         command = [*worker_command, *_without_local_pod(argv)]
-        return distributed.launch_local_pod(fv.local_pod, command, fv.local_devices)
+        stacks = Path(fv.config.output_dir) / "logs" / "local_pod_stacks.txt"
+        return distributed.launch_local_pod(fv.local_pod, command, fv.local_devices,
+                                            watchdog_s=fv.watchdog_s, stacks_path=stacks)
     distributed.initialize(auto=fv.distributed)
     with io_errors.quiet_disk_full_noise():  # Orbax's threads echo a full disk at any moment
-        run(fv.config, hooks)
+        run(fv.config, (_heartbeat, *hooks))
     return 0
+
+
+def _heartbeat(run: PhaseRunner, k: int, steps_done: int) -> None:
+    """A step hook: a local pod worker's heartbeat for its launcher's watchdog (else a no-op);
+    first of the hooks, so a hook that blocks still leaves the step it finished on record."""
+    distributed.heartbeat(run.starts[k] + steps_done)
 
 
 @dataclasses.dataclass
