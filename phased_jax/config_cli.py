@@ -140,14 +140,16 @@ def add_config_help(parser: argparse.ArgumentParser, example: str) -> None:
 def parse_config_argv(argv: Sequence[str], prog: str, usage: str,
                       define_extra: Callable[[Any], None] | None = None, *,
                       default: Callable[[], ConfigDict] | None = None,
-                      sections: Sequence[str] = SECTIONS, model_source: str = "") -> Any:
+                      sections: Sequence[str] = SECTIONS,
+                      model_source: tuple[str, str] = ("", "")) -> Any:
     """Parse `--config FILE [--config.a.b=v ...]` (and extra flags) for a subcommand.
 
     Returns the FlagValues (`.config` is the validated ConfigDict), or None after printing help.
     Without `--config`, `default()` is the config if given (overrides still apply), else it is
     an error. Only `sections` are validated (a subcommand that reads no data skips `data`).
     The model section is resolved against its checkpoint (`init_from.resolve_model`; from
-    `model_source` instead of `model.init_from` where the command names the model itself).
+    `model_source`, (path, flag), instead of `model.init_from` where the command names the
+    model itself).
     Every mistake in the command line or the config file (missing file, import error, unknown
     field, bad value) is a one-line UsageError, found before any data is read. A fresh
     FlagValues per call, so `main()` can run many times in one process (tests).
@@ -190,7 +192,7 @@ def parse_config_argv(argv: Sequence[str], prog: str, usage: str,
     try:
         if "model" in config:
             unset_preset_fields(config.model, loaded.get("model", {}).get("preset", ""))
-            resolve_model(config, model_source)
+            resolve_model(config, *model_source)
         validate_config(config, sections)
     except ConfigError as e:
         raise UsageError(_one_line(e)) from None

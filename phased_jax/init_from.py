@@ -56,13 +56,13 @@ def read_checkpoint_config(path: str, field: str = "model.init_from") -> ModelCo
         raise ConfigError(f"{field}: {e}") from None
 
 
-def resolve_model(config: ConfigDict, source: str = "") -> None:
-    """Fill an `auto` model section from its checkpoint (`source`, default `model.init_from`),
-    or check a named preset against `model.init_from` where it exists (whether it must exist
+def resolve_model(config: ConfigDict, source: str = "", source_field: str = "") -> None:
+    """Fill an `auto` model section from its checkpoint (`source`, named `source_field` in
+    messages; default `model.init_from`), or check a named preset against `model.init_from` where it exists (whether it must exist
     is the command's business: `plan` and `compile` need no weights); in place, idempotent."""
     section = config.model
     path = source or section.get("init_from", "")
-    field = "model.init_from" if not source or source == section.get("init_from") else source
+    field = source_field if source else "model.init_from"
     if section.get("preset") == AUTO:
         if not path:
             raise ConfigError("model.preset='auto' takes the model's shape from "

@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     local_paths.check_generate(args)  # model, tokenizer, questions, --output: one line each
     config = parse_config_argv(config_argv, "phased-jax generate", USAGE,
                                default=get_default_config, sections=("model",),
-                               model_source=args.hf or args.checkpoint).config
+                               model_source=(args.hf, "--hf") if args.hf
+                               else (args.checkpoint, "--checkpoint")).config
     template = config.data.template
     if template not in TEMPLATES:
         raise UsageError(f"data.template={template!r} is invalid: choose one of "
