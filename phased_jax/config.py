@@ -78,7 +78,13 @@ def get_default_config() -> ConfigDict:
     c.data.max_length = 2048
     c.data.packing = False  # several examples per row, attention kept within each (segment ids)
     c.data.eval_path = ""  # held-out records for eval loss; "" = none
-    c.data.eval_fraction = 0.0  # or hold out this fraction of each phase
+    # Hold out this fraction of each difficulty *stage* (chosen by seed and record id, so the
+    # same records whatever data.order is): each phase end evaluates every stage's held-out
+    # split, the forgetting matrix (<output_dir>/forgetting.md). 0 = none.
+    c.data.eval_fraction = 0.0
+    # Phase k > 1 also trains on round(replay * n_k) examples drawn (seeded) from the earlier
+    # phases' training examples, against forgetting. 0 = none (the paper).
+    c.data.replay = 0.0
     c.data.cache_dir = ""  # tokenisation cache; "" = <output_dir>/token_cache
     c.data.shuffle = True  # seeded per (seed, phase, epoch); False keeps read order
 
@@ -101,7 +107,9 @@ def get_default_config() -> ConfigDict:
     # [batch, L, vocab] f32 logits are never all live; a ragged last chunk is fine. 0 = off.
     c.train.loss_chunk = 0
     c.train.opt_state_dtype = ""  # Adam moments; "" = same as param_dtype
-    c.train.carry_optimizer = False  # paper: each phase starts with fresh optimizer state and LR schedule
+    # "phase" (the paper): a fresh optimizer and warmup + decay per phase. "run": one warmup +
+    # decay over the whole run's steps, optimizer state carried across phase boundaries.
+    c.train.schedule_scope = "phase"
     c.train.log_every = 10
     c.train.eval_every = 0  # 0: eval at each phase end only
     c.train.peak_flops = 0.0  # per device, for MFU where the device kind is unknown (CPU); 0 = probe

@@ -13,12 +13,12 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from phased_jax.config import model_config
-from phased_jax.data.phases import check_order
+from phased_jax.data.phases import check_order, single_phase
 from phased_jax.data.records import FORMATS
 from phased_jax.data.templates import TEMPLATES
 from phased_jax.errors import ConfigError
 from phased_jax.train import tracking
-from phased_jax.train.optimizer import SCHEDULES
+from phased_jax.train.optimizer import SCHEDULE_SCOPES, SCHEDULES
 
 
 def _fix(path: str) -> str:
@@ -98,6 +98,7 @@ def _check_train(c: ConfigDict) -> None:
     _number(c, "train.warmup_ratio", lambda v: 0 <= v <= 1,
             "in [0, 1] (the fraction of each phase's steps spent warming up)")
     _choice(c, "train.schedule", SCHEDULES)
+    _choice(c, "train.schedule_scope", SCHEDULE_SCOPES)
     _number(c, "train.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]")
     _number(c, "train.weight_decay", lambda v: v >= 0, ">= 0")
     _number(c, "train.b1", lambda v: 0 <= v < 1, "in [0, 1)")
@@ -146,6 +147,8 @@ def _check_data(c: ConfigDict) -> None:
             integer=True)
     _number(c, "data.max_record_bytes", lambda v: v >= 1, ">= 1", integer=True)
     _number(c, "data.eval_fraction", lambda v: 0 <= v < 1, "in [0, 1)")
+    replay = _number(c, "data.replay", lambda v: v >= 0,
+                     ">= 0 (examples replayed per example of a later phase; 0 = none)")
     quantiles = _number(c, "data.quantiles", lambda v: v >= 0,
                         ">= 0 (0 = stages by data.thresholds)", integer=True)
     thresholds = _field(c, "data.thresholds")
@@ -163,6 +166,10 @@ def _check_data(c: ConfigDict) -> None:
         raise ConfigError(f"data.order={order!r} is invalid: it must be a string such as "
                           "'1,2,3'" + _fix("data.order"))
     check_order(order, quantiles or len(thresholds) + 1)  # names data.order and the fix
+    if replay is not _ABSENT and replay > 0 and single_phase(order):
+        raise ConfigError(f"data.replay={replay!r} has no effect with data.order={order!r} "
+                          "(one phase: nothing earlier to replay); set --config.data.replay=0 "
+                          "or use a phased order such as '1,2,3'")
 
 
 def _check_model(c: ConfigDict) -> None:

@@ -59,7 +59,7 @@ def test_config_loads_and_validates(path):
         assert (c.data.max_length, c.data.packing, c.seed, c.data.template) == (
             2048, False, 3517, "authors")
         assert c.data.thresholds == (1.5, 3.5)
-        assert not c.train.carry_optimizer
+        assert c.train.schedule_scope == "phase"
         assert c.model.init_from and c.data.paths
 
 

@@ -89,6 +89,12 @@ def check_order(order: str, num_stages: int) -> None:
         parse_order(order, num_stages)
 
 
+def single_phase(order: str) -> bool:
+    """True where `order` makes one phase ("oneoff", "3", "1+2+3"): nothing to replay."""
+    order = order.strip()
+    return order == "oneoff" or (order not in NAMED_ORDERS and "," not in order)
+
+
 def parse_order(order: str, num_stages: int) -> list[tuple[int, ...]]:
     """A stage list: `"1+2,3"` -> [(1, 2), (3,)] (the phases' stages, in training order)."""
     order = order.strip().replace(" ", "")

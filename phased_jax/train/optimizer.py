@@ -19,6 +19,7 @@ from phased_jax.errors import ConfigError
 
 NO_DECAY_NAMES = ("scale",)  # RMSNorm gains; the model has no biases
 SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULE_SCOPES = ("phase", "run")  # train.schedule_scope: one schedule per phase, or one in all
 
 
 def warmup_steps(train_cfg: ConfigDict, num_steps: int) -> int:
@@ -108,7 +109,7 @@ def run_length(train_cfg: ConfigDict, num_steps: int) -> tuple[jax.Array, jax.Ar
 def start_run(opt_state: Any, num_steps: Any, warmup: Any) -> Any:
     """`opt_state` with its schedule sized to a run of `num_steps` steps (arrays: jit-safe).
 
-    A fresh `tx.init` state starts the run at step 0; a carried state (`train.carry_optimizer`)
+    A fresh `tx.init` state starts the run at step 0; a carried state (`train.schedule_scope=run`)
     keeps its moments and count and only learns the new length.
     """
     return optax.tree_utils.tree_set(opt_state, num_steps=jnp.asarray(num_steps, jnp.int32),

@@ -1,7 +1,7 @@
 """`phased-jax train --config configs/X.py`: the phases of one experiment, in order, resumable.
 
 For each phase in the config's order: restore-or-init, a fresh optimizer and LR schedule sized
-to the phase (the paper's way; `train.carry_optimizer` keeps one across phases), the phase's
+to the phase (the paper's way; `train.schedule_scope=run` keeps one across phases), the phase's
 epochs of steps, a checkpoint every `checkpoint.every_steps` and at the phase's end, eval loss
 on held-out data if any. Running the same command again resumes from the newest checkpoint that
 restores: the data loader is indexed by step, so the checkpoint's (phase, step) is the whole
@@ -187,7 +187,7 @@ class PhaseRunner:
                         for p in self.data.phases]
         self.steps = [ld.steps for ld in self.loaders]
         self.starts = np.concatenate([[0], np.cumsum(self.steps)]).astype(int).tolist()
-        self.carry = bool(config.train.carry_optimizer)
+        self.carry = config.train.schedule_scope == "run"
         cc = config.checkpoint
         self.ckpt_dir = cc.dir or str(self.out / "checkpoints")
         local = "://" not in self.ckpt_dir  # gs://... goes to Orbax (epath) as it is

@@ -91,7 +91,7 @@ class Trainer:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
 
     def with_run_length(self, state: TrainState, num_steps: int) -> TrainState:
-        """`state` continuing as a run of `num_steps` steps (`train.carry_optimizer`)."""
+        """`state` continuing as a run of `num_steps` steps (`train.schedule_scope=run`)."""
         n, w = optimizer.run_length(self.train_cfg, num_steps)
         return state.replace(opt_state=optimizer.start_run(state.opt_state, n, w))
 

@@ -1,5 +1,5 @@
 """Config options the paper's runs leave off, checked against what they promise: one LR
-schedule and one optimizer across phases (`train.carry_optimizer`), and the eval loss on
+schedule and one optimizer across phases (`train.schedule_scope=run`), and the eval loss on
 held-out examples (`data.eval_fraction`) equal to a per-example computation."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tests.runner.runs import metrics, train, write_config
 def options_run(tiny_experiment, tmp_path_factory):
     out = tmp_path_factory.mktemp("options") / "run"
     cfg = write_config(tiny_experiment, out, extra="""
-        c.train.carry_optimizer = True
+        c.train.schedule_scope = "run"
         c.train.schedule = "cosine"
         c.train.warmup_ratio = 0.1
         c.data.eval_fraction = 0.25
@@ -31,7 +31,7 @@ def options_run(tiny_experiment, tmp_path_factory):
     return cfg, out
 
 
-def test_carry_optimizer_runs_one_schedule_over_every_phase(options_run):
+def test_run_schedule_scope_runs_one_schedule_over_every_phase(options_run):
     cfg, out = options_run
     tc = load_config_file(str(cfg)).train
     by_step = metrics(out)
