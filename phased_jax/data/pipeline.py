@@ -17,6 +17,7 @@ import numpy as np
 from phased_jax.data.loader import PhaseLoader
 from phased_jax.data.phases import Phase, check_phases, config_phases
 from phased_jax.data.records import InvalidReport, Record, read_config_records, read_records
+from phased_jax.data.splits import Draw, Stage, make_splits, replay_note
 from phased_jax.data.tokens import TokenizedExamples, TokenReport, load_tokenizer, tokenize_cached
 from phased_jax.errors import ConfigError, DataError
 from phased_jax.fileio import write_text_atomic
@@ -53,16 +54,34 @@ class Batching:
 
 @dataclass
 class PhaseData:
-    """One phase in training order: its records' examples (and held-out eval examples)."""
+    """One phase in training order: its own training examples plus those it replays."""
 
     index: int  # position in training order, 0-based; the loader's seed uses it
     phase: Phase
-    examples: TokenizedExamples
-    eval_examples: TokenizedExamples | None = None
+    examples: TokenizedExamples  # own examples first, then the replayed ones
+    own: int = 0  # how many of `examples` are the phase's own
+    draw: Draw | None = None  # the replayed records (`data.replay`)
+
+    @property
+    def replayed(self) -> int:
+        return len(self.examples) - self.own
+
+    def tokens(self, epochs: int) -> tuple[int, int]:
+        """(own, replayed) unpadded tokens the phase trains on over `epochs` epochs."""
+        lengths = self.examples.lengths
+        return int(lengths[:self.own].sum()) * epochs, int(lengths[self.own:].sum()) * epochs
 
     def loader(self, batching: Batching, process_index: int = 0, process_count: int = 1
                ) -> PhaseLoader:
         return batching.loader(self.examples, self.index, process_index, process_count)
+
+
+@dataclass(frozen=True)
+class StageEval:
+    """A stage's held-out examples: one column of the forgetting matrix."""
+
+    stage: Stage
+    examples: TokenizedExamples
 
 
 @dataclass
@@ -75,30 +94,57 @@ class PreparedData:
     eval_examples: TokenizedExamples | None = None  # from data.eval_path
     report_path: Path | None = None
     notes: list[str] = field(default_factory=list)
+    stage_evals: list[StageEval] = field(default_factory=list)  # data.eval_fraction
+    epochs: int = 1
+
+    def token_totals(self) -> tuple[int, int]:
+        """(with replay, without) unpadded tokens of the whole run."""
+        parts = [p.tokens(self.epochs) for p in self.phases]
+        return sum(a + b for a, b in parts), sum(a for a, _ in parts)
 
     def summary(self) -> str:
         lines = [self.invalid.summary()]
         if self.tokens.truncated or self.tokens.skipped:
             lines.append(f"tokenised: {self.tokens.truncated} truncated to max_length, "
                          f"{len(self.tokens.skipped)} skipped (prompt fills max_length)")
-        lines += [f"phase {p.index + 1} ({p.phase.name}): {len(p.examples)} examples"
+        if self.stage_evals:
+            lines.append("held out for the forgetting matrix: " + ", ".join(
+                f"stage {s.stage.name} {len(s.examples)}" for s in self.stage_evals))
+        lines += [f"phase {p.index + 1} ({p.phase.name}): {p.own} examples"
+                  + (f" + {p.replayed} replayed from earlier phases" if p.replayed else "")
                   for p in self.phases]
+        with_replay, without = self.token_totals()
+        if with_replay != without:
+            lines.append(f"run: {with_replay:,} tokens over its epochs, "
+                         f"{100 * (with_replay / max(without, 1) - 1):+.1f}% against "
+                         f"data.replay=0 ({without:,})")
         return "\n".join(lines + self.notes)
+
+
+def _phase_report(p: PhaseData, epochs: int) -> dict[str, Any]:
+    own_tokens, replay_tokens = p.tokens(epochs)
+    draw = p.draw or Draw((), p.own, 0, 0)
+    return {"index": p.index, "name": p.phase.name, "records": p.phase.size,
+            "examples": p.own, "replayed_examples": p.replayed,
+            "replay": {"wanted": draw.wanted, "drawn": len(draw.ids), "available": draw.available},
+            "tokens": own_tokens, "replayed_tokens": replay_tokens,
+            "mean_score": None if np.isnan(p.phase.mean_score) else p.phase.mean_score}
+
+
+def _heldout_report(d: Any, seed: int, stage_evals: list[StageEval]) -> dict[str, Any]:
+    """What `phased-jax compare` checks two runs agree on: each stage's held-out record ids."""
+    return {"fraction": float(d.eval_fraction), "seed": int(seed),
+            "stages": [{"stage": s.stage.name, "label": s.stage.label, "records": s.stage.records,
+                        "metric": s.stage.metric, "examples": len(s.examples),
+                        "ids": sorted(s.stage.heldout_ids)} for s in stage_evals]}
 
 
 def cache_dir_of(data_cfg: Any, output_dir: str | Path) -> str:
     return data_cfg.cache_dir or os.path.join(output_dir, "token_cache")
 
 
-def _split_eval(examples: TokenizedExamples, fraction: float, seed: int, index: int
-                ) -> tuple[TokenizedExamples, TokenizedExamples]:
-    perm = np.random.default_rng([seed, index, 0xE7A1]).permutation(len(examples))
-    n_eval = int(round(fraction * len(examples)))
-    ids = examples.record_ids
-    return examples.select(ids[np.sort(perm[n_eval:])]), examples.select(ids[np.sort(perm[:n_eval])])
-
-
-def _check_steps(data: PhaseData, tokenised: int, d: Any, batching: Batching) -> None:
+def _check_steps(data: PhaseData, tokenised: int, d: Any, batching: Batching,
+                 heldout: frozenset[str]) -> None:
     """Raise a DataError if a phase with records would run 0 steps, with the numbers.
 
     Why: the runner would find out only when the phase starts, after the phases before it.
@@ -107,11 +153,11 @@ def _check_steps(data: PhaseData, tokenised: int, d: Any, batching: Batching) ->
     if steps:
         return
     ph = data.phase
-    held = len(data.eval_examples) if data.eval_examples is not None else 0
+    held = sum(r.id in heldout for r in ph.records)
     raise DataError(
         f"phase {data.index + 1} ({ph.label}) has {ph.size} records but {len(data.examples)} "
         f"training examples, so 0 steps (train.global_batch={batching.global_batch}, "
-        f"train.epochs_per_phase={batching.epochs}): {ph.size - tokenised} skipped because "
+        f"train.epochs_per_phase={batching.epochs}): {ph.size - held - tokenised} skipped because "
         f"the prompt fills data.max_length={d.max_length}, {held} held out by "
         f"data.eval_fraction={d.eval_fraction}; raise data.max_length, lower "
         "data.eval_fraction or change data.order/data.thresholds")
@@ -135,15 +181,18 @@ def prepare(d: Any, batching: Batching, output_dir: str | Path, tokenizer: Any =
         tokenizer = load_tokenizer(d.tokenizer)
     examples, tok_report, _ = tokenize_cached(records, d.template, tokenizer, d.max_length,
                                               cache_dir_of(d, output_dir))
+    splits = make_splits(records, phases, d, seed)
+    heldout = splits.heldout
     out, notes = [], []
     for i, ph in enumerate(phases):
-        ex = examples.select([r.id for r in ph.records])
-        tokenised, ev = len(ex), None
-        if d.eval_fraction > 0:
-            ex, ev = _split_eval(ex, d.eval_fraction, seed, i)
-        data = PhaseData(i, ph, ex, ev)
-        _check_steps(data, tokenised, d, batching)
+        own = examples.select(splits.train_ids[i])
+        draw = splits.replay[i]
+        data = PhaseData(i, ph, examples.select(splits.phase_ids(i)), len(own), draw)
+        _check_steps(data, len(own), d, batching, heldout)
+        if draw.short:
+            notes.append(replay_note(i, draw, float(d.replay)))
         out.append(data)
+    stage_evals = [StageEval(s, examples.select(s.heldout_ids)) for s in splits.stages]
     eval_examples = None
     if d.eval_path:
         eval_records, eval_invalid = read_records(d.eval_path, d.format, d.fields.to_dict(),
@@ -155,16 +204,15 @@ def prepare(d: Any, batching: Batching, output_dir: str | Path, tokenizer: Any =
         tok_report.truncated += eval_tok.truncated
         tok_report.skipped += eval_tok.skipped
     prepared = PreparedData(out, records, invalid, tok_report, tokenizer, eval_examples,
-                            notes=notes)
+                            notes=notes, stage_evals=stage_evals, epochs=batching.epochs)
     if write_report:
         path = Path(output_dir) / REPORT_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
         body = {"invalid": invalid.to_dict(), "tokens": tok_report.to_dict(),
-                "phases": [{"index": p.index, "name": p.phase.name, "records": p.phase.size,
-                            "examples": len(p.examples),
-                            "mean_score": None if np.isnan(p.phase.mean_score)
-                            else p.phase.mean_score}
-                           for p in out]}
+                "phases": [_phase_report(p, prepared.epochs) for p in out],
+                "run_tokens": dict(zip(("with_replay", "without_replay"),
+                                       prepared.token_totals(), strict=True)),
+                "heldout": _heldout_report(d, seed, stage_evals)}
         write_text_atomic(path, json.dumps(body, indent=1, ensure_ascii=False) + "\n")
         prepared.report_path = path
     return prepared

@@ -68,11 +68,11 @@ class TensorBoardScalars:
     synchronous write costs nothing that matters.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, suffix: str = "") -> None:
         from tensorboardX.event_file_writer import EventsWriter
 
         directory.mkdir(parents=True, exist_ok=True)
-        self._file = EventsWriter(str(directory / "events"))
+        self._file = EventsWriter(str(directory / "events"), suffix)
 
     def write(self, scalars: dict[str, float], step: int) -> None:
         from tensorboardX.proto.event_pb2 import Event
@@ -183,6 +183,38 @@ class MetricsWriter:
             self._tb.close()
         if self._bar is not None:
             self._bar.close()
+
+
+class EvalWriter:
+    """Eval losses at a global step: a `metrics.jsonl` row whose `phase` is `eval`, and the
+    scalars `eval/<name>` in TensorBoard and W&B (which replays them from that row on resume,
+    like every other metrics row). Process 0 writes; the others do nothing."""
+
+    def __init__(self, log_dir: str | Path, tensorboard: bool = True, tracker: Any = None) -> None:
+        self.log_dir, self._tracker = Path(log_dir), tracker
+        self._enabled = jax.process_index() == 0
+        self._tensorboard = tensorboard and self._enabled
+        self._tb: TensorBoardScalars | None = None
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if not self._enabled:
+            return
+        record = {"step": int(step), "time": time.time(), **values}
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"phase": "eval", **record}) + "\n")
+        scalars = scalar_tags("eval", record)
+        if self._tensorboard:
+            if self._tb is None:  # its own file: a phase's writer may open one in the same second
+                self._tb = TensorBoardScalars(self.log_dir / "tensorboard", suffix=".eval")
+            self._tb.write(scalars, step)
+        if self._tracker is not None:
+            self._tracker.log(scalars, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def make_writer(trainer: Any, seq_len: int, log_dir: str | Path, total_steps: int,

@@ -37,6 +37,7 @@ from phased_jax.config import model_config
 from phased_jax.config_checks import validate_config
 from phased_jax.config_cli import parse_config_argv
 from phased_jax.data.pipeline import Batching, prepare
+from phased_jax.data.splits import metric_name
 from phased_jax.errors import CheckpointError, ConfigError
 from phased_jax.hf.to_hf import tokenizer_files
 from phased_jax.init_from import checkpoint_kind, resolve_model
@@ -48,8 +49,8 @@ from phased_jax.params_checkpoint import (
     params_nbytes,
     save_params,
 )
-from phased_jax.train import tracking
-from phased_jax.train.metrics import make_writer
+from phased_jax.train import forgetting, tracking
+from phased_jax.train.metrics import EvalWriter, make_writer
 from phased_jax.train.runlog import RunLog, read_events
 from phased_jax.train.trainer import Trainer, build_trainer
 
@@ -204,6 +205,8 @@ class PhaseRunner:
         self.logged: set[tuple[Any, Any]] = set()  # (event, phase) lines a killed run wrote
         self.initial_params: Any = None
         self.tracker = tracking.start(config, self.out)  # last: run() finishes it
+        self.eval_writer = EvalWriter(self.out / "logs", bool(config.train.get("tensorboard", True)),
+                                      self.tracker)
 
     def resume(self) -> Position:
         """Where to start: the newest checkpoint's position, or the beginning."""
@@ -215,7 +218,8 @@ class PhaseRunner:
             pos = Position(k, self.loaders[k].start_step(meta["data"]), state)
         global_step = self.starts[pos.phase] + pos.step
         events = self.log.rewind(global_step)  # drops undone steps and torn lines
-        logged = sorted({(e.get("event"), e.get("phase")) for e in events}, key=str)
+        logged = sorted({(e.get("event"), e.get("phase")) for e in events
+                         if e.get("at_phase_end", True)}, key=str)
         self.logged = {tuple(x) for x in distributed.from_process_0(logged)}
         if restored is not None:
             self._replay_tracking(events)
@@ -243,8 +247,8 @@ class PhaseRunner:
             if e.get("event") == "phase_start":
                 self.tracker.phase_start(k + 1, label, self.starts[k] + 1,
                                          self.starts[k] + int(e.get("from_step", 0)) + 1)
-            elif e.get("event") == "eval":
-                self.tracker.eval_loss(label, e["step"], e["eval_loss"])
+            elif e.get("event") == "eval" and e.get("at_phase_end", True):
+                self.tracker.eval_summary(label, _eval_scalars(e))
             elif e.get("event") == "phase_end":
                 self.tracker.phase_end(k + 1, label, e["step"])
 
@@ -267,13 +271,16 @@ class PhaseRunner:
             return state
         phase, loader, start = self.data.phases[k], self.loaders[k], self.starts[k]
         self.log.write(event="phase_start", phase=k + 1, name=phase.phase.name,
-                       steps=self.steps[k], from_step=first, examples=len(phase.examples))
-        _say(f"phase {k + 1}/{len(self.steps)} ({phase.phase.name}): {len(phase.examples)} "
-             f"examples, {self.steps[k]} steps, "
+                       steps=self.steps[k], from_step=first, examples=len(phase.examples),
+                       replayed=phase.replayed)
+        replayed = f" (+{phase.replayed} replayed)" if phase.replayed else ""
+        _say(f"phase {k + 1}/{len(self.steps)} ({phase.phase.name}): {phase.own} examples"
+             f"{replayed}, {self.steps[k]} steps, "
              + (f"from its first step (global step {start + 1})" if first == 0 else
                 f"resuming at step {first + 1} of {self.steps[k]} (global step {start + first + 1})"))
         self.tracker.phase_start(k + 1, _label(k, phase), start + 1, start + first + 1)
         every = int(self.config.checkpoint.every_steps)
+        eval_every = int(self.config.train.eval_every)
         writer = make_writer(self.trainer, int(self.config.data.max_length), self.out / "logs",
                              self.steps[k] - first,
                              prefix=_label(k, phase), step_offset=start, tracker=self.tracker)
@@ -287,6 +294,10 @@ class PhaseRunner:
                     self.log.write(event="step", phase=k + 1, step_in_phase=s + 1,
                                    step=start + s + 1)
                 done = s + 1 == self.steps[k]
+                if not done and eval_every > 0 and (s + 1) % eval_every == 0:
+                    # before the step's checkpoint: a kill between the two redoes the eval
+                    with _storage(logs):
+                        self.evaluate(k, state.params, start + s + 1, at_phase_end=False)
                 if done or (every > 0 and (s + 1) % every == 0):
                     with _storage(self.ckpt_dir, self.state_bytes):
                         self.ckpts.save(start + s + 1, state,
@@ -301,15 +312,10 @@ class PhaseRunner:
     def finish_phase(self, k: int, state: Any) -> None:
         """What phase k owes at its end, each part done unless the log shows it done: its eval
         loss, its `phases/<label>` params (also redone if incomplete), its `phase_end` line."""
-        phase, data, end = self.data.phases[k], self.data, self.starts[k + 1]
-        evals = phase.eval_examples if phase.eval_examples is not None else data.eval_examples
-        if evals is not None and len(evals) and ("eval", k + 1) not in self.logged:
-            ev = self.batching.loader(evals, k, jax.process_index(), jax.process_count(),
-                                      evaluation=True)
-            loss = _eval_loss(self.trainer, state.params, ev)
-            self.log.write(event="eval", phase=k + 1, step=end, eval_loss=loss)
-            self.tracker.eval_loss(_label(k, phase), end, loss)
-            _say(f"phase {k + 1} eval loss {loss:.4f}")
+        phase, end = self.data.phases[k], self.starts[k + 1]
+        if ("eval", k + 1) not in self.logged:
+            with _storage(str(self.out / "logs")):
+                self.evaluate(k, state.params, end, at_phase_end=True)
         target = self.out / "phases" / _label(k, phase)
         if self.config.checkpoint.phase_params and not distributed.from_process_0(
                 ("phase_end", k + 1) in self.logged and params_complete(target)):
@@ -320,7 +326,43 @@ class PhaseRunner:
             self.log.write(event="phase_end", phase=k + 1, name=phase.phase.name, step=end)
             self.tracker.phase_end(k + 1, _label(k, phase), end)
 
+    def evaluate(self, k: int, params: Any, step: int, at_phase_end: bool) -> None:
+        """Each stage's held-out loss (the forgetting matrix's row after phase k when
+        `at_phase_end`) and `data.eval_path`'s, at global `step`: phase log, metrics, console."""
+        sets = [(se.stage.name, se.examples) for se in self.data.stage_evals if len(se.examples)]
+        if self.data.eval_examples is not None and len(self.data.eval_examples):
+            sets.append(("", self.data.eval_examples))
+        if not sets:
+            return
+        t = time.perf_counter()
+        sums = {name: self._eval_sums(k, params, ex) for name, ex in sets}
+        stage = {n: ce / max(tok, 1.0) for n, (ce, tok) in sums.items() if n}
+        event: dict[str, Any] = {"phase": k + 1, "name": self.data.phases[k].phase.name,
+                                 "step": step, "at_phase_end": at_phase_end}
+        if stage:
+            ce, tok = (sum(sums[n][i] for n in stage) for i in (0, 1))
+            event.update(stage_losses=stage, heldout_loss=ce / max(tok, 1.0),
+                         trained_stages=_score_stages(self.data.phases[k]))
+        if "" in sums:
+            event["eval_loss"] = sums[""][0] / max(sums[""][1], 1.0)
+        event["seconds"] = round(time.perf_counter() - t, 4)
+        self.log.write(event="eval", **event)
+        self.eval_writer.write(step, _eval_scalars(event))
+        if at_phase_end:
+            self.tracker.eval_summary(_label(k, self.data.phases[k]), _eval_scalars(event))
+        shown = [f"stage {n} {v:.4f}" for n, v in stage.items()]
+        if "eval_loss" in event:
+            shown.append(f"data.eval_path {event['eval_loss']:.4f}")
+        where = f"phase {k + 1} end" if at_phase_end else f"step {step}"
+        _say(f"eval loss at {where}: {', '.join(shown)} ({event['seconds']:.1f}s)")
+
+    def _eval_sums(self, k: int, params: Any, examples: Any) -> tuple[float, float]:
+        loader = self.batching.loader(examples, k, jax.process_index(), jax.process_count(),
+                                      evaluation=True)
+        return _eval_sums(self.trainer, params, loader)
+
     def close(self) -> None:
+        self.eval_writer.close()
         with _storage(self.ckpt_dir, self.state_bytes):
             self.ckpts.close()
 
@@ -336,6 +378,20 @@ class PhaseRunner:
         if not finished:
             self.log.write(event="done", step=self.starts[-1])
         self.log.close()
+        self.write_forgetting()
+
+    def write_forgetting(self) -> None:
+        """`forgetting.csv` and `.md` from the phase log's phase-end evals (process 0)."""
+        if not self.data.stage_evals or jax.process_index() != 0:
+            return
+        events, _ = read_events(self.log.path)
+        heldout = {"stages": [{"stage": s.stage.name, "label": s.stage.label}
+                              for s in self.data.stage_evals]}
+        matrix = forgetting.from_events(events, heldout)
+        with _storage(str(self.out)):
+            _, md = matrix.write(self.out)
+        _say(f"forgetting matrix ({len(matrix.rows)} phases x {len(matrix.stages)} stages, mean "
+             f"backward transfer {matrix.mean_backward_transfer():+.4f}) in {md}")
 
 
 def _label(k: int, phase: Any) -> str:
@@ -385,9 +441,25 @@ def _check_resume(meta: dict, phases: list, steps: list[int]) -> int:
     return k
 
 
-def _eval_loss(trainer: Any, params: Any, loader: Any) -> float:
+def _eval_sums(trainer: Any, params: Any, loader: Any) -> tuple[float, float]:
+    """(summed response-token CE, token count) over one pass of an evaluation loader."""
     ce, tokens = 0.0, 0.0
     for s in range(loader.steps):
         m = jax.device_get(trainer.eval_loss(params, trainer.shard_batch(loader.batch(s))))
         ce, tokens = ce + float(m["ce_sum"]), tokens + float(m["loss_tokens"])
-    return ce / max(tokens, 1.0)
+    return ce, tokens
+
+
+def _score_stages(phase: Any) -> list[int]:
+    """The score stages a phase trains on; none for one-off and random stages."""
+    return list(phase.phase.stages) if phase.phase.name[0].isdigit() else []
+
+
+def _eval_scalars(event: dict[str, Any]) -> dict[str, float]:
+    """An eval event's losses under their metric names (`eval/<name>` once tagged)."""
+    out = {metric_name(n): v for n, v in event.get("stage_losses", {}).items()}
+    if "heldout_loss" in event:
+        out["heldout_loss"] = event["heldout_loss"]
+    if "eval_loss" in event:
+        out["loss"] = event["eval_loss"]
+    return out

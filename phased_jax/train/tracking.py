@@ -93,10 +93,12 @@ class Tracker:
             self.log({"phase_end": phase}, last_step)
             self.run.summary[f"phases/{label}/last_step"] = last_step
 
-    def eval_loss(self, label: str, global_step: int, loss: float) -> None:
+    def eval_summary(self, label: str, losses: dict[str, float]) -> None:
+        """A phase end's eval losses in the run's summary (the scalars themselves come as
+        metrics rows: `metrics.EvalWriter`)."""
         if self.run is not None:
-            self.log({"eval/loss": loss}, global_step)
-            self.run.summary[f"phases/{label}/eval_loss"] = loss
+            for name, value in losses.items():
+                self.run.summary[f"phases/{label}/eval/{name}"] = value
 
     def replay(self, metrics: list[dict[str, Any]]) -> None:
         """Log again `metrics.jsonl` rows (MetricsWriter's records) under the names

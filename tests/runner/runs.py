@@ -32,6 +32,9 @@ def get_config():
     c.train.peak_flops = 1e11
     c.checkpoint.every_steps = 2
     c.checkpoint.keep = 2
+    # The forgetting matrix and replay in every run the resume tests kill and compare
+    c.data.eval_fraction = 0.1
+    c.data.replay = 0.5
     c.export.dtype = "float32"
 {extra}
     return c
