@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("phased_jax.train.plan", "per-device memory and whether a model fits a device"),
     "compile": ("phased_jax.train.compile", "compile the train/eval steps for a TPU slice, here"),
     "generate": ("phased_jax.generate", "batched greedy/sampled answers for test sets"),
+    "compare": ("phased_jax.train.compare", "runs' held-out loss per stage and forgetting matrices"),
 }
 
 

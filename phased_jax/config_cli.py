@@ -37,6 +37,10 @@ def _field_paths(config: ConfigDict, prefix: str = "") -> list[str]:
     return out
 
 
+# Fields that were replaced, and what to write instead
+RENAMED = {"train.carry_optimizer": "use train.schedule_scope='run' for True, 'phase' for False"}
+
+
 def _check_override(config: ConfigDict, arg: str) -> None:
     """Raise a UsageError if `--config.a.b=v` names no field of `config` (with a suggestion)."""
     key = arg.lstrip("-").split("=", 1)[0].removeprefix("config.")
@@ -49,7 +53,8 @@ def _check_override(config: ConfigDict, arg: str) -> None:
                              f"with field {name!r}")
         if name not in node:
             close = difflib.get_close_matches(key, _field_paths(config), n=1, cutoff=0.6)
-            hint = (f"; did you mean {close[0]!r}?" if close
+            hint = (f"; it was replaced: {RENAMED[key]}" if key in RENAMED
+                    else f"; did you mean {close[0]!r}?" if close
                     else f"; the config's sections are {', '.join(sorted(config.keys()))}")
             raise UsageError(f"{arg}: the config has no field {key!r}{hint}")
         node = node[name]

@@ -223,3 +223,28 @@ def test_required_field_missing_is_named():
     c = valid()
     del c.train["z_loss"]  # optional fields are checked only where present
     validate_config(c)
+
+
+@pytest.mark.parametrize(("override", "says"), [
+    ("--config.data.replay=-0.5", r"data\.replay=-0\.5 is invalid: it must be a number >= 0"),
+    ("--config.data.replay=nan", r"data\.replay=nan is invalid: it must be a number >= 0"),
+    ("--config.data.replay=lots", r"--config\.data\.replay=lots.*could not convert"),
+    ("--config.train.schedule_scope=epoch",
+     r"train\.schedule_scope='epoch' is invalid: choose one of 'phase', 'run'"),
+    ("--config.train.carry_optimizer=True",
+     r"no field 'train\.carry_optimizer'; it was replaced: use train\.schedule_scope='run'"),
+])
+def test_replay_and_schedule_scope_mistakes_are_one_line(good, capsys, override, says):
+    err = usage_error(capsys, ["--config", str(good), override])
+    assert re.search(says, err), err
+
+
+@pytest.mark.parametrize("order", ["oneoff", "3", "1+2+3"])
+def test_replay_with_a_single_phase_is_refused(good, capsys, order):
+    """Replay needs an earlier phase; refused rather than silently ignored."""
+    err = usage_error(capsys, ["--config", str(good), f"--config.data.order={order}",
+                               "--config.data.replay=0.5"])
+    assert (f"data.replay=0.5 has no effect with data.order='{order}' (one phase: nothing "
+            "earlier to replay)") in err
+    assert cli_main(["stats", "--config", str(good), f"--config.data.order={order}",
+                     "--config.data.replay=0.5"]) == 2

@@ -16,8 +16,16 @@ from typing import Any
 import numpy as np
 
 from phased_jax.config_cli import parse_config_argv
-from phased_jax.data.phases import build_phases, check_phases, config_phases, stage_bounds, stratify
+from phased_jax.data.phases import (
+    Phase,
+    build_phases,
+    check_phases,
+    config_phases,
+    stage_bounds,
+    stratify,
+)
 from phased_jax.data.records import Record, read_config_records
+from phased_jax.data.splits import make_splits
 from phased_jax.data.templates import user_text
 from phased_jax.data.tokens import load_tokenizer
 from phased_jax.local_paths import check_stats
@@ -74,7 +82,35 @@ def table(records: Sequence[Record], cfg: Any, tokenizer: Any, tokenizer_name: s
         lines.append(_row(f"{i + 1}", f"{ph.name} ({stages})" if ph.name != stages else stages,
                           ph.records, counts))
     lines.append(_row("total", "", records, counts))
+    if all(r.score is not None for r in records) or d.order.strip() == "oneoff":
+        lines += ["", *split_lines(records, phases, cfg, counts, unit)]
     return "\n".join(lines)
+
+
+def split_lines(records: Sequence[Record], phases: Sequence[Phase], cfg: Any,
+                counts: dict[str, int], unit: str) -> list[str]:
+    """What `train` holds out per stage and replays per phase (the same draws), and the run's
+    length against data.replay=0."""
+    d = cfg.data
+    splits = make_splits(records, phases, d, cfg.seed)
+    lines = []
+    if splits.stages:
+        lines.append(f"held out for the forgetting matrix (data.eval_fraction={d.eval_fraction:g}): "
+                     + ", ".join(f"stage {s.name} {len(s.heldout_ids):,} of {s.records:,}"
+                                 for s in splits.stages))
+    replay = float(d.get("replay", 0.0))
+    if replay > 0:
+        lines.append(f"replay (data.replay={replay:g}): " + ", ".join(
+            f"phase {k + 1} +{len(dr.ids):,} of {dr.available:,} earlier"
+            + (" (all there are)" if dr.short else "")
+            for k, dr in enumerate(splits.replay) if k))
+    epochs = int(cfg.train.epochs_per_phase)
+    without = sum(counts[i] for ids in splits.train_ids for i in ids) * epochs
+    with_replay = without + sum(counts[i] for dr in splits.replay for i in dr.ids) * epochs
+    lines.append(f"training {unit} over {epochs} epoch(s) a phase: {with_replay:,}"
+                 + (f", {100 * (with_replay / max(without, 1) - 1):+.1f}% against data.replay=0 "
+                    f"({without:,})" if replay > 0 else ""))
+    return lines
 
 
 def score_summary(scores: Sequence[float]) -> str:
