@@ -111,7 +111,7 @@ def get_default_config() -> ConfigDict:
     # decay over the whole run's steps, optimizer state carried across phase boundaries.
     c.train.schedule_scope = "phase"
     c.train.log_every = 10
-    c.train.eval_every = 0  # 0: eval at each phase end only
+    c.train.eval_every = 0  # >0: also eval every this many global steps; 0: at phase ends only
     c.train.peak_flops = 0.0  # per device, for MFU where the device kind is unknown (CPU); 0 = probe
     c.train.tensorboard = True  # event files in <output_dir>/tensorboard (also metrics.jsonl)
     # Weights & Biases (phased_jax/train/tracking.py; pip install 'phased-jax[wandb]'): the

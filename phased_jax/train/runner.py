@@ -294,7 +294,7 @@ class PhaseRunner:
                     self.log.write(event="step", phase=k + 1, step_in_phase=s + 1,
                                    step=start + s + 1)
                 done = s + 1 == self.steps[k]
-                if not done and eval_every > 0 and (s + 1) % eval_every == 0:
+                if not done and eval_every > 0 and (start + s + 1) % eval_every == 0:
                     # before the step's checkpoint: a kill between the two redoes the eval
                     with _storage(logs):
                         self.evaluate(k, state.params, start + s + 1, at_phase_end=False)
@@ -461,5 +461,5 @@ def _eval_scalars(event: dict[str, Any]) -> dict[str, float]:
     if "heldout_loss" in event:
         out["heldout_loss"] = event["heldout_loss"]
     if "eval_loss" in event:
-        out["loss"] = event["eval_loss"]
+        out["eval_path_loss"] = event["eval_loss"]
     return out

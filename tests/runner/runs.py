@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from phased_jax.config_cli import load_config_file
+from phased_jax.data.pipeline import Batching, prepare
+from phased_jax.params_checkpoint import load_params
+from phased_jax.train.trainer import build_trainer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -86,9 +93,55 @@ def final_params(out: Path) -> dict:
 
 
 def metrics(out: Path) -> dict[int, dict]:
-    """metrics.jsonl by global step (the config logs every step)."""
+    """metrics.jsonl's training rows by global step (the config logs every step)."""
     lines = (out / "logs" / "metrics.jsonl").read_text().splitlines()
-    return {e["step"]: e for e in map(json.loads, lines)}
+    return {e["step"]: e for e in map(json.loads, lines) if e["phase"] != "eval"}
+
+
+def phase_events(out: Path, event: str) -> list[dict]:
+    lines = (out / "logs" / "phase_log.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == event]
+
+
+def fresh_stage_losses(out: Path, config_file: Path) -> dict[int, dict[str, float]]:
+    """Each `phases/` params checkpoint, loaded fresh in this process (its own Trainer and
+    mesh), evaluated on each stage's held-out examples: {phase: {stage: loss}}."""
+    config = load_config_file(str(config_file))
+    trainer = build_trainer(config)
+    batching = Batching.from_sections(config.train, config.data, config.seed)
+    prepared = prepare(config.data, batching, config.output_dir, write_report=False)
+    dirs = sorted((out / "phases").iterdir(), key=lambda p: int(p.name[5:].split("-")[0]))
+    losses = {}
+    for k, d in enumerate(dirs):
+        _, params = load_params(d, trainer.param_shardings)
+        losses[k + 1] = {}
+        for se in prepared.stage_evals:
+            ce = tokens = 0.0
+            loader = batching.loader(se.examples, k, evaluation=True)
+            for s in range(loader.steps):
+                m = trainer.eval_loss(params, trainer.shard_batch(loader.batch(s)))
+                ce, tokens = ce + float(m["ce_sum"]), tokens + float(m["loss_tokens"])
+            losses[k + 1][se.stage.name] = ce / tokens
+    return losses
+
+
+def assert_matrix_is_fresh_eval(out: Path, config_file: Path, rel: float = 1e-6) -> None:
+    """Every forgetting-matrix entry the run logged equals a fresh evaluation of its phase's
+    saved params; forgetting.csv holds the same numbers."""
+    logged = {e["phase"]: e["stage_losses"] for e in phase_events(out, "eval")
+              if e["at_phase_end"]}
+    fresh = fresh_stage_losses(out, config_file)
+    assert sorted(logged) == sorted(fresh) and fresh
+    for k, row in fresh.items():
+        assert logged[k].keys() == row.keys()
+        for j, v in row.items():
+            assert abs(logged[k][j] - v) <= rel * abs(v), (k, j, logged[k][j], v)
+    rows = list(csv.DictReader(io.StringIO((out / "forgetting.csv").read_text())))
+    for k, row in logged.items():
+        line = rows[k - 1]
+        assert line["row"] == f"after phase {k}"
+        for j, v in row.items():
+            assert float(line[f"stage {j}"]) == float(f"{v:.6g}")
 
 
 def step_lines(out: Path) -> list[int]:

@@ -12,7 +12,7 @@ import pytest
 from tests.runner.runs import final_params, metrics, step_lines, train, write_config
 
 pytestmark = pytest.mark.slow
-PHASE_ENDS = (15, 23, 27)  # 116 / 58 / 26 examples at batch 8, one epoch each
+PHASE_ENDS = (14, 24, 29)  # 105 / 51+26 replayed / 23+12 replayed examples at batch 8
 
 
 def test_reference_run_layout(reference):
@@ -53,8 +53,11 @@ def _assert_same_params(a: dict, b: dict) -> None:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)  # bitwise
 
 
-@pytest.mark.parametrize("kill_after", [19, PHASE_ENDS[0]], ids=["mid-phase-2", "phase-boundary"])
+@pytest.mark.parametrize("kill_after", [PHASE_ENDS[1] + 2, PHASE_ENDS[0]],
+                         ids=["mid-phase-3", "phase-boundary"])
 def test_sigkill_then_rerun_is_exact(tiny_experiment, reference, tmp_path, kill_after):
+    """With held-out stages and replay (the tests' config): the rerun replays the same draws
+    and ends bitwise equal, with the same forgetting matrix, each row computed once."""
     out = tmp_path / "run"
     cfg = write_config(tiny_experiment, out)
     killed = train(cfg, kill_after=kill_after, check=False)
@@ -62,19 +65,23 @@ def test_sigkill_then_rerun_is_exact(tiny_experiment, reference, tmp_path, kill_
     assert not (out / "hf").exists()
     assert max(step_lines(out)) == kill_after
     resumed = train(cfg)
-    assert "resuming phase" in resumed.stdout
-    # The run goes on from its newest checkpoint (at or before the kill); phase 2's start line
-    # says where: mid-way, or from its first step when the checkpoint was phase 1's end.
+    # The run goes on from its newest checkpoint (at or before the kill); the next phase start
+    # line says where: mid-way, or from the phase's first step after a phase-end checkpoint.
     phase, step = map(int, re.search(r"resuming phase (\d) at step (\d+)/", resumed.stdout).groups())
-    if phase == 2 and step:
-        expect = (rf"resuming at step {step + 1} of {PHASE_ENDS[1] - PHASE_ENDS[0]} "
-                  rf"\(global step {PHASE_ENDS[0] + step + 1}\)")
+    starts, sizes = (0, *PHASE_ENDS), np.diff((0, *PHASE_ENDS))
+    if step == sizes[phase - 1]:
+        phase, expect = phase + 1, rf"from its first step \(global step {starts[phase] + 1}\)"
     else:
-        expect = rf"from its first step \(global step {PHASE_ENDS[0] + 1}\)"
-    assert re.search(rf"phase 2/3 .*{expect}", resumed.stdout), resumed.stdout
+        expect = (rf"resuming at step {step + 1} of {sizes[phase - 1]} "
+                  rf"\(global step {starts[phase - 1] + step + 1}\)")
+    assert re.search(rf"phase {phase}/3 .*\+\d+ replayed\), \d+ steps, {expect}", resumed.stdout), \
+        resumed.stdout
     assert "starting at step" not in resumed.stdout
     assert step_lines(out) == list(range(1, PHASE_ENDS[-1] + 1)), "no step twice, none skipped"
     _assert_same_params(final_params(out), final_params(reference))
+    events = [json.loads(x) for x in (out / "logs" / "phase_log.jsonl").read_text().splitlines()]
+    assert [e["phase"] for e in events if e["event"] == "eval"] == [1, 2, 3]
+    assert (out / "forgetting.csv").read_text() == (reference / "forgetting.csv").read_text()
 
 
 def test_truncated_latest_checkpoint_falls_back(tiny_experiment, reference, tmp_path):
