@@ -6,7 +6,7 @@ not the minutes of Hub retries, data reading and tokenising that came before it.
 
 - **Inputs.** A value that names a local path (see `is_hub_id`) and does not exist is a
   UsageError (exit 2): `no such file or directory: PATH (FIELD, relative to CWD); what to do`.
-  `data.tokenizer`, `model.init_from` and the model flags (`--hf`, `--checkpoint`,
+  `data.tokenizer`, `model.init_from` and the model flags (`--hf`, `--checkpoint`, `--run`,
   `--tokenizer`) are local directories only (they are loaded offline), so any value of theirs
   that does not exist is such a path. `model.init_from` is checked where it is read: `train`
   (unless the run resumes from its checkpoints) and `score`; `plan` and `compile` need none.
@@ -285,7 +285,8 @@ def check_score(config: Any, output: str) -> None:
 
 
 def check_generate(args: Any) -> None:
-    """`phased-jax generate`: the model, tokenizer and question flags, `--output`, the cache."""
+    """`phased-jax generate`: the model, tokenizer and question flags, `--output` (a file, or
+    a folder with `--run`), the cache."""
     fix = "give the model's directory"
     if getattr(args, "hf", None):
         check_local_dir(args.hf, "--hf", "a Hugging Face model (config.json + safetensors)",
@@ -295,6 +296,11 @@ def check_generate(args: Any) -> None:
                         "(model_config.json + params/)", fix + " (a run writes "
                         "RUN/phases/PHASE; `phased-jax convert` makes one from an HF model)",
                         holds=("model_config.json",), hub_hint=False)
+    run = getattr(args, "run", None)
+    if run:
+        check_local_dir(run, "--run", "a training run's output_dir (phases/phase<k>-<name>/, "
+                        "hf/)", "give the output_dir of a `phased-jax train` run",
+                        hub_hint=False)
     if getattr(args, "tokenizer", None):
         check_local_dir(args.tokenizer, "--tokenizer", "a Hugging Face tokenizer or model",
                         "give its directory")
@@ -305,7 +311,10 @@ def check_generate(args: Any) -> None:
         check_local_dir(test_sets, "--test-sets", "of <set>.jsonl files",
                         "give that directory, or 'paper' for the paper's six sets",
                         hub_hint=False)
-    if getattr(args, "output", None):
+    if getattr(args, "output", None) and run:
+        check_output_dir(args.output, "--output", "with --run, --output is a folder (it gets "
+                         "one answers file per model): give a folder's path")
+    elif getattr(args, "output", None):
         check_output_file(args.output, "--output")
     if test_sets == "paper" and getattr(args, "cache_dir", None):
         check_output_dir(args.cache_dir, "--cache-dir", "give a directory for the built sets")

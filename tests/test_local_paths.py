@@ -1,7 +1,7 @@
 """Paths fail fast and say so (`phased_jax.local_paths`).
 
 A missing local input (`data.paths`, `data.tokenizer`, `model.init_from`, `generate --hf /
---checkpoint / --tokenizer`, `convert`'s SRC) is one line and exit 2 within 2 s of the time
+--checkpoint / --run / --tokenizer`, `convert`'s SRC) is one line and exit 2 within 2 s of the time
 the same command takes to report a config error (both measured here, in subprocesses with one
 CPU device, from a directory of the user's own, as a user runs them; the README's relative
 paths first). A Hub dataset id with the Hub unreachable (its endpoint a closed port on
@@ -225,6 +225,9 @@ def test_generate_readme_paths_fail_fast(user):
                "runs/llama2_7b_oneoff/phases/phase1-oneoff", "--tokenizer", "tok",
                "--test-sets", "paper", "--output", "answers/oneoff.jsonl",
                expect="no such directory: runs/llama2_7b_oneoff/phases/phase1-oneoff (--checkpoint")
+    fails_fast(user, "generate: README --run", base, "generate", "--config", PAPER, "--run",
+               "runs/llama2_7b_phased", "--test-sets", "paper", "--output", "answers/phased",
+               expect="no such directory: runs/llama2_7b_phased (--run")
     fails_fast(user, "generate: --tokenizer", base, "generate", "--hf", "model", "--tokenizer",
                "checkpoints/Llama-2-7b-hf", "--input", "questions.jsonl", "--output",
                "answers/x.jsonl", expect="no such directory: checkpoints/Llama-2-7b-hf (--tokenizer")
@@ -309,6 +312,11 @@ def test_generate_output_under_a_file_or_a_folder(user, monkeypatch, capsys):
     assert "--output tok: is a directory" in err
     err = usage_error(capsys, [*common, "--output", "x.jsonl", "--tokenizer", "afile"])
     assert "--tokenizer afile: is a file" in err
+    run = ["generate", "--run", "tok", "--input", "questions.jsonl"]  # any folder, for the order
+    err = usage_error(capsys, [*run, "--output", "afile"])
+    assert "--output: afile is a file, not a directory; with --run, --output is a folder" in err
+    err = usage_error(capsys, [*run, "--output", "afile/answers"])
+    assert "--output: afile is a file, so the directory afile/answers cannot be made" in err
 
 
 def test_score_output_under_a_file(user, monkeypatch, capsys):

@@ -2,6 +2,11 @@
 
     phased-jax generate --config configs/X.py --hf DIR --test-sets paper --output answers.jsonl
     phased-jax generate --checkpoint DIR --tokenizer TOK --input test.jsonl --output answers.jsonl
+    phased-jax generate --run runs/X --test-sets paper --output answers/X/
+
+`--run` answers with every model a training run wrote (`phases/phase<k>-<name>/` in phase
+order, then `hf/`), in one process: the tokenizer and questions are read once and the compiled
+decoder is reused by every model of the same shapes; one file per model in the --output folder.
 
 Each output line is `{test_set, id, instruction, input, output, generator}`, in input order,
 written atomically. Decoding is greedy with a total length of 1024 by default (the paper's
@@ -11,7 +16,9 @@ setting) and uses the training template, so answers are what the trained model w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +34,7 @@ from phased_jax.errors import ConfigError, UsageError
 from phased_jax.fileio import write_jsonl_atomic
 from phased_jax.generate import testsets
 from phased_jax.generate.decode import Sampling, generate_ids
-from phased_jax.hf import load
+from phased_jax.hf import export_complete, load
 from phased_jax.model.transformer import Transformer
 from phased_jax.sharding import Placement, param_shardings, place_params
 
@@ -49,15 +56,22 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", metavar="DIR",
                      help="Orbax params checkpoint (DIR/params + DIR/model_config.json, as "
                           "written by `phased-jax convert` / phased_jax.params_checkpoint)")
+    src.add_argument("--run", metavar="OUTPUT_DIR",
+                     help="a training run's output_dir: answer with every phase's params "
+                          "(OUTPUT_DIR/phases/phase<k>-<name>/, in phase order) and the final "
+                          "export (OUTPUT_DIR/hf/, if there), in one process; --output is then "
+                          "a folder that gets <phase>.jsonl for each phase and final.jsonl")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--input", metavar="FILE", help="questions in any format `train` reads: JSONL {instruction, input?, id?, "
                            "test_set?}, an Alpaca JSON list, the authors' or phased-score's JSONL "
                            "(outputs are ignored)")
     data.add_argument("--test-sets", metavar="DIR|paper",
                       help="directory of <set>.jsonl, or 'paper' for the paper's six sets")
-    p.add_argument("--output", required=True, metavar="FILE")
+    p.add_argument("--output", required=True, metavar="FILE|DIR",
+                   help="the answers file; with --run, a folder (created) of one file per model")
     p.add_argument("--tokenizer", metavar="DIR",
-                   help="default: the model directory (a params checkpoint's DIR/tokenizer/)")
+                   help="default: the model directory (a params checkpoint's DIR/tokenizer/; "
+                        "with --run, the first phase's, else OUTPUT_DIR/hf)")
     p.add_argument("--max-length", type=int, default=1024, help="prompt + answer tokens (paper: 1024)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="answer tokens at most (default: whatever --max-length leaves)")
@@ -69,7 +83,8 @@ def parser() -> argparse.ArgumentParser:
                    help="prompt lengths are padded to a multiple of this (fewer compiles)")
     p.add_argument("--limit", type=int, default=0, help="first N items of each set (smoke runs)")
     p.add_argument("--generator", default="", help="name recorded in each line (default: the model directory's name; for a "
-                        "run's RUN/hf or RUN/phases/PHASE, RUN or RUN/PHASE)")
+                        "run's RUN/hf or RUN/phases/PHASE, RUN or RUN/PHASE; with --run, it "
+                        "replaces RUN: NAME/PHASE and NAME)")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "phased_jax" / "testsets"),
                    help="where --test-sets paper keeps the built sets")
     p.add_argument("--alpaca-eval-source", default=testsets.ALPACA_EVAL_SOURCE)
@@ -128,15 +143,73 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--temperature/--top-p: {e}") from None
 
 
+PHASE_DIR = re.compile(r"phase(\d+)-.+")
+RUN_FIX = ("expects phases/phase<k>-<name>/ as `phased-jax train` writes them with "
+           "checkpoint.phase_params=True; give that run's output_dir")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """One model to answer with: its directory, its kind and, under --run, its file's stem."""
+
+    path: str
+    hf: bool
+    label: str = ""
+
+
+def run_models(run_dir: str) -> list[ModelSource]:
+    """A run's models: each `phases/phase<k>-<name>/` by k (phase10 after phase9), then `hf/`
+    if there. An incomplete one is an error naming it: answers from whichever phases happen to
+    be whole would make a comparison that silently lacks a phase."""
+    phases = Path(run_dir, "phases")
+    found = sorted((int(m.group(1)), p.name) for p in (phases.iterdir() if phases.is_dir() else ())
+                   if p.is_dir() and (m := PHASE_DIR.fullmatch(p.name)))
+    if not found:
+        what = "its phases/ holds no phase<k>-<name>/" if phases.is_dir() else "it has no phases/"
+        raise UsageError(f"--run {run_dir}: not a training run's output_dir ({what}); {RUN_FIX}")
+    models = []
+    for _, name in found:
+        if not params_checkpoint.params_complete(phases / name):
+            raise UsageError(f"--run {run_dir}: phases/{name} is not a complete params checkpoint "
+                             "(its write was cut short?): resume that run with `phased-jax train` "
+                             "(it redoes a phase's params at the phase's end), or move it away")
+        models.append(ModelSource(str(phases / name), hf=False, label=name))
+    hf_dir = Path(run_dir, "hf")
+    if hf_dir.exists():
+        if not export_complete(hf_dir):
+            raise UsageError(f"--run {run_dir}: hf/ is not a complete Hugging Face export (its "
+                             "write was cut short?): rerun `phased-jax train` with the run's "
+                             "config (it redoes an incomplete export), or move it away")
+        models.append(ModelSource(str(hf_dir), hf=True, label="final"))
+    return models
+
+
+def model_sources(args: argparse.Namespace) -> list[ModelSource]:
+    """What to answer with: --hf or --checkpoint, or every model of --run (whose answer files
+    are checked here too, so a folder standing where one goes fails before any decoding)."""
+    if not args.run:
+        return [ModelSource(args.hf or args.checkpoint, hf=bool(args.hf))]
+    models = run_models(args.run)
+    for m in models:
+        local_paths.check_output_file(answers_path(args.output, m), "--output (with --run)")
+    return models
+
+
+def answers_path(output: str, model: ModelSource) -> Path:
+    """Where a model's answers go: --output itself, or under --run `<output>/<label>.jsonl`."""
+    return Path(output, f"{model.label}.jsonl") if model.label else Path(output)
+
+
 def main(argv: list[str] | None = None) -> int:
     config_argv, rest = split_config_argv(argv or [])
     args = parser().parse_args(rest)
     check_args(args)
     local_paths.check_generate(args)  # model, tokenizer, questions, --output: one line each
+    models = model_sources(args)
+    flag = "--hf" if args.hf else "--checkpoint" if args.checkpoint else "--run"
     config = parse_config_argv(config_argv, "phased-jax generate", USAGE,
                                default=get_default_config, sections=("model",),
-                               model_source=(args.hf, "--hf") if args.hf
-                               else (args.checkpoint, "--checkpoint")).config
+                               model_source=(models[0].path, flag)).config
     template = config.data.template
     if template not in TEMPLATES:
         raise UsageError(f"data.template={template!r} is invalid: choose one of "
@@ -144,17 +217,34 @@ def main(argv: list[str] | None = None) -> int:
     precision = (config.model.dtype, config.model.param_dtype) if config_argv else None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     items = load_items(args)
-    model_dir = args.hf or args.checkpoint
-    tokenizer = load_tokenizer(*tokenizer_source(args))
-    placement = Placement.from_config(config.mesh)
-    model, params = load_model(model_dir, placement, precision, hf=bool(args.hf))
+    tokenizer = load_tokenizer(*tokenizer_source(args, models[0]))  # once for every model
+    placement = Placement.from_config(config.mesh)  # one mesh: every model's decoder the same
     prompts = [encode_prompt(i.instruction, i.input, template, tokenizer) for i in items]
-    eos, pad = stop_ids(template, tokenizer), pad_id_of(tokenizer)
     too_long = [f"{i.test_set}/{i.id}" for i, p in zip(items, prompts, strict=True)
                 if len(p) >= args.max_length]
     if too_long:
         log.warning("%d prompt(s) fill --max-length %d and get empty answers: %s",
                     len(too_long), args.max_length, ", ".join(too_long[:10]))
+    written = []
+    for n, source in enumerate(models, 1):
+        if len(models) > 1:
+            log.info("model %d/%d: %s", n, len(models), source.path)
+        written.append(answer_with(source, args, items, prompts, tokenizer, template, placement,
+                                   precision))
+    if args.run and jax.process_index() == 0:
+        print(f"wrote {len(written)} answer files to {args.output}: "
+              f"{', '.join(p.name for p in written)}", flush=True)
+    return 0
+
+
+def answer_with(source: ModelSource, args: argparse.Namespace, items: list[testsets.TestItem],
+                prompts: list[list[int]], tokenizer: Any, template: str, placement: Placement,
+                precision: tuple[str, str] | None) -> Path:
+    """Load one model, answer every prompt, write its file; returns the file. Its params are
+    dropped on return, so a --run holds one model at a time; the jitted decoder stays cached
+    (`decode.decode_fn`, keyed by the model's config) for the next model of the same shapes."""
+    model, params = load_model(source.path, placement, precision, hf=source.hf)
+    eos, pad = stop_ids(template, tokenizer), pad_id_of(tokenizer)
     t0 = time.perf_counter()
     answers = generate_ids(
         model, params, prompts, eos_token_ids=eos, pad_id=pad,
@@ -162,35 +252,45 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size, sampling=Sampling(args.temperature, args.top_p),
         seed=args.seed, placement=placement, length_multiple=args.length_multiple)
     seconds = time.perf_counter() - t0
-    generator = args.generator or generator_name(model_dir)
+    del params
+    generator = generator_name(source.path, args.generator, run=bool(args.run))
     rows = [dict(i.answer(tokenizer.decode(a, skip_special_tokens=True)).to_row(),
                  generator=generator) for i, a in zip(items, answers, strict=True)]
+    out = answers_path(args.output, source)
     if jax.process_index() == 0:  # every host decoded the same rows; one writes them
-        write_jsonl_atomic(args.output, rows)
-    n_tokens = sum(len(a) for a in answers)
-    if jax.process_index() == 0:
-        print(f"wrote {len(rows)} answers by {generator!r} to {args.output} ({n_tokens} tokens in "
+        write_jsonl_atomic(out, rows)
+        n_tokens = sum(len(a) for a in answers)
+        print(f"wrote {len(rows)} answers by {generator!r} to {out} ({n_tokens} tokens in "
               f"{seconds:.1f}s, {n_tokens / max(seconds, 1e-9):.1f} tokens/s incl. compile)",
               flush=True)
-    return 0
+    return out
 
 
-def tokenizer_source(args: argparse.Namespace) -> tuple[str, str]:
+def tokenizer_source(args: argparse.Namespace, first: ModelSource) -> tuple[str, str]:
     """(directory, the flag to name in errors): --tokenizer, else the model's own (a params
-    checkpoint keeps it in DIR/tokenizer/, as `convert` and the runner's phases/ write it)."""
+    checkpoint keeps it in DIR/tokenizer/, as `convert` and the runner's phases/ write it; a
+    run's, in its `first` phase, else in its hf/)."""
     if args.tokenizer:
         return args.tokenizer, "--tokenizer"
+    if args.run:
+        if Path(first.path, "tokenizer").is_dir():
+            return (str(Path(first.path, "tokenizer")),
+                    f"--tokenizer (default: {first.path}/tokenizer)")
+        return str(Path(args.run, "hf")), "--tokenizer (default: OUTPUT_DIR/hf of --run)"
     if args.checkpoint and Path(args.checkpoint, "tokenizer").is_dir():
         return str(Path(args.checkpoint, "tokenizer")), "--tokenizer (default: DIR/tokenizer)"
     return args.hf or args.checkpoint, "--tokenizer (default: the model directory)"
 
 
-def generator_name(model_dir: str) -> str:
+def generator_name(model_dir: str, given: str = "", *, run: bool = False) -> str:
     """The name a model's answers carry: its directory's, or for the directories a run writes
-    (`RUN/hf`, `RUN/phases/phaseK-...`) the run's, so two runs' answers never look alike."""
+    (`RUN/hf`, `RUN/phases/phaseK-...`) the run's, so two runs' answers never look alike.
+    `given` (--generator) is the name; under --run it stands for RUN, so phases stay apart."""
     path = Path(model_dir).resolve()
+    if given and not run:
+        return given
     if path.name == "hf":
-        return path.parent.name
+        return given or path.parent.name
     if path.parent.name == "phases":
-        return f"{path.parent.parent.name}/{path.name}"
-    return path.name
+        return f"{given or path.parent.parent.name}/{path.name}"
+    return given or path.name
