@@ -2,12 +2,13 @@
 
 Stages: build the graded-task data, the prose corpus and a tokenizer -> pretrain a base model
 on the corpus and export it to HF (once: reused while its inputs are unchanged) -> on each
-seed, instruction-tune phased (3 phases, a boundary checkpoint after each), one-off and reverse
-(3,2,1) from that base on the same examples and epochs -> export each to HF -> generate
-answers on the held-out split (and from the first seed's phased model at each phase boundary)
--> exact match by difficulty band (mean +- sd over seeds), the paper's win/tie/lose table, a
-paired bootstrap of the accuracy difference pooled over seeds, and a one-line verdict ->
-report.md and PNG plots. The design criteria are in `phased_jax.demo.config`.
+seed, instruction-tune every arm from that base: phased (3 phases, a boundary checkpoint after
+each), one-off, reverse (3,2,1), and the follow-up variants phased-replay and
+phased-one-schedule -> export each to HF -> generate answers on the held-out split (and from
+every multi-phase model at each phase boundary) -> exact match by difficulty band (mean +- sd
+over seeds), the paper's win/tie/lose table, a two-level (seeds, then items) bootstrap of each
+pre-registered accuracy difference and its verdict -> report.md and PNG plots. The design
+criteria are in `phased_jax.demo.config`.
 """
 
 from __future__ import annotations
@@ -123,24 +124,25 @@ def answer(model_dir: Path, tokenizer_dir: Path, test_path: Path, answers_path: 
         for r, o in zip(items, outputs, strict=True)])
 
 
-def answer_seed(out: Path, seed: int, runs: dict[str, dict], test_path: Path,
-                with_phases: bool) -> dict[str, Path]:
-    """Answers of every arm of one seed; with `with_phases`, also the phased model's at its
-    inner phase boundaries (returned as label -> path, the last being the final model's)."""
-    for r in runs.values():
+def answer_seed(out: Path, seed: int, runs: dict[str, dict], test_path: Path
+                ) -> dict[str, dict[str, Path]]:
+    """Answers of every arm of one seed, and of every multi-phase arm at its inner phase
+    boundaries, for the forgetting plot. Returns arm -> "after phase k" -> answers (multi-phase
+    arms only; the last phase's are the final model's, not generated twice)."""
+    phase_answers: dict[str, dict[str, Path]] = {}
+    for arm, r in runs.items():
         answer(Path(r["hf_dir"]), out / "tokenizer", test_path, Path(r["answers"]),
                MAX_NEW_TOKENS)
-    if not with_phases:
-        return {}
-    dirs = sorted(p for p in (Path(runs["phased"]["output_dir"]) / "phases").iterdir()
-                  if p.is_dir())
-    phase_answers = {}
-    for k, d in enumerate(dirs, 1):
-        path = (Path(runs["phased"]["answers"]) if k == len(dirs)
-                else out / f"seed{seed}" / f"answers_phased_after_phase{k}.jsonl")
-        if k < len(dirs):
-            answer(d, out / "tokenizer", test_path, path, MAX_NEW_TOKENS)
-        phase_answers[f"after phase {k}"] = path
+        dirs = sorted(p for p in (Path(r["output_dir"]) / "phases").glob("phase*") if p.is_dir())
+        if len(dirs) < 2:
+            continue
+        phase_answers[arm] = {}
+        for k, d in enumerate(dirs, 1):
+            path = (Path(r["answers"]) if k == len(dirs)
+                    else out / f"seed{seed}" / f"answers_{arm}_after_phase{k}.jsonl")
+            if k < len(dirs):
+                answer(d, out / "tokenizer", test_path, path, MAX_NEW_TOKENS)
+            phase_answers[arm][f"after phase {k}"] = path
     return phase_answers
 
 
@@ -184,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         runs[seed] = {}
         seed_dir_for(out, seed, base["key"])
-        for name, order in ARMS.items():
-            cfg = demo_config(str(out), order=order, seed=seed)
+        for name in ARMS:
+            cfg = demo_config(str(out), arm=name, seed=seed)
             if epochs:
                 cfg.train.epochs_per_phase = epochs
             summary = stages.run(f"train {name} seed {seed}", run, cfg)
@@ -196,15 +198,15 @@ def main(argv: list[str] | None = None) -> int:
                 "answers": str(out / f"seed{seed}" / f"answers_{name}.jsonl")}
 
     test_path = Path(info["test"])
-    phase_answers = {}
-    for i, seed in enumerate(seeds):
-        got = stages.run(f"generate seed {seed}", answer_seed, out, seed, runs[seed], test_path,
-                         with_phases=i == 0)
-        phase_answers = phase_answers or got
+    phase_answers: dict[str, dict[int, dict[str, Path]]] = {}
+    for seed in seeds:
+        got = stages.run(f"generate seed {seed}", answer_seed, out, seed, runs[seed], test_path)
+        for arm, by_label in got.items():
+            phase_answers.setdefault(arm, {})[seed] = by_label
     timings = dict(stages.seconds)
-    report, results = write_report(
-        out, runs=runs, test_path=test_path, timings=timings, train_path=info["train"],
-        phase_answers=phase_answers, base=base,
+    report, results = stages.run(
+        "report", write_report, out, runs=runs, test_path=test_path, timings=timings,
+        train_path=info["train"], phase_answers=phase_answers, base=base,
         extra={"base model": base["dir"], "base reused": base["reused"],
                "seeds": ", ".join(map(str, seeds)), "total_seconds": stages.total})
     print_summary(out, runs, results, stages, report)

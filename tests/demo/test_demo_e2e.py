@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-ARMS = ("phased", "oneoff", "reverse")
+ARMS = ("phased", "oneoff", "reverse", "phased-replay", "phased-one-schedule")
+MULTI_PHASE = ("phased", "reverse", "phased-replay", "phased-one-schedule")
 SEEDS = (0, 1)  # the --quick run's seeds
 pytestmark = pytest.mark.slow
 
@@ -57,7 +58,8 @@ def test_base_model_is_built_once_and_reused(demo_out):
 
 def test_boundary_checkpoints_for_every_phase(demo_out):
     out = demo_out[0]
-    want = {"phased": ["phase1-stage1", "phase2-stage2", "phase3-stage3"],
+    phased = ["phase1-stage1", "phase2-stage2", "phase3-stage3"]
+    want = {"phased": phased, "phased-replay": phased, "phased-one-schedule": phased,
             "reverse": ["phase1-stage3", "phase2-stage2", "phase3-stage1"],
             "oneoff": ["phase1-oneoff"]}
     for seed in SEEDS:
@@ -71,6 +73,25 @@ def test_boundary_checkpoints_for_every_phase(demo_out):
             ends = [e["step"] for e in log if e["event"] == "phase_end"]
             kept = {int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()}
             assert len(ends) == len(phases) and set(ends) <= kept, "phase ends are kept"
+
+
+def _log(run: Path, name: str) -> list[dict]:
+    return [json.loads(x) for x in (run / "logs" / name).read_text().splitlines()]
+
+
+def test_follow_up_arms_do_what_they_say(demo_out):
+    """phased-replay's later phases train on their own examples plus half as many replayed;
+    phased-one-schedule starts phases 2 and 3 mid-schedule, where phased warms up from 0."""
+    seed0 = demo_out[0] / "seed0"
+    examples = {arm: [e["examples"] for e in _log(seed0 / arm, "phase_log.jsonl")
+                      if e["event"] == "phase_start"] for arm in MULTI_PHASE}
+    assert examples["phased-one-schedule"] == examples["phased"]
+    n1, *later = examples["phased"]
+    assert examples["phased-replay"] == [n1] + [n + round(0.5 * n) for n in later]
+    first_lr = {arm: {r["phase"]: r["lr"] for r in reversed(_log(seed0 / arm, "metrics.jsonl"))}
+                for arm in ("phased", "phased-one-schedule")}
+    for phase in ("phase2-stage2", "phase3-stage3"):
+        assert first_lr["phased"][phase] == 0.0 < first_lr["phased-one-schedule"][phase]
 
 
 @pytest.mark.parametrize("arm", ARMS)
@@ -92,29 +113,46 @@ def test_answers_report_seeds_table_and_plots(demo_out):
             assert [a["id"] for a in answers] == test_ids
             assert all(set(a) >= {"test_set", "id", "instruction", "input", "output"}
                        for a in answers)
-    for k in (1, 2):  # the first seed's phased model at the inner phase boundaries answers too
-        answers = (out / "seed0" / f"answers_phased_after_phase{k}.jsonl").read_text()
-        assert [json.loads(x)["id"] for x in answers.splitlines()] == test_ids
+    for seed in SEEDS:  # every multi-phase model answers at its inner phase boundaries too
+        for arm in MULTI_PHASE:
+            for k in (1, 2):
+                answers = (out / f"seed{seed}" / f"answers_{arm}_after_phase{k}.jsonl").read_text()
+                assert [json.loads(x)["id"] for x in answers.splitlines()] == test_ids
     report = (out / "report.md").read_text()
-    for heading in ("## Verdict", "Every seed:", "WinRate vs oneoff", "[95% CI]",
-                    "phase 1 [1, 1.5)", "phase 3 [3.5, 5]", "after phase 1", "after phase 3",
-                    "base (pretraining)"):
+    for heading in ("## Verdict", "## Seeds", "Every seed and band:", "WinRate vs oneoff",
+                    "[95% CI]", "phase 1 [1, 1.5)", "phase 3 [3.5, 5]", "base (pretraining)",
+                    "## After each phase", "forgetting.png", "two-level bootstrap over 2 seeds",
+                    "| all items | seed 0 | seed 1 | mean ± sd |"):
         assert heading in report, heading
-    for seed in SEEDS:  # the seeds table: one row per seed and arm
-        for arm in ARMS:
+    for arm in ARMS:  # the seeds table: one row per arm, one column per seed
+        assert f"\n| {arm} | " in report
+        for seed in SEEDS:  # every seed and band: one row per seed and arm
             assert f"\n| {seed} | {arm} | " in report
+    for arm in MULTI_PHASE:
+        for k in (1, 2, 3):
+            assert f"\n| {arm}, after phase {k} | " in report
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"] == list(SEEDS) and results["arms"] == list(ARMS)
-    assert set(results["verdicts"]) == {"phased", "reverse"}
-    assert results["verdicts"]["phased"]["verdict"] in ("beats", "ties", "loses")
-    assert list(results["accuracy_after_phase"]) == ["after phase 1", "after phase 2",
-                                                     "after phase 3"]
-    for png in ("loss.png", "accuracy.png", "winrate.png"):
+    pairs = ["phased vs oneoff", "reverse vs oneoff", "phased-replay vs oneoff",
+             "phased-one-schedule vs oneoff", "phased-replay vs phased",
+             "phased-one-schedule vs phased"]
+    assert list(results["verdicts"]) == pairs
+    assert all(v["verdict"] in ("beats", "ties", "loses") for v in results["verdicts"].values())
+    assert results["bootstrap"]["phased vs oneoff"]["all"]["seeds"] == len(SEEDS)
+    assert list(results["accuracy_after_phase"]) == list(MULTI_PHASE)
+    for arm in MULTI_PHASE:
+        assert list(results["accuracy_after_phase"][arm]) == ["after phase 1", "after phase 2",
+                                                              "after phase 3"]
+    for png in ("loss.png", "accuracy.png", "winrate.png", "forgetting.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
     assert "report:" in stdout and "phased-jax train --config configs/demo.py" in stdout
-    assert stdout.rstrip().splitlines()[-1].startswith("verdict: reverse")
-    assert "verdict: phased" in stdout and "mean ± sd over 2 seeds" in stdout
+    assert stdout.rstrip().splitlines()[-1].startswith("verdict: phased-one-schedule ")
+    for pair in pairs:
+        a, b = pair.split(" vs ")
+        assert f"\nverdict: {a} " in stdout and f" {b} at this scale" in stdout
+    assert "mean ± sd over 2 seeds" in stdout
     for stage in ("build data, corpus and tokenizer", "pretrain base model", "train phased seed 0",
-                  "train oneoff seed 1", "train reverse seed 1", "generate seed 0"):
+                  "train oneoff seed 1", "train reverse seed 1", "train phased-replay seed 1",
+                  "train phased-one-schedule seed 1", "generate seed 0", "report"):
         assert stage in stdout

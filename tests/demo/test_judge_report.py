@@ -109,7 +109,8 @@ def write_metrics(path, boundaries, steps=30):
 
 def test_report_writes_markdown_and_pngs(files, tmp_path):
     """Two seeds with the answer files swapped: every mean, sd and pooled count is hand-checked
-    (A is right on 3/4, 1/2, 0/4 of the bands and 4/10 overall; B on 1/4, 0/2, 1/4, 2/10)."""
+    (A is right on 3/4, 1/2, 0/4 of the bands and 4/10 overall; B on 1/4, 0/2, 1/4, 2/10).
+    A follow-up variant of phased answers A on both seeds."""
     test, a, b = files
     train = write_jsonl(tmp_path / "train.jsonl", [
         {"id": f"t{i}", "instruction": "i", "input": "", "output": "o", "score": s}
@@ -118,17 +119,20 @@ def test_report_writes_markdown_and_pngs(files, tmp_path):
     m_oneoff = write_metrics(tmp_path / "m_oneoff.jsonl", [])
     runs = {seed: {"phased": {"metrics_jsonl": m_phased, "phase_boundaries": [10, 20],
                               "answers": x},
-                   "oneoff": {"metrics_jsonl": m_oneoff, "phase_boundaries": [], "answers": y}}
+                   "oneoff": {"metrics_jsonl": m_oneoff, "phase_boundaries": [], "answers": y},
+                   "phased-replay": {"metrics_jsonl": m_phased, "phase_boundaries": [10, 20],
+                                     "answers": a}}
             for seed, (x, y) in ((0, (a, b)), (1, (b, a)))}
+    after = {seed: {"after phase 1": b, "after phase 2": a} for seed in (0, 1)}
     out = tmp_path / "report"
     path, res = report.write_report(
         out, runs=runs, test_path=test, train_path=train,
         timings={"data": 0.5, "train phased": 60.0, "train oneoff": 59.5},
-        phase_answers={"after phase 1": b, "after phase 2": a},
+        phase_answers={"phased": after, "phased-replay": after},
         extra={"model": "tiny (d=128, 4 layers)", "total_seconds": 121.234,
                "big": {"items": [1, 2]}})
     assert path == out / "report.md"
-    for png in ("loss.png", "accuracy.png", "winrate.png"):
+    for png in ("loss.png", "accuracy.png", "winrate.png", "forgetting.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
     md = path.read_text()
@@ -136,26 +140,39 @@ def test_report_writes_markdown_and_pngs(files, tmp_path):
     assert ("| exact match, phased | 50.0 ± 35.4% | 25.0 ± 35.4% | 12.5 ± 17.7% | 30.0 ± 14.1% |"
             in md)
     assert "| WinRate vs oneoff, phased (points) | +0.00 ± 35.36 | +0.00 ± 0.00 |" in md
-    assert "| 1 | phased | 25.0% | 0.0% | 25.0% | 20.0% |" in md  # the seeds table
+    assert "| 1 | phased | 25.0% | 0.0% | 25.0% | 20.0% |" in md  # every seed and band
+    assert "| all items | seed 0 | seed 1 | mean ± sd |" in md  # the seeds table
+    assert "| phased | 40.0% | 20.0% | 30.0 ± 14.1% |" in md
+    assert "| phased - oneoff (points) | +20.0 | -20.0 | +0.0 ± 28.3 |" in md
+    assert "| phased-replay - phased (points) | +0.0 | +20.0 | +10.0 ± 14.1 |" in md
     # pooled over seeds: seed 0 is EXPECTED, seed 1 its mirror
     assert "| win / tie / lose | 2 / 4 / 2 | 2 / 0 / 2 | 3 / 2 / 3 | 7 / 6 / 7 |" in md
     assert "| phase 1 [1, 1.5) | 3 | 50.0% | 1.07 | 4 | 1.15 |" in md  # the phase table
-    assert "| after phase 2 | 75.0% | 50.0% | 0.0% | 40.0% |" in md
+    assert ("| phased-replay, after phase 2 | 75.0 ± 0.0% | 50.0 ± 0.0% | 0.0 ± 0.0% | "
+            "40.0 ± 0.0% |" in md)
     assert "| **total** | **120.0** |" in md and "| train phased | 60.0 |" in md
     assert "| phased (seed 0) | 30 | 3.000 | 0.600 | 10, 20 |" in md
     assert "- **total_seconds**: 121.2" in md and str(a) in md
     assert "**big**" not in md  # structured extras go to results.json only
     # the swapped seeds cancel exactly: the pooled difference is 0, so the verdict is a tie
-    boot = res["bootstrap"]["phased"]["all"]
-    assert boot["n"] == 20 and boot["diff"] == 0 and boot["lo"] < 0 < boot["hi"]
-    assert res["verdicts"]["phased"]["verdict"] == "ties"
+    boot = res["bootstrap"]["phased vs oneoff"]["all"]
+    assert boot["n"] == 20 and boot["seeds"] == 2 and boot["diff"] == 0
+    assert boot["lo"] < 0 < boot["hi"]
+    assert list(res["verdicts"]) == ["phased vs oneoff", "phased-replay vs oneoff",
+                                     "phased-replay vs phased"]  # the follow-up comparison
+    assert res["verdicts"]["phased vs oneoff"]["verdict"] == "ties"
     assert "phased ties with oneoff at this scale: exact match +0.0 points" in md
+    assert "two-level bootstrap over 2 seeds x 10 items" in md
+    assert "phased-replay - phased, points [95% CI]" in md
     assert "verdict: phased ties with oneoff" in res["summary_text"]
+    assert "verdict: phased-replay ties with phased" in res["summary_text"]
+    assert "- **phased-replay** (`data.order=1,2,3 data.replay=0.5`)" in md
     # one-off's means are 50 / 25 / 12.5%: only phase 3 is below the designed 20% floor
     assert res["headroom"]["bands_outside"] == ["phase3"]
     assert "outside the designed 20-90% headroom in phase 3 [3.5, 5];" in md
     results = json.loads((out / "results.json").read_text())
     assert results["winrate_pooled"]["phased"]["all"]["win"] == 7
+    assert results["accuracy_after_phase"]["phased"]["after phase 1"]["all"] == [0.2, 0.0]
     assert results["accuracy"]["phased"]["1"]["all"]["correct"] == 2
     assert results["extra"]["big"] == {"items": [1, 2]}
     assert not list(out.glob(".*")), "temporary files left behind"
