@@ -34,7 +34,8 @@ def test_configs_exist():
     for want in ("llama2_7b_phased", "llama2_7b_oneoff", "llama2_13b_phased", "llama2_13b_oneoff",
                  "mistral_7b_phased", "mistral_7b_oneoff", "llama2_7b_random_stages",
                  "llama2_7b_order_213", "llama2_7b_stage3_only", "llama2_7b_mixed_13", "demo",
-                 "llama3_8b_phased", "llama3_8b_oneoff", "llama3_70b_phased", "llama3_70b_oneoff"):
+                 "llama3_8b_phased", "llama3_8b_oneoff", "llama3_70b_phased", "llama3_70b_oneoff",
+                 "llama2_7b_replay_0.5", "llama2_7b_run_schedule"):
         assert want in names, want
     assert len(CONFIGS) >= 22
 
@@ -59,7 +60,8 @@ def test_config_loads_and_validates(path):
         assert (c.data.max_length, c.data.packing, c.seed, c.data.template) == (
             2048, False, 3517, "authors")
         assert c.data.thresholds == (1.5, 3.5)
-        assert c.train.schedule_scope == "phase"
+        assert c.train.schedule_scope == ("run" if path.stem.endswith("run_schedule") else "phase")
+        assert c.data.replay == (0.5 if "replay" in path.stem else 0.0)
         assert c.model.init_from and c.data.paths
 
 
