@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow  # two tiny training runs in subprocesses: ~40 s o
 
 PHASE_ENDS = (3, 6, 9)  # train.max_steps_per_phase = 3
 KILL_AFTER = 4  # phase 2's first step: the last checkpoint is phase 1's end, so step 4 reruns
-OURS = {"global_step", "phase", "phase_end", "eval/loss"}  # what W&B gets beyond TensorBoard
+OURS = {"global_step", "phase", "phase_end"}  # what W&B gets beyond TensorBoard
 
 
 def _wandb_records(path: Path) -> list:
@@ -168,10 +168,12 @@ def test_rows_are_tensorboards_scalars_at_its_steps(resumed):
                  if k not in OURS and k.endswith(("/loss", "/grad_norm", "/lr"))}
                 for part in (killed, rerun))
         assert a == b and a, s  # replayed and rerun steps carry the same values
-    evals = {e["step"]: e["eval_loss"] for e in events(out) if e["event"] == "eval"}
+    evals = {e["step"]: {f"eval/stage{j}_loss": v for j, v in e["stage_losses"].items()}
+             for e in events(out) if e["event"] == "eval"}
     assert sorted(evals) == list(PHASE_ENDS)
-    for part in (rows, rerun):
-        assert {r["global_step"]: r["eval/loss"] for r in part if "eval/loss" in r} == evals
+    for part in (rows, rerun):  # the forgetting matrix's rows, at the phase ends
+        assert {r["global_step"]: {k: v for k, v in r.items() if k.startswith("eval/stage")}
+                for r in part if "eval/stage1_loss" in r} == evals
         assert {r["global_step"] for r in part if "phase_end" in r} == set(PHASE_ENDS)
         starts = {(r["phase"], r["global_step"]) for r in part if "phase" in r}
         assert {(1, 1), (2, 4), (3, 7)} <= starts
@@ -248,7 +250,7 @@ w = MetricsWriter(sys.argv[1], flops_per_step=1.0, tokens_per_step=1, peak_flops
 w.write(1, {"loss": 1.0})
 w.close()
 with tracker:
-    tracker.eval_loss("phase1-stage1", 1, 0.5)
+    tracker.eval_summary("phase1-stage1", {"stage1_loss": 0.5})
 assert tracker.run is None
 assert "wandb" not in sys.modules, "wandb imported"
 """
