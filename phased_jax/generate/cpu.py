@@ -43,7 +43,7 @@ class UnrolledTransformer(Transformer):
                              "cache from per_layer_cache")
         new_k, new_v = [], []
         for params_i, k_i, v_i in zip(layer_params, cache.k, cache.v, strict=True):
-            (x_BxLxD, k_i, v_i), _ = DecoderLayer(self.cfg, parent=None).apply(
+            (x_BxLxD, k_i, v_i), _ = DecoderLayer(self.cfg, self.lora, parent=None).apply(
                 {"params": params_i}, (x_BxLxD, k_i, v_i), cos, sin, mask, cache.index, None)
             new_k.append(k_i)
             new_v.append(v_i)

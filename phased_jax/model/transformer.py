@@ -19,6 +19,7 @@ from phased_jax.model import attention
 from phased_jax.model.attention import Mask, attend, make_mask
 from phased_jax.model.cache import KVCache, write_cache
 from phased_jax.model.config import ModelConfig
+from phased_jax.model.lora import Adapter, LoraSpec
 from phased_jax.model.rope import apply_rope, rope_tables
 
 Array = jax.Array
@@ -43,8 +44,21 @@ class RMSNorm(nn.Module):
         return scale_D.astype(self.dtype) * normed.astype(self.dtype)
 
 
+def _adapter(module: nn.Module, lora: LoraSpec | None, target: str, x: Array, in_spec: str
+             ) -> Array | None:
+    """`target`'s LoRA update of input `x` (None when it has no adapter)."""
+    if lora is None or target not in lora.targets:
+        return None
+    return Adapter(module.cfg, lora, target, name=f"lora_{target}")(x, in_spec)
+
+
+def _plus(x: Array, delta: Array | None) -> Array:
+    return x if delta is None else x + delta.astype(x.dtype)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x_BxLxD: Array, cos: Array, sin: Array, mask: Mask,
@@ -63,9 +77,11 @@ class Attention(nn.Module):
 
         qkv = jnp.einsum("bld,dkgh->blkgh", x_BxLxD, w_qkv.astype(dtype))
         qkv = checkpoint_name(qkv, "qkv_proj")
-        q_BxLxKxGxH = apply_rope(qkv[..., :G, :], cos[:, :, None, None, :], sin[:, :, None, None, :])
-        k_BxLxKxH = apply_rope(qkv[..., G, :], cos[:, :, None, :], sin[:, :, None, :])
-        v_BxLxKxH = qkv[..., G + 1, :]
+        q_BxLxKxGxH = _plus(qkv[..., :G, :], _adapter(self, self.lora, "q", x_BxLxD, "d"))
+        k_BxLxKxH = _plus(qkv[..., G, :], _adapter(self, self.lora, "k", x_BxLxD, "d"))
+        v_BxLxKxH = _plus(qkv[..., G + 1, :], _adapter(self, self.lora, "v", x_BxLxD, "d"))
+        q_BxLxKxGxH = apply_rope(q_BxLxKxGxH, cos[:, :, None, None, :], sin[:, :, None, None, :])
+        k_BxLxKxH = apply_rope(k_BxLxKxH, cos[:, :, None, :], sin[:, :, None, :])
         q_BxLxKxGxH = nn.with_logical_constraint(
             q_BxLxKxGxH, ("batch", "length", "act_kv_heads", None, "head_dim"))
 
@@ -82,11 +98,13 @@ class Attention(nn.Module):
             B, L = x_BxLxD.shape[:2]
             out_BxLxD = (out_BxLxKxGxH.reshape(B, L, K * G * H)
                          @ w_o.reshape(K * G * H, D).astype(dtype))
+        out_BxLxD = _plus(out_BxLxD, _adapter(self, self.lora, "o", out_BxLxKxGxH, "kgh"))
         return checkpoint_name(out_BxLxD, "out_proj"), new_kv
 
 
 class MLP(nn.Module):
     cfg: ModelConfig
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x_BxLxD: Array) -> Array:
@@ -97,13 +115,17 @@ class MLP(nn.Module):
         w_in = _param(self, "wi", (D, 2, F), ("embed", None, "mlp"), init, pdt)  # gate, up
         w_out = _param(self, "wo", (F, D), ("mlp", "embed"), init, pdt)
         h_BxLx2xF = jnp.einsum("bld,dcf->blcf", x_BxLxD, w_in.astype(dtype))
-        h_BxLxF = jax.nn.silu(h_BxLx2xF[..., 0, :]) * h_BxLx2xF[..., 1, :]
+        gate_BxLxF = _plus(h_BxLx2xF[..., 0, :], _adapter(self, self.lora, "gate", x_BxLxD, "d"))
+        up_BxLxF = _plus(h_BxLx2xF[..., 1, :], _adapter(self, self.lora, "up", x_BxLxD, "d"))
+        h_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
         h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "act_mlp"))
-        return jnp.einsum("blf,fd->bld", h_BxLxF, w_out.astype(dtype))
+        out_BxLxD = jnp.einsum("blf,fd->bld", h_BxLxF, w_out.astype(dtype))
+        return _plus(out_BxLxD, _adapter(self, self.lora, "down", h_BxLxF, "f"))
 
 
 class DecoderLayer(nn.Module):
     cfg: ModelConfig
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, carry: Any, cos: Array, sin: Array, mask: Mask,
@@ -120,10 +142,10 @@ class DecoderLayer(nn.Module):
         dtype, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed"))
         h = RMSNorm(cfg.rms_norm_eps, dtype, pdt, name="attn_norm")(x_BxLxD)
-        attn_out, new_kv = Attention(cfg, name="attn")(h, cos, sin, mask, kv)
+        attn_out, new_kv = Attention(cfg, self.lora, name="attn")(h, cos, sin, mask, kv)
         x_BxLxD = x_BxLxD + attn_out
         h = RMSNorm(cfg.rms_norm_eps, dtype, pdt, name="mlp_norm")(x_BxLxD)
-        x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(h)
+        x_BxLxD = x_BxLxD + MLP(cfg, self.lora, name="mlp")(h)
         return (x_BxLxD if new_kv is None else (x_BxLxD, *new_kv)), None
 
 
@@ -145,9 +167,11 @@ def _remat_policy(name: str):
 
 
 class Transformer(nn.Module):
-    """Decoder-only LM. `__call__` returns logits [batch, L, vocab] (and the new cache if given one)."""
+    """Decoder-only LM. `__call__` returns logits [batch, L, vocab] (and the new cache if given one).
+    `lora`: LoRA adapters on the layers' projections (`phased_jax.model.lora`)."""
 
     cfg: ModelConfig
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, input_ids_BxL: Array, positions_BxL: Array | None = None,
@@ -221,7 +245,7 @@ class Transformer(nn.Module):
                      0 if decoding else nn.broadcast),
             length=self.cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(self.cfg, name="layers")
+        )(self.cfg, self.lora, name="layers")
 
     def decode_layers(self, x_BxLxD: Array, cos: Array, sin: Array, mask: Mask,
                       cache: KVCache) -> tuple[Array, Any, Any]:
