@@ -17,6 +17,7 @@ from ml_collections import ConfigDict, config_dict
 
 from phased_jax.init_from import AUTO, CHECKPOINT_FIELDS, RUN_FIELDS
 from phased_jax.model.config import ModelConfig, get_preset
+from phased_jax.model.lora import TARGETS
 
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
@@ -29,7 +30,8 @@ def model_section(preset: str, **overrides) -> ConfigDict:
     The model's `dtype` (activations and matmuls) and `param_dtype` (stored parameters and
     gradients) are the run's one precision knob: bfloat16 compute over float32 parameters
     unless `overrides` say otherwise. Preset `auto` leaves every shape field empty (typed, so
-    still overridable) for `init_from.resolve_model` to fill from `model.init_from`.
+    still overridable) for `init_from.resolve_model` to fill from `model.init_from`. The
+    `lora` sub-section (`lora_section`) is no ModelConfig field: `model_config` drops it.
     """
     if preset == AUTO:
         run = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in RUN_FIELDS}
@@ -42,6 +44,25 @@ def model_section(preset: str, **overrides) -> ConfigDict:
         section = ConfigDict(get_preset(preset, **{**TRAINING_PRECISION, **overrides}).to_dict())
     section.preset = preset
     section.init_from = ""  # HF directory or Orbax checkpoint to start from; "" = random init
+    section.lora = lora_section()
+    return section
+
+
+def lora_section() -> ConfigDict:
+    """`model.lora`: LoRA / QLoRA adapters on a frozen base (`phased_jax.model.lora`); off by
+    default, the paper's full fine-tuning. Read with `model.lora.spec_from_section`."""
+    section = ConfigDict()
+    section.rank = 0  # adapter rank r; 0 = off (the paper's full fine-tuning)
+    section.alpha = 16.0  # the update is (alpha / r) * B A, as PEFT scales it
+    section.dropout = 0.0  # dropout on the adapters' input, in [0, 1)
+    # Comma-separated short names (q, k, v, o, gate, up, down), or else one regex over the
+    # modules' Hugging Face names, e.g. "self_attn\\..*" for the attention projections.
+    section.targets = ",".join(TARGETS)
+    # "" = the base stored in model.param_dtype; "int8" | "nf4": QLoRA, the frozen base quantised
+    section.base_qtype = ""
+    # True: merge the adapters into the base at each phase end and start fresh ones
+    section.merge_each_phase = False
+    section.init_from = ""  # a PEFT adapter directory to start the adapters from; "" = PEFT's init
     return section
 
 
@@ -157,4 +178,8 @@ def get_default_config() -> ConfigDict:
     c.export.hf_dir = ""  # "" = <output_dir>/hf
     c.export.at_end = True
     c.export.dtype = "bfloat16"
+    # LoRA runs (model.lora.rank > 0): "merged" = a full HF model, base + scale * B A in
+    # export.dtype; "adapter" = a PEFT adapter directory (adapter_config.json + safetensors);
+    # "both". Ignored without LoRA.
+    c.export.lora = "merged"
     return c

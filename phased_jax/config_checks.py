@@ -12,11 +12,12 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from phased_jax.config import model_config
+from phased_jax.config import lora_section, model_config
 from phased_jax.data.phases import check_order, single_phase
 from phased_jax.data.records import FORMATS
 from phased_jax.data.templates import TEMPLATES
 from phased_jax.errors import ConfigError
+from phased_jax.model.lora import QTYPES, parse_targets
 from phased_jax.train import tracking
 from phased_jax.train.optimizer import SCHEDULE_SCOPES, SCHEDULES
 
@@ -184,6 +185,47 @@ def _check_model(c: ConfigDict) -> None:
         raise ConfigError("model.attention_impl='cudnn' cannot express packed segments "
                           "(data.packing=True): use 'auto' (xla on GPU when packing), 'xla', or "
                           "data.packing=False" + _fix("model.attention_impl"))
+    _check_lora(c)
+
+
+EXPORT_LORA = ("merged", "adapter", "both")
+
+
+def _check_lora(c: ConfigDict) -> None:
+    """`model.lora`, where the config has it (configs built before LoRA have none): valid
+    values, no LoRA field set while LoRA is off, and a pretrained base to adapt."""
+    if _field(c, "model.lora") is _ABSENT:
+        return
+    rank = _number(c, "model.lora.rank", lambda v: v >= 0,
+                   ">= 0 (the adapters' rank; 0 = LoRA off, full fine-tuning)", integer=True)
+    if rank is not _ABSENT and rank > 0:
+        _number(c, "model.lora.alpha", lambda v: v > 0, "> 0 (the update is alpha / rank * B A)")
+    _number(c, "model.lora.dropout", lambda v: 0 <= v < 1, "in [0, 1)")
+    _choice(c, "model.lora.base_qtype", QTYPES)
+    targets = _field(c, "model.lora.targets")
+    if targets is not _ABSENT:
+        try:
+            parse_targets(targets)
+        except (TypeError, ValueError) as e:  # names the value and what it could have matched
+            raise ConfigError(f"{e}{_fix('model.lora.targets')}") from None
+    if rank is _ABSENT or rank == 0:
+        for name, default in lora_section().items():
+            value = _field(c, f"model.lora.{name}")
+            if name == "rank" or value is _ABSENT or (
+                    parse_targets(value) == parse_targets(default) if name == "targets"
+                    else value == default):  # targets: the modules named, however spelt
+                continue
+            raise ConfigError(
+                f"model.lora.{name}={value!r} has no effect: LoRA is off "
+                "(model.lora.rank=0, full fine-tuning); set --config.model.lora.rank=16 to "
+                f"train adapters, or reset model.lora.{name} to {default!r}")
+        return
+    init_from = _field(c, "model.init_from")
+    if init_from is _ABSENT or not init_from:
+        raise ConfigError(f"model.lora.rank={rank} needs model.init_from, which is empty: LoRA "
+                          "trains adapters on a frozen pretrained base: set model.init_from to an "
+                          "HF directory or checkpoint (--config.model.init_from=DIR), or "
+                          "--config.model.lora.rank=0 for full fine-tuning")
 
 
 def _check_checkpoint(c: ConfigDict) -> None:
@@ -195,7 +237,16 @@ def _check_checkpoint(c: ConfigDict) -> None:
 
 
 def _check_export(c: ConfigDict) -> None:
+    """The export's dtype, and its LoRA form (which reads `model.lora`, where the config has
+    it, whether or not the `model` section is checked too)."""
     _choice(c, "export.dtype", DTYPES)
+    form = _choice(c, "export.lora", EXPORT_LORA)
+    if form in ("adapter", "both") and _field(c, "model.lora.merge_each_phase") is True:
+        raise ConfigError(
+            f"export.lora={form!r} is impossible with model.lora.merge_each_phase=True: after a "
+            "merge, the later phases' adapters sit on a base that is no longer the original, so "
+            "a PEFT adapter of the run cannot be applied to the original base; use "
+            "--config.export.lora=merged (or --config.model.lora.merge_each_phase=False)")
 
 
 _CHECKS: dict[str, Callable[[ConfigDict], None]] = {

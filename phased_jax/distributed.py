@@ -101,6 +101,17 @@ def from_process_0(value: Any, max_bytes: int = 65536) -> Any:
     return json.loads(bytes(np.asarray(data)).decode())
 
 
+def to_host(tree: Any) -> Any:
+    """A tree of (possibly sharded, multi-host) arrays as whole numpy arrays on every process:
+    a collective on a pod, so every process must call it at the same point. For small trees
+    (LoRA adapters); a model's params are exported a layer at a time instead (`hf.save`)."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, jax.device_get(tree))
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
 def all_ok(ok: bool) -> bool:
     """Whether `ok` holds on every process (a collective: call it on all of them), so every
     process reaches the same decision after a step that only some of them did."""

@@ -22,6 +22,7 @@ from ml_collections import ConfigDict
 
 from phased_jax.errors import ConfigError
 from phased_jax.model.config import ModelConfig
+from phased_jax.model.lora import LoraSpec
 from phased_jax.model.params import abstract_params, logical_axes
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -166,12 +167,14 @@ def rule_axes(axes: str | Sequence[str] | None, sizes: Mapping[str, int]) -> tup
     return tuple(n for n in names if sizes.get(n, 1) > 1)
 
 
-def param_shardings(cfg: ModelConfig, placement: Placement) -> Any:
-    """NamedShardings of a model's params on `placement`, from their logical axis names."""
+def param_shardings(cfg: ModelConfig, placement: Placement, lora: LoraSpec | None = None) -> Any:
+    """NamedShardings of a model's params (with `lora`, and its adapters') on `placement`, from
+    their logical axis names."""
     return jax.tree.map(
         lambda spec, x: NamedSharding(placement.mesh, logical_to_mesh_spec(
             tuple(spec), x.shape, placement.rules, placement.mesh)),
-        logical_axes(cfg), abstract_params(cfg), is_leaf=lambda s: isinstance(s, PartitionSpec))
+        logical_axes(cfg, lora), abstract_params(cfg, lora),
+        is_leaf=lambda s: isinstance(s, PartitionSpec))
 
 
 def place_params(cfg: ModelConfig, params: Any, placement: Placement) -> Any:

@@ -6,11 +6,14 @@ from __future__ import annotations
 import re
 
 import pytest
+from ml_collections import ConfigDict
 
 from phased_jax.cli import main as cli_main
-from phased_jax.config import get_default_config
+from phased_jax.config import get_default_config, lora_section, model_config
 from phased_jax.config_checks import validate_config
+from phased_jax.config_cli import parse_config_argv
 from phased_jax.errors import ConfigError
+from phased_jax.model.lora import LoraSpec, spec_from_section
 
 GOOD = '''
 from phased_jax.config import get_default_config
@@ -248,3 +251,146 @@ def test_replay_with_a_single_phase_is_refused(good, capsys, order):
             "earlier to replay)") in err
     assert cli_main(["stats", "--config", str(good), f"--config.data.order={order}",
                      "--config.data.replay=0.5"]) == 2
+
+
+def _set(c: ConfigDict, fields: dict) -> ConfigDict:
+    """`c` with each dotted field set (e.g. {"model.lora.rank": 16})."""
+    for path, value in fields.items():
+        *parents, name = path.split(".")
+        node = c
+        for part in parents:
+            node = node[part]
+        node[name] = value
+    return c
+
+
+LORA = {"model.lora.rank": 16, "model.init_from": "base"}  # a LoRA run on a pretrained base
+LORA_INVALID = [  # (fields set on a valid config, what the message must say)
+    ({"model.lora.rank": -1},
+     r"^model\.lora\.rank=-1 is invalid: it must be an integer >= 0 .*0 = LoRA off"),
+    ({**LORA, "model.lora.alpha": 0.0}, r"^model\.lora\.alpha=0\.0 is invalid: it must be a number > 0"),
+    ({**LORA, "model.lora.alpha": -8.0}, r"^model\.lora\.alpha=-8\.0 is invalid"),
+    ({**LORA, "model.lora.dropout": 1.0}, r"^model\.lora\.dropout=1\.0 is invalid: .*in \[0, 1\)"),
+    ({**LORA, "model.lora.dropout": -0.1}, r"^model\.lora\.dropout=-0\.1 is invalid"),
+    ({**LORA, "model.lora.base_qtype": "int4"},
+     r"^model\.lora\.base_qtype='int4' is invalid: choose one of '', 'int8', 'nf4'"),
+    ({**LORA, "model.lora.targets": "attn\\.q"},
+     r"^model\.lora\.targets 'attn\\\\.q' matches no module; the modules are self_attn\.q_proj, "
+     r"self_attn\.k_proj, .*mlp\.down_proj \(or their short names q, k, v, o, gate, up, down\)"),
+    ({**LORA, "model.lora.targets": "q,vv"}, r"'vv' is not one of q, k, v, o, gate, up, down"),
+    ({**LORA, "model.lora.targets": "query"}, r"'query' matches no module"),
+    ({**LORA, "model.lora.targets": "self_attn.(q"}, r"'self_attn\.\(q' is not a regex"),
+    ({**LORA, "model.lora.targets": ""}, r"empty; choose from q, k, v"),
+    ({"model.lora.rank": 16}, r"^model\.lora\.rank=16 needs model\.init_from, which is empty: LoRA "
+     r"trains adapters on a frozen pretrained base: set model\.init_from to an HF directory or "
+     r"checkpoint \(--config\.model\.init_from=DIR\)"),
+    ({"export.lora": "peft"}, r"^export\.lora='peft' is invalid: choose one of 'merged', 'adapter', 'both'"),
+    ({**LORA, "model.lora.merge_each_phase": True, "export.lora": "adapter"},
+     r"^export\.lora='adapter' is impossible with model\.lora\.merge_each_phase=True: after a merge, "
+     r"the later phases' adapters sit on a base that is no longer the original.*cannot be applied "
+     r"to the original base; use --config\.export\.lora=merged"),
+    ({**LORA, "model.lora.merge_each_phase": True, "export.lora": "both"},
+     r"^export\.lora='both' is impossible"),
+] + [  # a LoRA field set while LoRA is off (rank 0): refused, not silently ignored
+    ({f"model.lora.{name}": value},
+     rf"^model\.lora\.{name}={re.escape(repr(value))} has no effect: LoRA is off \(model\.lora\.rank=0, "
+     r"full fine-tuning\); set --config\.model\.lora\.rank=16 to train adapters, or reset "
+     rf"model\.lora\.{name} to ")
+    for name, value in (("base_qtype", "nf4"), ("base_qtype", "int8"), ("init_from", "adapter"),
+                        ("merge_each_phase", True), ("alpha", 32.0), ("targets", "q,v"),
+                        ("dropout", 0.05))]
+
+
+@pytest.mark.parametrize(("fields", "says"), LORA_INVALID,
+                         ids=[",".join(f"{k}={v!r}" for k, v in f.items()) for f, _ in LORA_INVALID])
+def test_lora_mistakes_are_named(fields, says):
+    with pytest.raises(ConfigError) as e:
+        validate_config(_set(valid(), fields))
+    msg = str(e.value)
+    assert re.search(says, msg), msg
+    assert "--config." in msg and "\n" not in msg  # what to do, on one line
+
+
+def test_lora_rank_must_be_an_integer():
+    c = valid()
+    c.model.lora = ConfigDict({**lora_section().to_dict(), "rank": 8.5})  # a hand-built section
+    with pytest.raises(ConfigError, match=r"^model\.lora\.rank=8\.5 is invalid: it must be an "
+                                          r"integer >= 0"):
+        validate_config(c)
+
+
+@pytest.mark.parametrize("fields", [
+    LORA,
+    {**LORA, "model.lora.targets": "q, v", "model.lora.base_qtype": "nf4", "model.lora.alpha": 32.0},
+    {**LORA, "model.lora.targets": "self_attn\\..*", "model.lora.init_from": "adapter",
+     "model.lora.merge_each_phase": True, "model.lora.dropout": 0.05},  # export.lora=merged
+    {**LORA, "export.lora": "both", "model.lora.base_qtype": "int8"},
+    {"model.lora.targets": "q , k,v,o,gate,up,down"},  # rank 0: the same targets, spelt otherwise
+    {"model.lora.targets": "self_attn\\..*|mlp\\..*"},
+])
+def test_valid_lora_configs_pass(fields):
+    validate_config(_set(valid(), fields))
+
+
+def test_lora_spec_from_section():
+    c = valid()
+    assert spec_from_section(c.model.lora) is None and spec_from_section(None) is None  # off
+    _set(c, {**LORA, "model.lora.targets": "self_attn\\..*", "model.lora.dropout": 0.1})
+    assert spec_from_section(c.model.lora) == LoraSpec(16, 16.0, ("q", "k", "v", "o"), 0.1)
+    c.model.lora.targets = "down, q"
+    assert spec_from_section(c.model.lora).targets == ("q", "down")  # in TARGETS order
+    c.model.lora.targets = "mlp\\.(gate|up)_proj"
+    assert spec_from_section(c.model.lora).targets == ("gate", "up")
+
+
+def test_model_config_ignores_the_lora_section():
+    c = valid()
+    plain = c.model.to_dict()
+    del plain["lora"]
+    assert model_config(c.model) == model_config(ConfigDict(plain))
+
+
+def test_configs_without_a_lora_section_still_validate():
+    """Config files built before LoRA (a model section by hand, no `model.lora`)."""
+    c = valid()
+    del c.model["lora"]
+    del c.export["lora"]
+    validate_config(c)
+    c = _set(valid(), {"export.lora": "adapter"})
+    del c.model["lora"]
+    validate_config(c)  # no merge_each_phase to conflict with
+
+
+def test_export_check_reads_model_lora_only_where_present():
+    """Subcommands validate some sections only; the export's LoRA check spans two."""
+    c = _set(valid(), {**LORA, "model.lora.merge_each_phase": True, "export.lora": "adapter"})
+    validate_config(c, sections=("train", "checkpoint"))
+    with pytest.raises(ConfigError, match=r"^export\.lora='adapter' is impossible"):
+        validate_config(c, sections=("export",))
+    del c["model"]
+    validate_config(c, sections=("export",))
+
+
+@pytest.mark.parametrize(("overrides", "says"), [
+    (["--config.model.lora.rank=-1"], r"model\.lora\.rank=-1 is invalid: it must be an integer >= 0"),
+    (["--config.model.lora.rank=8.5"], r"--config\.model\.lora\.rank=8\.5"),
+    (["--config.model.lora.base_qtype=nf4"],
+     r"model\.lora\.base_qtype='nf4' has no effect: LoRA is off \(model\.lora\.rank=0"),
+    (["--config.model.lora.rank=8"], r"model\.lora\.rank=8 needs model\.init_from"),
+    (["--config.model.init_from=base", "--config.model.lora.rank=8",
+      "--config.model.lora.targets=q,vv"], r"'vv' is not one of q, k"),
+    (["--config.model.init_from=base", "--config.model.lora.rank=8",
+      "--config.model.lora.merge_each_phase=True", "--config.export.lora=adapter"],
+     r"export\.lora='adapter' is impossible with model\.lora\.merge_each_phase=True"),
+    (["--config.model.lora.rnk=8"], r"no field 'model\.lora\.rnk'; did you mean 'model\.lora\.rank'\?"),
+])
+def test_lora_mistakes_on_the_command_line_are_one_line(good, capsys, overrides, says):
+    err = usage_error(capsys, ["--config", str(good), *overrides])
+    assert re.search(says, err), err
+
+
+def test_lora_overrides_on_the_command_line(good):
+    fv = parse_config_argv(["--config", str(good), "--config.model.init_from=base",
+                            "--config.model.lora.rank=8", "--config.model.lora.targets=q,v"],
+                           "phased-jax train", "usage")
+    assert spec_from_section(fv.config.model.lora) == LoraSpec(8, 16.0, ("q", "v"))

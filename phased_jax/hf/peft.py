@@ -13,12 +13,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from phased_jax.atomic_dir import atomic_directory
 from phased_jax.model.config import ModelConfig
 from phased_jax.model.lora import MODULES, TARGETS, LoraSpec, shapes
+from phased_jax.model.lora import merge as lora_merge
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model.model.layers.{i}."
@@ -151,32 +153,7 @@ def load_adapter(directory: str | Path, cfg: ModelConfig) -> tuple[LoraSpec, dic
 
 
 def merge(cfg: ModelConfig, spec: LoraSpec, base: dict, adapters: dict) -> dict:
-    """Base params with each adapter's scale * A B added to its slice of the fused weights
-    (host float32): what PEFT's `merge_and_unload()` gives, in our layout."""
-    G, s = cfg.group_size, np.float32(spec.scale)
-    layers = {m: dict(v) for m, v in base["layers"].items()}
-    attn, mlp = layers["attn"], layers["mlp"]
-    qkv = np.array(attn["qkv"], np.float32)
-    wi = np.array(mlp["wi"], np.float32)
-    o, wo = np.array(attn["o"], np.float32), np.array(mlp["wo"], np.float32)
-    for t in spec.targets:
-        module, name = adapter_path(t)
-        a = np.asarray(adapters["layers"][module][name]["a"], np.float32)
-        b = np.asarray(adapters["layers"][module][name]["b"], np.float32)
-        L, r = a.shape[0], spec.rank
-        delta = (a.reshape(L, -1, r) @ b.reshape(L, r, -1)) * s  # [L, in, out]
-        if t == "q":
-            qkv[:, :, :, :G, :] += delta.reshape(qkv[:, :, :, :G, :].shape)
-        elif t in ("k", "v"):
-            j = G if t == "k" else G + 1
-            qkv[:, :, :, j, :] += delta.reshape(qkv[:, :, :, j, :].shape)
-        elif t == "o":
-            o += delta.reshape(o.shape)
-        elif t in ("gate", "up"):
-            c = 0 if t == "gate" else 1
-            wi[:, :, c, :] += delta.reshape(wi[:, :, c, :].shape)
-        else:
-            wo += delta.reshape(wo.shape)
-    attn.update(qkv=qkv, o=o)
-    mlp.update(wi=wi, wo=wo)
-    return {**base, "layers": layers}
+    """Base params with each adapter's update merged in (host float32): what PEFT's
+    `merge_and_unload()` gives, in our layout (`phased_jax.model.lora.merge`)."""
+    f32 = jax.tree.map(lambda x: np.asarray(x, np.float32), base)
+    return jax.tree.map(np.asarray, lora_merge(cfg, spec, f32, adapters))

@@ -73,6 +73,31 @@ def resolve_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(t for t in TARGETS if t in targets)
 
 
+def parse_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
+    """The short targets `model.lora.targets` names: a comma-separated list of short names, or
+    else one regex over module names (`resolve_targets`). A list of plain words with an
+    unknown one ("q,vv") is read as a list, so the message names the word, not the regex."""
+    if not isinstance(targets, str):
+        return resolve_targets(tuple(targets))
+    parts = [p.strip() for p in targets.split(",") if p.strip()]
+    if all(p in TARGETS for p in parts) or (
+            "," in targets and all(re.fullmatch(r"\w+", p) for p in parts)):
+        return resolve_targets(parts)  # an empty list (e.g. "") raises, naming the choices
+    return resolve_targets(targets)
+
+
+def spec_from_section(section: Any) -> LoraSpec | None:
+    """The LoraSpec of a `model.lora` config section (a ConfigDict or mapping), or None when
+    LoRA is off (rank 0, or no section: configs from before LoRA): full fine-tuning."""
+    if section is None or not section["rank"]:
+        return None
+    rank = section["rank"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"model.lora.rank={rank!r}: it must be an integer >= 0 (0 = off)")
+    return LoraSpec(rank, float(section["alpha"]), parse_targets(section["targets"]),
+                    float(section["dropout"]))
+
+
 def shapes(cfg: ModelConfig, target: str, rank: int) -> tuple[tuple[tuple[int, ...], tuple], ...]:
     """((A shape, A logical axes), (B shape, B logical axes)) of one layer's adapter, laid out
     as the base weight it adapts (so the one rule table shards it the same way; r unsharded)."""
@@ -153,3 +178,32 @@ def join(base: dict, adapters: dict) -> dict:
         out[k] = join(base[k], v) if k in base and isinstance(v, dict) and not k.startswith(
             "lora_") else v
     return out
+
+
+def merge(cfg: ModelConfig, spec: LoraSpec, base: dict, adapters: dict) -> dict:
+    """Base params with each adapter's scale * A B added to its slice of the fused weights, in
+    the base's dtype (jax ops: sharded arrays stay where they are under jit)."""
+    G = cfg.group_size
+    layers = {m: dict(v) for m, v in base["layers"].items()}
+    attn, mlp = layers["attn"], layers["mlp"]
+    for t in spec.targets:
+        module = "attn" if t in ("q", "k", "v", "o") else "mlp"
+        ad = adapters["layers"][module][f"lora_{t}"]
+        a, b = jnp.asarray(ad["a"], jnp.float32), jnp.asarray(ad["b"], jnp.float32)
+        L, r = a.shape[0], spec.rank
+        delta = jnp.matmul(a.reshape(L, -1, r), b.reshape(L, r, -1)) * jnp.float32(spec.scale)
+        if t in ("q", "k", "v"):
+            sl = (slice(None),) * 3 + ((slice(0, G),) if t == "q" else (G if t == "k" else G + 1,))
+            w = jnp.asarray(attn["qkv"])
+            attn["qkv"] = w.at[sl].add(delta.reshape(w[sl].shape).astype(w.dtype))
+        elif t == "o":
+            w = jnp.asarray(attn["o"])
+            attn["o"] = w + delta.reshape(w.shape).astype(w.dtype)
+        elif t in ("gate", "up"):
+            w = jnp.asarray(mlp["wi"])
+            c = 0 if t == "gate" else 1
+            mlp["wi"] = w.at[:, :, c, :].add(delta.reshape(w[:, :, c, :].shape).astype(w.dtype))
+        else:
+            w = jnp.asarray(mlp["wo"])
+            mlp["wo"] = w + delta.reshape(w.shape).astype(w.dtype)
+    return {**base, "layers": layers}

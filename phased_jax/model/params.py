@@ -13,24 +13,26 @@ import jax
 import jax.numpy as jnp
 
 from phased_jax.model.config import ModelConfig
+from phased_jax.model.lora import LoraSpec
 from phased_jax.model.transformer import Transformer
 
 
-def boxed_abstract_params(cfg: ModelConfig) -> Any:
-    """ShapeDtypeStructs of every parameter, each in its `nn.LogicallyPartitioned` box."""
+def boxed_abstract_params(cfg: ModelConfig, lora: LoraSpec | None = None) -> Any:
+    """ShapeDtypeStructs of every parameter, each in its `nn.LogicallyPartitioned` box (with
+    `lora`, the adapters' too: `lora.split` cuts them out)."""
     ids = jnp.zeros((1, 1), jnp.int32)
-    return jax.eval_shape(lambda rng: Transformer(cfg).init(rng, ids)["params"],
+    return jax.eval_shape(lambda rng: Transformer(cfg, lora=lora).init(rng, ids)["params"],
                           jax.random.key(0))
 
 
-def abstract_params(cfg: ModelConfig) -> Any:
+def abstract_params(cfg: ModelConfig, lora: LoraSpec | None = None) -> Any:
     """ShapeDtypeStructs of every parameter (a plain pytree, as the trainer holds params)."""
-    return nn.meta.unbox(boxed_abstract_params(cfg))
+    return nn.meta.unbox(boxed_abstract_params(cfg, lora))
 
 
-def logical_axes(cfg: ModelConfig) -> Any:
+def logical_axes(cfg: ModelConfig, lora: LoraSpec | None = None) -> Any:
     """Each parameter's logical axis names, as a tree of PartitionSpecs."""
-    return nn.get_partition_spec(boxed_abstract_params(cfg))
+    return nn.get_partition_spec(boxed_abstract_params(cfg, lora))
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from phased_jax.model.lora import join as lora_join
 from phased_jax.model.transformer import lm_head_logits
 
 Batch = dict[str, jax.Array]
@@ -97,6 +98,13 @@ def make_loss_fn(model: nn.Module, z_loss: float, loss_chunk: int = 0
     return loss_fn
 
 
+def _with_frozen(loss_fn: Callable, frozen: Any) -> Callable:
+    """`loss_fn` over the trainable params only, the `frozen` base joined in (LoRA)."""
+    if frozen is None:
+        return loss_fn
+    return lambda params, batch: loss_fn(lora_join(frozen, params), batch)
+
+
 def split_micro(batch: Batch, grad_accum: int) -> Batch:
     """[B, L] -> [A, B/A, L], micro-batch a = rows a, a+A, ...: each device keeps its own rows."""
     def split(x_BxL):
@@ -130,16 +138,17 @@ def sum_grads(loss_fn: Callable, params: Any, batch: Batch, grad_accum: int
     return grads, ce_sum, z_sum
 
 
-def compute_grads(params: Any, batch: Batch, *, model: nn.Module, rules: Any,
-                  grad_accum: int = 1, z_loss: float = 0.0, loss_chunk: int = 0
+def compute_grads(params: Any, batch: Batch, frozen: Any = None, *, model: nn.Module,
+                  rules: Any, grad_accum: int = 1, z_loss: float = 0.0, loss_chunk: int = 0
                   ) -> tuple[Any, dict[str, jax.Array]]:
     """Gradients of the mean loss over the global batch's response tokens, and loss metrics
-    (`useful_tokens`: the batch's non-padding tokens, for useful throughput)."""
+    (`useful_tokens`: the batch's non-padding tokens, for useful throughput). `frozen`: a LoRA
+    run's base, joined to `params` (the adapters) in the forward pass and given no gradient."""
     with nn.logical_axis_rules(rules):
         n_tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
         denom = jnp.maximum(n_tokens, 1.0)
-        grads, ce_sum, z_sum = sum_grads(make_loss_fn(model, z_loss, loss_chunk), params, batch,
-                                         grad_accum)
+        grads, ce_sum, z_sum = sum_grads(_with_frozen(make_loss_fn(model, z_loss, loss_chunk),
+                                                      frozen), params, batch, grad_accum)
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
     return grads, {"loss": ce_sum / denom, "z_loss": z_sum / denom, "loss_tokens": n_tokens,
                    "useful_tokens": useful_tokens(batch)}
@@ -150,12 +159,12 @@ def useful_tokens(batch: Batch) -> jax.Array:
     return jnp.sum(batch["segment_ids"] != 0, dtype=jnp.int32)
 
 
-def eval_sums(params: Any, batch: Batch, *, model: nn.Module, rules: Any, grad_accum: int = 1,
-              loss_chunk: int = 0) -> dict[str, jax.Array]:
+def eval_sums(params: Any, batch: Batch, frozen: Any = None, *, model: nn.Module, rules: Any,
+              grad_accum: int = 1, loss_chunk: int = 0) -> dict[str, jax.Array]:
     """Summed CE and response-token count of a batch, in `grad_accum` micro-batches (and
     `loss_chunk` chunks) like training (so eval fits wherever training fits); sum over batches,
     then divide."""
-    loss_fn = make_loss_fn(model, 0.0, loss_chunk)
+    loss_fn = _with_frozen(make_loss_fn(model, 0.0, loss_chunk), frozen)
     with nn.logical_axis_rules(rules):
         tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
         if grad_accum == 1:

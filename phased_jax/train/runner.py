@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -39,10 +40,12 @@ from phased_jax.config_cli import parse_config_argv
 from phased_jax.data.pipeline import Batching, prepare
 from phased_jax.data.splits import metric_name
 from phased_jax.errors import CheckpointError, ConfigError
+from phased_jax.hf.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
 from phased_jax.hf.to_hf import tokenizer_files
 from phased_jax.init_from import checkpoint_kind, resolve_model
 from phased_jax.model import Transformer
 from phased_jax.model.config import ModelConfig
+from phased_jax.model.lora import merge as lora_merge
 from phased_jax.params_checkpoint import (
     load_params,
     params_complete,
@@ -135,14 +138,14 @@ def _say(message: str) -> None:
         print(message, flush=True)
 
 
-def _initial_params(path: str, want: ModelConfig, trainer: Trainer) -> Any:
+def _initial_params(path: str, want: ModelConfig, shardings: Any) -> Any:
     """Params from `model.init_from` (HF directory or phased-jax params checkpoint), or None.
     Their shapes were checked against the config by `init_from.resolve_model`."""
     if not path:
         return None
     if checkpoint_kind(path) == "hf":
-        return hf.load(path, dtype=want.param_dtype, shardings=trainer.param_shardings)[1]
-    return load_params(path, trainer.param_shardings)[1]
+        return hf.load(path, dtype=want.param_dtype, shardings=shardings)[1]
+    return load_params(path, shardings)[1]
 
 
 def run(config: ConfigDict, hooks: Sequence[StepHook] = ()) -> dict[str, Any]:
@@ -227,9 +230,14 @@ class PhaseRunner:
                            step=global_step)
             _say(f"resuming phase {pos.phase + 1} at step {pos.step}/{self.steps[pos.phase]} "
                  f"(global step {global_step}) from {self.ckpt_dir}")
-        else:
+        if self.trainer.lora is not None:  # the frozen base is in no checkpoint: read it each run
+            self.trainer.set_base(_initial_params(self.config.model.init_from,
+                                                  model_config(self.config.model),
+                                                  self.trainer.base_shardings))
+        elif restored is None:
             self.initial_params = _initial_params(self.config.model.init_from,
-                                                  model_config(self.config.model), self.trainer)
+                                                  model_config(self.config.model),
+                                                  self.trainer.param_shardings)
         return pos
 
     def _replay_tracking(self, events: list[dict[str, Any]]) -> None:
@@ -318,10 +326,16 @@ class PhaseRunner:
                 self.evaluate(k, state.params, end, at_phase_end=True)
         target = self.out / "phases" / _label(k, phase)
         if self.config.checkpoint.phase_params and not distributed.from_process_0(
-                ("phase_end", k + 1) in self.logged and params_complete(target)):
+                ("phase_end", k + 1) in self.logged and _phase_complete(target, self.trainer)):
             with _storage(str(target)):
-                save_params(target, self.trainer.model_cfg, state.params, overwrite=True,
-                            extra_files=tokenizer_files(self.config.data.tokenizer))
+                if self.trainer.lora is not None:  # a PEFT adapter of the base
+                    adapters = distributed.to_host(state.params)
+                    if jax.process_index() == 0:
+                        save_adapter(target, self.trainer.model_cfg, self.trainer.lora, adapters,
+                                     base=self.config.model.init_from)
+                else:
+                    save_params(target, self.trainer.model_cfg, state.params, overwrite=True,
+                                extra_files=tokenizer_files(self.config.data.tokenizer))
         if ("phase_end", k + 1) not in self.logged:
             self.log.write(event="phase_end", phase=k + 1, name=phase.phase.name, step=end)
             self.tracker.phase_end(k + 1, _label(k, phase), end)
@@ -373,12 +387,31 @@ class PhaseRunner:
             if finished and distributed.from_process_0(hf.export_complete(self.hf_dir)):
                 _say(f"the run was already complete; its final model is in {self.hf_dir}")
             else:
-                _export(self.config.export.dtype, self.trainer.model_cfg, final.params,
-                        self.data.tokenizer, self.hf_dir)
+                self._export_final(final.params)
         if not finished:
             self.log.write(event="done", step=self.starts[-1])
         self.log.close()
         self.write_forgetting()
+
+    def _export_final(self, params: Any) -> None:
+        """The final model: the HF export, or with LoRA per `export.lora` the merged model in
+        `hf/` and/or the PEFT adapter in `adapter/`."""
+        trainer, what = self.trainer, self.config.export.get("lora", "merged")
+        if trainer.lora is None:
+            _export(self.config.export.dtype, trainer.model_cfg, params, self.data.tokenizer,
+                    self.hf_dir)
+            return
+        if what in ("adapter", "both"):
+            adapters = distributed.to_host(params)
+            if jax.process_index() == 0:
+                path = save_adapter(self.out / "adapter", trainer.model_cfg, trainer.lora,
+                                    adapters, base=self.config.model.init_from)
+                _say(f"exported the LoRA adapter (PEFT) to {path}")
+        if what in ("merged", "both"):
+            merged = jax.jit(functools.partial(lora_merge, trainer.model_cfg, trainer.lora),
+                             out_shardings=trainer.base_shardings)(trainer.base, params)
+            _export(self.config.export.dtype, trainer.model_cfg, merged, self.data.tokenizer,
+                    self.hf_dir)
 
     def write_forgetting(self) -> None:
         """`forgetting.csv` and `.md` from the phase log's phase-end evals (process 0)."""
@@ -448,6 +481,13 @@ def _eval_sums(trainer: Any, params: Any, loader: Any) -> tuple[float, float]:
         m = jax.device_get(trainer.eval_loss(params, trainer.shard_batch(loader.batch(s))))
         ce, tokens = ce + float(m["ce_sum"]), tokens + float(m["loss_tokens"])
     return ce, tokens
+
+
+def _phase_complete(target: Path, trainer: Trainer) -> bool:
+    """Whether a phase's `phases/` output is whole (params, or a LoRA run's adapter)."""
+    if trainer.lora is None:
+        return params_complete(target)
+    return (target / ADAPTER_WEIGHTS).is_file() and (target / ADAPTER_CONFIG).is_file()
 
 
 def _score_stages(phase: Any) -> list[int]:

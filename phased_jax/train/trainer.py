@@ -23,6 +23,9 @@ from phased_jax.model import Transformer
 from phased_jax.model.attention import resolve_attention_impl
 from phased_jax.model.config import ModelConfig
 from phased_jax.model.flops import flops_per_token
+from phased_jax.model.lora import LoraSpec, spec_from_section
+from phased_jax.model.lora import join as lora_join
+from phased_jax.model.lora import split as lora_split
 from phased_jax.model.params import abstract_params
 from phased_jax.train import optimizer
 from phased_jax.train.loss import compute_grads, eval_sums
@@ -40,7 +43,8 @@ class Trainer:
     """
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: ConfigDict, mesh_cfg: ConfigDict, *,
-                 seed: int = 0, devices: list[Any] | None = None, packing: bool = False) -> None:
+                 seed: int = 0, devices: list[Any] | None = None, packing: bool = False,
+                 lora: LoraSpec | None = None) -> None:
         self.placement = sharding.Placement.from_config(mesh_cfg, devices)
         # The model runs the kernel of the devices the steps are compiled for (a TPU topology's
         # too, from a CPU host); one they cannot run is a ConfigError before any compile.
@@ -49,15 +53,23 @@ class Trainer:
             model_cfg.attention_impl, self.placement.mesh.devices.flat[0].platform,
             packing=packing, dtype=model_cfg.dtype)
         self.model_cfg, self.train_cfg, self.seed = model_cfg, train_cfg, int(seed)
-        self.model = Transformer(model_cfg.replace(attention_impl=attention_impl))
+        # With `lora` the state trains the adapters only; the frozen base is an argument of the
+        # steps (`set_base`), in no checkpoint and with no gradient or optimizer state.
+        self.lora = lora
+        self.model = Transformer(model_cfg.replace(attention_impl=attention_impl), lora=lora)
         self.mesh, self.rules = self.placement.mesh, self.placement.rules
         self.grad_accum = int(train_cfg.grad_accum)
         self.global_batch = int(train_cfg.global_batch)
         self.z_loss = float(train_cfg.z_loss)
         self.loss_chunk = int(train_cfg.get("loss_chunk", 0))
         sharding.check_batch(self.global_batch, self.grad_accum, self.mesh, self.rules)
-        self.abstract_params = abstract_params(model_cfg)
-        self.param_shardings = sharding.param_shardings(model_cfg, self.placement)
+        self.abstract_params = abstract_params(model_cfg, lora)
+        self.param_shardings = sharding.param_shardings(model_cfg, self.placement, lora)
+        self.base_shardings: Any = None
+        self.base: Any = None
+        if lora is not None:
+            self.base_shardings, self.param_shardings = lora_split(self.param_shardings)
+            self.abstract_base, self.abstract_params = lora_split(self.abstract_params)
         self.batch_sharding: NamedSharding = self.placement.batch_sharding
         self.tx = optimizer.make_optimizer(train_cfg)
         self._steps: dict[str, Any] = {}
@@ -82,10 +94,13 @@ class Trainer:
 
     def _fresh(self, rng: jax.Array, num_steps: jax.Array, warmup: jax.Array) -> TrainState:
         params = self.model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
+        if self.lora is not None:  # fresh adapters (the base's init is dead code under jit)
+            params = lora_split(nn.meta.unbox(params))[1]
         return self._from_params(params, num_steps, warmup)
 
     def _from_params(self, params: Any, num_steps: jax.Array, warmup: jax.Array) -> TrainState:
-        dtype = jnp.dtype(self.model_cfg.param_dtype)
+        # adapters and their optimizer state stay float32 whatever the base's dtype
+        dtype = jnp.dtype("float32" if self.lora is not None else self.model_cfg.param_dtype)
         params = jax.tree.map(lambda p: p.astype(dtype), nn.meta.unbox(params))
         opt_state = optimizer.start_run(self.tx.init(params), num_steps, warmup)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
@@ -114,6 +129,17 @@ class Trainer:
                        in_shardings=(self.param_shardings, replicated, replicated),
                        out_shardings=shardings)(params, n, w)
 
+    def set_base(self, params: Any) -> None:
+        """The frozen base of a LoRA run (any placement; cast to `param_dtype`), placed as the
+        full model's params would be."""
+        dtype = jnp.dtype(self.model_cfg.param_dtype)
+        base = jax.tree.map(lambda p: p.astype(dtype), nn.meta.unbox(params))
+        self.base = jax.device_put(base, self.base_shardings)
+
+    def full_params(self, params: Any) -> Any:
+        """The model's whole params tree from a state's `params` (with LoRA: base + adapters)."""
+        return params if self.lora is None else lora_join(self.base, params)
+
     # -- batches and steps -----------------------------------------------------------------------
     def shard_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This host's rows of the global batch -> global arrays sharded along `batch`."""
@@ -130,18 +156,19 @@ class Trainer:
         if name not in self._steps:
             common = dict(model=self.model, rules=self.rules, grad_accum=self.grad_accum,
                           loss_chunk=self.loss_chunk)
+            base = self.base_shardings  # the frozen base's (None without LoRA)
             if name == "train":
                 shardings = self.state_shardings()
                 fn = jax.jit(functools.partial(train_step, tx=self.tx, z_loss=self.z_loss, **common),
-                             in_shardings=(shardings, self.batch_sharding),
+                             in_shardings=(shardings, self.batch_sharding, base),
                              out_shardings=(shardings, None), donate_argnums=(0,))
             elif name == "grads":
                 fn = jax.jit(functools.partial(compute_grads, z_loss=self.z_loss, **common),
-                             in_shardings=(self.param_shardings, self.batch_sharding),
+                             in_shardings=(self.param_shardings, self.batch_sharding, base),
                              out_shardings=(self.param_shardings, None))
             else:
                 fn = jax.jit(functools.partial(eval_sums, **common),
-                             in_shardings=(self.param_shardings, self.batch_sharding))
+                             in_shardings=(self.param_shardings, self.batch_sharding, base))
             self._steps[name] = fn
         return self._steps[name]
 
@@ -149,17 +176,22 @@ class Trainer:
              ) -> tuple[TrainState, dict[str, jax.Array]]:
         """One jitted, donated update (the input state is consumed). Metrics stay on device."""
         with jax.set_mesh(self.mesh):
-            return self._jitted("train")(state, batch)
+            return self._jitted("train")(state, batch, self._frozen())
 
     def grads(self, params: Any, batch: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
         """Mean-loss gradients without an update (tests, debugging); not donated."""
         with jax.set_mesh(self.mesh):
-            return self._jitted("grads")(params, batch)
+            return self._jitted("grads")(params, batch, self._frozen())
 
     def eval_loss(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Summed CE and token count of a batch, in `grad_accum` micro-batches (for eval loss)."""
         with jax.set_mesh(self.mesh):
-            return self._jitted("eval")(params, batch)
+            return self._jitted("eval")(params, batch, self._frozen())
+
+    def _frozen(self) -> Any:
+        if self.lora is not None and self.base is None:
+            raise RuntimeError("a LoRA Trainer needs its base: call set_base(params) first")
+        return self.base
 
     def lower(self, name: str, seq_len: int) -> jax.stages.Lowered:
         """The jitted `train` or `eval` step lowered for abstract inputs of one global batch of
@@ -167,10 +199,14 @@ class Trainer:
         batch = {k: jax.ShapeDtypeStruct((self.global_batch, seq_len), jnp.int32,
                                          sharding=self.batch_sharding) for k in BATCH_KEYS}
         state = self.abstract_state()
+        base = None if self.lora is None else jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(self.model_cfg.param_dtype),
+                                               sharding=sh),
+            self.abstract_base, self.base_shardings)
         with jax.set_mesh(self.mesh):
             if name == "train":
-                return self._jitted("train").lower(state, batch)
-            return self._jitted(name).lower(state.params, batch)
+                return self._jitted("train").lower(state, batch, base)
+            return self._jitted(name).lower(state.params, batch, base)
 
     def flops_per_step(self, seq_len: int) -> float:
         """Model matmul FLOPs of one training step on the global batch (for MFU)."""
@@ -178,6 +214,8 @@ class Trainer:
 
 
 def build_trainer(config: ConfigDict, devices: list[Any] | None = None) -> Trainer:
-    """The Trainer of one experiment ConfigDict: its model, train and mesh sections and seed."""
+    """The Trainer of one experiment ConfigDict: its model (and LoRA adapters), train and mesh
+    sections and seed."""
     return Trainer(model_config(config.model), config.train, config.mesh, seed=config.seed,
-                   devices=devices, packing=bool(config.get("data", {}).get("packing", False)))
+                   devices=devices, packing=bool(config.get("data", {}).get("packing", False)),
+                   lora=spec_from_section(config.model.get("lora")))
