@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
+import json
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -39,8 +41,14 @@ from phased_jax.config_checks import validate_config
 from phased_jax.config_cli import parse_config_argv
 from phased_jax.data.pipeline import Batching, prepare
 from phased_jax.data.splits import metric_name
-from phased_jax.errors import CheckpointError, ConfigError
-from phased_jax.hf.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
+from phased_jax.errors import CheckpointError, ConfigError, UsageError
+from phased_jax.hf.peft import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterError,
+    load_adapter,
+    save_adapter,
+)
 from phased_jax.hf.to_hf import tokenizer_files
 from phased_jax.init_from import checkpoint_kind, resolve_model
 from phased_jax.model import Transformer
@@ -207,6 +215,7 @@ class PhaseRunner:
         self.log = RunLog(self.out / "logs" / "phase_log.jsonl")
         self.logged: set[tuple[Any, Any]] = set()  # (event, phase) lines a killed run wrote
         self.initial_params: Any = None
+        self.base_identity: dict[str, Any] = {}  # a LoRA run's base, in each checkpoint's meta
         self.tracker = tracking.start(config, self.out)  # last: run() finishes it
         self.eval_writer = EvalWriter(self.out / "logs", bool(config.train.get("tensorboard", True)),
                                       self.tracker)
@@ -234,11 +243,36 @@ class PhaseRunner:
             self.trainer.set_base(_initial_params(self.config.model.init_from,
                                                   model_config(self.config.model),
                                                   self.trainer.base_shardings))
+            self.base_identity = {"base": base_identity(self.trainer.base,
+                                                        self.config.model.init_from)}
+            if restored is not None:
+                _check_base(restored[1], self.base_identity["base"])
+            else:
+                self.initial_params = self._initial_adapters()
         elif restored is None:
             self.initial_params = _initial_params(self.config.model.init_from,
                                                   model_config(self.config.model),
                                                   self.trainer.param_shardings)
         return pos
+
+    def _initial_adapters(self) -> Any:
+        """`model.lora.init_from`'s PEFT adapter (its rank, alpha and targets must be the
+        config's), or None: fresh adapters (A random, B zero)."""
+        path = self.config.model.lora.get("init_from", "")
+        if not path:
+            return None
+        try:
+            spec, adapters = load_adapter(path, self.trainer.model_cfg)
+        except AdapterError as e:
+            raise UsageError(f"model.lora.init_from: {e}") from None
+        want = self.trainer.lora
+        for name, got, mine in (("rank", spec.rank, want.rank), ("alpha", spec.alpha, want.alpha),
+                                ("targets", spec.targets, want.targets)):
+            if got != mine:
+                raise UsageError(f"model.lora.init_from {path}: the adapter's {name} is {got!r}, "
+                                  f"the config's model.lora.{name} is {mine!r}; set "
+                                  f"--config.model.lora.{name} to match the adapter")
+        return adapters
 
     def _replay_tracking(self, events: list[dict[str, Any]]) -> None:
         """W&B gets again what the killed attempts logged up to the checkpoint (`events`: the
@@ -309,7 +343,8 @@ class PhaseRunner:
                 if done or (every > 0 and (s + 1) % every == 0):
                     with _storage(self.ckpt_dir, self.state_bytes):
                         self.ckpts.save(start + s + 1, state,
-                                        _meta(self.config, k, s + 1, loader, phase, done))
+                                        {**_meta(self.config, k, s + 1, loader, phase, done),
+                                         **self.base_identity})
                 for hook in self.hooks:
                     hook(self, k, s + 1)
         finally:  # the progress bar ends its line before any error is printed
@@ -456,6 +491,30 @@ def _storage(path: str, needed_bytes: int | None = None) -> Iterator[None]:
 def _meta(config: ConfigDict, k: int, step: int, loader: Any, phase: Any, done: bool) -> dict:
     return {"phase_index": k, "phase_name": phase.phase.name, "step_in_phase": step,
             "phase_done": done, "data": loader.state_dict(step), "config": config.to_json()}
+
+
+def base_identity(base: Any, path: str) -> dict[str, Any]:
+    """What names a LoRA run's frozen base: its path and a hash of its tree's shapes and of a
+    few of its weights (an embedding row, layer 0's q/k/v at one input), so adapters are never
+    resumed onto another base."""
+    probe = distributed.to_host(jax.jit(lambda b: (b["embed"][0], b["layers"]["attn"]["qkv"][0, 0]))(
+        base))
+    h = hashlib.sha256(json.dumps([(jax.tree_util.keystr(p), list(x.shape), str(x.dtype))
+                                   for p, x in jax.tree_util.tree_flatten_with_path(base)[0]])
+                       .encode())
+    for x in jax.tree.leaves(probe):
+        h.update(np.ascontiguousarray(x).tobytes())
+    return {"path": str(path), "sha256": h.hexdigest()[:16]}
+
+
+def _check_base(meta: dict, base: dict[str, Any]) -> None:
+    """Refuse to resume adapters onto a base other than the one they were trained on."""
+    saved = meta.get("base")
+    if saved and saved.get("sha256") != base["sha256"]:
+        raise UsageError(f"the checkpoint's adapters were trained on the base {saved['path']} "
+                          f"(fingerprint {saved['sha256']}), but model.init_from={base['path']} "
+                          f"gives fingerprint {base['sha256']}: point model.init_from at the "
+                          "run's base, or use a new output_dir")
 
 
 def _check_resume(meta: dict, phases: list, steps: list[int]) -> int:

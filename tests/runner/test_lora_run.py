@@ -5,6 +5,7 @@ transformers and peft load."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -123,3 +124,36 @@ def test_sigkill_mid_phase_2_then_rerun_is_exact(tiny_experiment, lora_run, tmp_
         assert a.keys() == b.keys()
         for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name}: {k}")
+
+
+def test_adapters_start_from_a_peft_adapter_and_a_mismatch_is_one_line(tiny_experiment,
+                                                                       lora_run, tmp_path):
+    start = lora_run["out"] / "phases" / "phase1-stage1"
+    out = tmp_path / "from_adapter"
+    extra = LORA.format(base=lora_run["base"]) + f"""
+    c.model.lora.init_from = "{start}"
+    c.data.order = "3"
+    c.data.replay = 0.0
+    c.train.max_steps_per_phase = 1
+    c.train.lr = 1e-12"""
+    train(write_config(tiny_experiment, out, extra=extra))
+    got, want = _adapter_tensors(out / "adapter"), _adapter_tensors(start)
+    for k in want:  # one step at lr 1e-12 from the given adapter
+        np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-9, err_msg=k)
+    bad = train(write_config(tiny_experiment, tmp_path / "bad", extra=extra.replace(
+        "c.model.lora.rank = 4", "c.model.lora.rank = 8")), check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert ("the adapter's rank is 4, the config's model.lora.rank is 8; set "
+            "--config.model.lora.rank to match the adapter") in bad.stderr
+
+
+def test_resuming_onto_another_base_is_refused(tiny_experiment, lora_run, tmp_path):
+    cfg, base = load_params(lora_run["base"])
+    other = tmp_path / "other_base"
+    save_params(other, cfg, init_params(cfg, jax.random.key(8)))
+    out = tmp_path / "run"
+    shutil.copytree(lora_run["out"], out)
+    proc = train(write_config(tiny_experiment, out, extra=LORA.format(base=other)), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"trained on the base {lora_run['base']}" in proc.stderr
+    assert f"model.init_from={other} gives fingerprint" in proc.stderr
