@@ -220,6 +220,13 @@ def _check_lora(c: ConfigDict) -> None:
                 "(model.lora.rank=0, full fine-tuning); set --config.model.lora.rank=16 to "
                 f"train adapters, or reset model.lora.{name} to {default!r}")
         return
+    for name, default in (("dropout", 0.0), ("base_qtype", ""), ("merge_each_phase", False)):
+        value = _field(c, f"model.lora.{name}")
+        if value is not _ABSENT and value != default:  # refused, never silently ignored
+            raise ConfigError(f"model.lora.{name}={value!r} is not implemented yet (this version "
+                              f"trains LoRA adapters on an unquantised base, without adapter "
+                              f"dropout or merging between phases); reset it to {default!r}"
+                              + _fix(f"model.lora.{name}"))
     init_from = _field(c, "model.init_from")
     if init_from is _ABSENT or not init_from:
         raise ConfigError(f"model.lora.rank={rank} needs model.init_from, which is empty: LoRA "
