@@ -7,7 +7,7 @@ not the minutes of Hub retries, data reading and tokenising that came before it.
 - **Inputs.** A value that names a local path (see `is_hub_id`) and does not exist is a
   UsageError (exit 2): `no such file or directory: PATH (FIELD, relative to CWD); what to do`.
   `data.tokenizer`, `model.init_from` and the model flags (`--hf`, `--checkpoint`, `--run`,
-  `--tokenizer`) are local directories only (they are loaded offline), so any value of theirs
+  `--base`, `--adapter`, `--tokenizer`) are local directories only (they are loaded offline), so any value of theirs
   that does not exist is such a path. `model.init_from` is checked where it is read: `train`
   (unless the run resumes from its checkpoints) and `score`; `plan` and `compile` need none.
 - **The Hub.** Only `data.paths` / `data.eval_path` (with `data.format` auto or hf) may name
@@ -105,6 +105,18 @@ def check_local_dir(value: str, field: str, what: str, fix: str, *,
         raise UsageError(f"{field} {value}: is a file; {must}; {fix}")
     if holds and not any((p / name).is_file() for name in holds):
         raise UsageError(f"{field} {value}: holds no {' or '.join(holds)}; {must}; {fix}")
+
+
+ADAPTER = "a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)"
+ADAPTER_FIX = "give its directory (a LoRA run writes RUN/adapter and RUN/phases/PHASE)"
+
+
+def check_adapter(args: Any) -> None:
+    """`--adapter`, where given: a local directory holding adapter_config.json (the weights
+    file is the adapter reader's to name, with the rest of what it checks)."""
+    if getattr(args, "adapter", None) is not None:
+        check_local_dir(str(args.adapter), "--adapter", ADAPTER, ADAPTER_FIX,
+                        holds=("adapter_config.json",))
 
 
 def check_config_inputs(config: Any, *, eval_path: bool = False, tokenizer: bool = True
@@ -301,6 +313,12 @@ def check_generate(args: Any) -> None:
         check_local_dir(run, "--run", "a training run's output_dir (phases/phase<k>-<name>/, "
                         "hf/)", "give the output_dir of a `phased-jax train` run",
                         hub_hint=False)
+    if getattr(args, "base", None):
+        check_local_dir(args.base, "--base", "the base model of a LoRA run's adapters, a "
+                        "Hugging Face model (config.json) or a params checkpoint "
+                        "(model_config.json)", "give the run's model.init_from",
+                        holds=("config.json", "model_config.json"))
+    check_adapter(args)
     if getattr(args, "tokenizer", None):
         check_local_dir(args.tokenizer, "--tokenizer", "a Hugging Face tokenizer or model",
                         "give its directory")
@@ -329,6 +347,7 @@ def check_convert(args: Any) -> None:
     if src is not None:
         check_local_dir(str(src), "convert's input SRC", "a Hugging Face model (config.json) "
                         "or a params checkpoint (model_config.json)", "give its directory")
+    check_adapter(args)
     if getattr(args, "tokenizer", None) is not None:
         check_local_dir(str(args.tokenizer), "--tokenizer", "a Hugging Face tokenizer or "
                         "model", "give its directory")

@@ -80,7 +80,7 @@ def _decode(model: Transformer, max_new: int, sampling: Sampling, unstack: bool,
     if unstack:
         if not isinstance(params["layers"], tuple):  # not split by the caller yet:
             params = cpu.unstack_layers(params)  # once, outside the loop (a copy, under jit)
-        model = cpu.UnrolledTransformer(model.cfg)
+        model = cpu.UnrolledTransformer(model.cfg, model.lora)
         cache = cpu.per_layer_cache(model.cfg, B, P + max_new)
     else:
         cache = KVCache.empty(model.cfg, B, P + max_new)

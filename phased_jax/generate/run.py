@@ -3,10 +3,16 @@
     phased-jax generate --config configs/X.py --hf DIR --test-sets paper --output answers.jsonl
     phased-jax generate --checkpoint DIR --tokenizer TOK --input test.jsonl --output answers.jsonl
     phased-jax generate --run runs/X --test-sets paper --output answers/X/
+    phased-jax generate --hf BASE --adapter ADAPTER --input test.jsonl --output answers.jsonl
 
 `--run` answers with every model a training run wrote (`phases/phase<k>-<name>/` in phase
 order, then `hf/`), in one process: the tokenizer and questions are read once and the compiled
 decoder is reused by every model of the same shapes; one file per model in the --output folder.
+
+LoRA: `--adapter DIR` answers with the base (--hf or --checkpoint) and a PEFT adapter on it,
+unmerged (the adapters sharded with the mesh as the weights they adapt). A LoRA run's phases
+are such adapters; `--run` puts each on the base (adapter_config.json's
+base_model_name_or_path, i.e. the run's model.init_from, or `--base DIR`), read once for all.
 
 Each output line is `{test_set, id, instruction, input, output, generator}`, in input order,
 written atomically. Decoding is greedy with a total length of 1024 by default (the paper's
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import re
 import time
@@ -35,6 +42,11 @@ from phased_jax.fileio import write_jsonl_atomic
 from phased_jax.generate import testsets
 from phased_jax.generate.decode import Sampling, generate_ids
 from phased_jax.hf import export_complete, load
+from phased_jax.hf.convert import read_adapter
+from phased_jax.hf.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from phased_jax.init_from import read_checkpoint_config
+from phased_jax.model.config import ModelConfig
+from phased_jax.model.lora import join, split
 from phased_jax.model.transformer import Transformer
 from phased_jax.sharding import Placement, param_shardings, place_params
 
@@ -60,7 +72,17 @@ def parser() -> argparse.ArgumentParser:
                      help="a training run's output_dir: answer with every phase's params "
                           "(OUTPUT_DIR/phases/phase<k>-<name>/, in phase order) and the final "
                           "export (OUTPUT_DIR/hf/, if there), in one process; --output is then "
-                          "a folder that gets <phase>.jsonl for each phase and final.jsonl")
+                          "a folder that gets <phase>.jsonl for each phase and final.jsonl. "
+                          "A LoRA run's phases are adapters: each is put on the run's base "
+                          "model (see --base)")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="with --hf or --checkpoint (the base): answer with the base plus this "
+                        "PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors, "
+                        "e.g. a LoRA run's RUN/adapter or RUN/phases/PHASE), unmerged")
+    p.add_argument("--base", metavar="DIR",
+                   help="with --run of a LoRA run: the base model its adapters go on, an HF "
+                        "directory or a params checkpoint (default: the adapters' "
+                        "base_model_name_or_path, which is the run's model.init_from)")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--input", metavar="FILE", help="questions in any format `train` reads: JSONL {instruction, input?, id?, "
                            "test_set?}, an Alpaca JSON list, the authors' or phased-score's JSONL "
@@ -71,7 +93,8 @@ def parser() -> argparse.ArgumentParser:
                    help="the answers file; with --run, a folder (created) of one file per model")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="default: the model directory (a params checkpoint's DIR/tokenizer/; "
-                        "with --run, the first phase's, else OUTPUT_DIR/hf)")
+                        "with --run, the first phase's, else OUTPUT_DIR/hf; with adapters, "
+                        "if those have none, the base's)")
     p.add_argument("--max-length", type=int, default=1024, help="prompt + answer tokens (paper: 1024)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="answer tokens at most (default: whatever --max-length leaves)")
@@ -132,6 +155,12 @@ def load_model(path: str, placement: Placement, precision: tuple[str, str] | Non
 
 
 def check_args(args: argparse.Namespace) -> None:
+    if args.adapter and args.run:
+        raise UsageError("--adapter goes with --hf or --checkpoint (its base); a LoRA run's "
+                         "adapters are found by --run itself (its base: --base)")
+    if args.base and not args.run:
+        raise UsageError("--base is the base model of --run's adapters; with --hf or "
+                         "--checkpoint, that flag is the base: add --adapter DIR")
     for name in ("max_length", "batch_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -150,49 +179,107 @@ RUN_FIX = ("expects phases/phase<k>-<name>/ as `phased-jax train` writes them wi
 
 @dataclasses.dataclass(frozen=True)
 class ModelSource:
-    """One model to answer with: its directory, its kind and, under --run, its file's stem."""
+    """One model to answer with: its directory and kind (with `adapter`, the base's), the PEFT
+    adapter put on it if any and, under --run, its file's stem."""
 
     path: str
     hf: bool
     label: str = ""
+    adapter: str = ""
 
 
-def run_models(run_dir: str) -> list[ModelSource]:
+def is_adapter(directory: str | Path) -> bool:
+    return Path(directory, ADAPTER_CONFIG).is_file()
+
+
+def run_base(run_dir: str, first_adapter: Path, base: str | None) -> ModelSource:
+    """The base model a LoRA run's adapters go on: `base` (--base) or the first adapter's
+    base_model_name_or_path (the run's model.init_from), checked as a model flag is."""
+    field = "--base"
+    if not base:
+        config = first_adapter / ADAPTER_CONFIG
+        try:
+            base = str(json.loads(config.read_text()).get("base_model_name_or_path") or "")
+        except (OSError, ValueError, AttributeError) as e:
+            raise UsageError(f"--run {run_dir}: {config} is unreadable ({e}); give the "
+                             "base model with --base DIR") from None
+        if not base:
+            raise UsageError(f"--run {run_dir}: {config} names no base model "
+                             "(base_model_name_or_path is empty); give it with --base DIR")
+        field = f"the base model of --run's adapters ({config}'s base_model_name_or_path)"
+    local_paths.check_local_dir(base, field, "a Hugging Face model (config.json) or a params "
+                                "checkpoint (model_config.json)", "give it with --base DIR "
+                                "(the run's model.init_from)",
+                                holds=("config.json", "model_config.json"))
+    return ModelSource(base, hf=Path(base, "config.json").is_file())
+
+
+def run_models(run_dir: str, base: str | None = None) -> list[ModelSource]:
     """A run's models: each `phases/phase<k>-<name>/` by k (phase10 after phase9), then `hf/`
-    if there. An incomplete one is an error naming it: answers from whichever phases happen to
-    be whole would make a comparison that silently lacks a phase."""
+    if there (a LoRA run's `adapter/` on the base if it exported no `hf/`). An incomplete one
+    is an error naming it: answers from whichever phases happen to be whole would make a
+    comparison that silently lacks a phase. A LoRA run's phases are adapters of one base."""
     phases = Path(run_dir, "phases")
     found = sorted((int(m.group(1)), p.name) for p in (phases.iterdir() if phases.is_dir() else ())
                    if p.is_dir() and (m := PHASE_DIR.fullmatch(p.name)))
     if not found:
         what = "its phases/ holds no phase<k>-<name>/" if phases.is_dir() else "it has no phases/"
         raise UsageError(f"--run {run_dir}: not a training run's output_dir ({what}); {RUN_FIX}")
+    lora = is_adapter(phases / found[0][1])
+    if base and not lora:
+        raise UsageError(f"--base: --run {run_dir} is not a LoRA run (phases/{found[0][1]} is "
+                         "a params checkpoint, not an adapter), so it has no base to give")
+    root = run_base(run_dir, phases / found[0][1], base) if lora else None
     models = []
     for _, name in found:
+        if root is not None:
+            if not (phases / name / ADAPTER_WEIGHTS).is_file():
+                raise UsageError(f"--run {run_dir}: phases/{name} is not a complete PEFT "
+                                 f"adapter (no {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}): resume "
+                                 "that run with `phased-jax train`, or move it away")
+            models.append(dataclasses.replace(root, label=name, adapter=str(phases / name)))
+            continue
         if not params_checkpoint.params_complete(phases / name):
             raise UsageError(f"--run {run_dir}: phases/{name} is not a complete params checkpoint "
                              "(its write was cut short?): resume that run with `phased-jax train` "
                              "(it redoes a phase's params at the phase's end), or move it away")
         models.append(ModelSource(str(phases / name), hf=False, label=name))
-    hf_dir = Path(run_dir, "hf")
+    hf_dir, adapter_dir = Path(run_dir, "hf"), Path(run_dir, "adapter")
     if hf_dir.exists():
         if not export_complete(hf_dir):
             raise UsageError(f"--run {run_dir}: hf/ is not a complete Hugging Face export (its "
                              "write was cut short?): rerun `phased-jax train` with the run's "
                              "config (it redoes an incomplete export), or move it away")
         models.append(ModelSource(str(hf_dir), hf=True, label="final"))
+    elif root is not None and (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        models.append(dataclasses.replace(root, label="final", adapter=str(adapter_dir)))
     return models
 
 
 def model_sources(args: argparse.Namespace) -> list[ModelSource]:
-    """What to answer with: --hf or --checkpoint, or every model of --run (whose answer files
-    are checked here too, so a folder standing where one goes fails before any decoding)."""
+    """What to answer with: --hf or --checkpoint (and --adapter), or every model of --run
+    (whose answer files are checked here too, so a folder standing where one goes fails
+    before any decoding)."""
     if not args.run:
-        return [ModelSource(args.hf or args.checkpoint, hf=bool(args.hf))]
-    models = run_models(args.run)
-    for m in models:
-        local_paths.check_output_file(answers_path(args.output, m), "--output (with --run)")
+        models = [ModelSource(args.hf or args.checkpoint, hf=bool(args.hf),
+                              adapter=args.adapter or "")]
+    else:
+        models = run_models(args.run, args.base)
+        for m in models:
+            local_paths.check_output_file(answers_path(args.output, m), "--output (with --run)")
+    check_adapters(models)
     return models
+
+
+def check_adapters(models: list[ModelSource]) -> None:
+    """Each adapter read against its base's config (a small JSON file), so an adapter that
+    cannot be used fails before the questions, the tokenizer or any weight is read."""
+    configs: dict[str, ModelConfig] = {}
+    for m in models:
+        if m.adapter:
+            if m.path not in configs:
+                configs[m.path] = read_checkpoint_config(m.path, "the base model")
+            read_adapter(m.adapter, configs[m.path], m.path)
 
 
 def answers_path(output: str, model: ModelSource) -> Path:
@@ -206,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     check_args(args)
     local_paths.check_generate(args)  # model, tokenizer, questions, --output: one line each
     models = model_sources(args)
-    flag = "--hf" if args.hf else "--checkpoint" if args.checkpoint else "--run"
+    flag = ("--hf" if args.hf else "--checkpoint" if args.checkpoint else
+            "--base" if args.base else "--run")
     config = parse_config_argv(config_argv, "phased-jax generate", USAGE,
                                default=get_default_config, sections=("model",),
                                model_source=(models[0].path, flag)).config
@@ -226,24 +314,45 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("%d prompt(s) fill --max-length %d and get empty answers: %s",
                     len(too_long), args.max_length, ", ".join(too_long[:10]))
     written = []
+    base = None  # (directory, model, params): the base adapters go on, read once for them all
     for n, source in enumerate(models, 1):
         if len(models) > 1:
-            log.info("model %d/%d: %s", n, len(models), source.path)
-        written.append(answer_with(source, args, items, prompts, tokenizer, template, placement,
-                                   precision))
+            log.info("model %d/%d: %s", n, len(models), source.adapter or source.path)
+        if source.adapter:
+            if base is None or base[0] != source.path:
+                base = None  # the last one's memory first
+                base = (source.path, *load_model(source.path, placement, precision,
+                                                 hf=source.hf))
+            model, params = with_adapter(base[1], base[2], source.adapter, source.path,
+                                         placement)
+        else:
+            base = None
+            model, params = load_model(source.path, placement, precision, hf=source.hf)
+        written.append(answer_with(source, model, params, args, items, prompts, tokenizer,
+                                   template, placement))
+        del model, params  # a --run holds one model (and the base of its adapters) at a time
     if args.run and jax.process_index() == 0:
         print(f"wrote {len(written)} answer files to {args.output}: "
               f"{', '.join(p.name for p in written)}", flush=True)
     return 0
 
 
-def answer_with(source: ModelSource, args: argparse.Namespace, items: list[testsets.TestItem],
-                prompts: list[list[int]], tokenizer: Any, template: str, placement: Placement,
-                precision: tuple[str, str] | None) -> Path:
-    """Load one model, answer every prompt, write its file; returns the file. Its params are
-    dropped on return, so a --run holds one model at a time; the jitted decoder stays cached
-    (`decode.decode_fn`, keyed by the model's config) for the next model of the same shapes."""
-    model, params = load_model(source.path, placement, precision, hf=source.hf)
+def with_adapter(model: Transformer, params: Any, adapter: str, base: str,
+                 placement: Placement) -> tuple[Transformer, Any]:
+    """The base with a PEFT adapter on it, unmerged: `Transformer(cfg, lora=spec)` and the
+    joined params, the adapters placed as `param_shardings` shards them with the base (so
+    each sits with the weight it adapts). The base's params are shared, not copied."""
+    spec, adapters = read_adapter(adapter, model.cfg, base)
+    shardings = split(param_shardings(model.cfg, placement, lora=spec))[1]
+    return Transformer(model.cfg, lora=spec), join(params, jax.device_put(adapters, shardings))
+
+
+def answer_with(source: ModelSource, model: Transformer, params: Any, args: argparse.Namespace,
+                items: list[testsets.TestItem], prompts: list[list[int]], tokenizer: Any,
+                template: str, placement: Placement) -> Path:
+    """Answer every prompt with one model, write its file; returns the file. The jitted
+    decoder stays cached (`decode.decode_fn`, keyed by the model's config and LoRA spec) for
+    the next model of the same shapes."""
     eos, pad = stop_ids(template, tokenizer), pad_id_of(tokenizer)
     t0 = time.perf_counter()
     answers = generate_ids(
@@ -252,8 +361,8 @@ def answer_with(source: ModelSource, args: argparse.Namespace, items: list[tests
         batch_size=args.batch_size, sampling=Sampling(args.temperature, args.top_p),
         seed=args.seed, placement=placement, length_multiple=args.length_multiple)
     seconds = time.perf_counter() - t0
-    del params
-    generator = generator_name(source.path, args.generator, run=bool(args.run))
+    generator = generator_name(source.adapter or source.path, args.generator,
+                               run=bool(args.run))
     rows = [dict(i.answer(tokenizer.decode(a, skip_special_tokens=True)).to_row(),
                  generator=generator) for i, a in zip(items, answers, strict=True)]
     out = answers_path(args.output, source)
@@ -269,27 +378,30 @@ def answer_with(source: ModelSource, args: argparse.Namespace, items: list[tests
 def tokenizer_source(args: argparse.Namespace, first: ModelSource) -> tuple[str, str]:
     """(directory, the flag to name in errors): --tokenizer, else the model's own (a params
     checkpoint keeps it in DIR/tokenizer/, as `convert` and the runner's phases/ write it; a
-    run's, in its `first` phase, else in its hf/)."""
+    run's, in its `first` phase, else in its hf/; a LoRA run's adapters hold none, so without
+    hf/ it is the base's, as it is for --adapter)."""
     if args.tokenizer:
         return args.tokenizer, "--tokenizer"
     if args.run:
-        if Path(first.path, "tokenizer").is_dir():
-            return (str(Path(first.path, "tokenizer")),
-                    f"--tokenizer (default: {first.path}/tokenizer)")
-        return str(Path(args.run, "hf")), "--tokenizer (default: OUTPUT_DIR/hf of --run)"
-    if args.checkpoint and Path(args.checkpoint, "tokenizer").is_dir():
-        return str(Path(args.checkpoint, "tokenizer")), "--tokenizer (default: DIR/tokenizer)"
-    return args.hf or args.checkpoint, "--tokenizer (default: the model directory)"
+        own = first.adapter or first.path
+        if Path(own, "tokenizer").is_dir():
+            return str(Path(own, "tokenizer")), f"--tokenizer (default: {own}/tokenizer)"
+        if not first.adapter or Path(args.run, "hf").is_dir():
+            return str(Path(args.run, "hf")), "--tokenizer (default: OUTPUT_DIR/hf of --run)"
+    if not first.hf and Path(first.path, "tokenizer").is_dir():
+        return str(Path(first.path, "tokenizer")), "--tokenizer (default: DIR/tokenizer)"
+    return first.path, "--tokenizer (default: the model directory)"
 
 
 def generator_name(model_dir: str, given: str = "", *, run: bool = False) -> str:
-    """The name a model's answers carry: its directory's, or for the directories a run writes
-    (`RUN/hf`, `RUN/phases/phaseK-...`) the run's, so two runs' answers never look alike.
+    """The name a model's answers carry: its directory's (with an adapter, the adapter's), or
+    for the directories a run writes (`RUN/hf`, `RUN/adapter`, `RUN/phases/phaseK-...`) the
+    run's, so two runs' answers never look alike.
     `given` (--generator) is the name; under --run it stands for RUN, so phases stay apart."""
     path = Path(model_dir).resolve()
     if given and not run:
         return given
-    if path.name == "hf":
+    if path.name in ("hf", "adapter"):
         return given or path.parent.name
     if path.parent.name == "phases":
         return f"{given or path.parent.parent.name}/{path.name}"
