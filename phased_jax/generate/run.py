@@ -187,6 +187,11 @@ class ModelSource:
     label: str = ""
     adapter: str = ""
 
+    @property
+    def adapter_flag(self) -> str:
+        """The flag that named the adapter, for its errors."""
+        return "--run" if self.label else "--adapter"
+
 
 def is_adapter(directory: str | Path) -> bool:
     return Path(directory, ADAPTER_CONFIG).is_file()
@@ -279,7 +284,7 @@ def check_adapters(models: list[ModelSource]) -> None:
         if m.adapter:
             if m.path not in configs:
                 configs[m.path] = read_checkpoint_config(m.path, "the base model")
-            read_adapter(m.adapter, configs[m.path], m.path)
+            read_adapter(m.adapter, configs[m.path], m.path, m.adapter_flag)
 
 
 def answers_path(output: str, model: ModelSource) -> Path:
@@ -323,8 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                 base = None  # the last one's memory first
                 base = (source.path, *load_model(source.path, placement, precision,
                                                  hf=source.hf))
-            model, params = with_adapter(base[1], base[2], source.adapter, source.path,
-                                         placement)
+            model, params = with_adapter(base[1], base[2], source, placement)
         else:
             base = None
             model, params = load_model(source.path, placement, precision, hf=source.hf)
@@ -337,12 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def with_adapter(model: Transformer, params: Any, adapter: str, base: str,
+def with_adapter(model: Transformer, params: Any, source: ModelSource,
                  placement: Placement) -> tuple[Transformer, Any]:
     """The base with a PEFT adapter on it, unmerged: `Transformer(cfg, lora=spec)` and the
     joined params, the adapters placed as `param_shardings` shards them with the base (so
     each sits with the weight it adapts). The base's params are shared, not copied."""
-    spec, adapters = read_adapter(adapter, model.cfg, base)
+    spec, adapters = read_adapter(source.adapter, model.cfg, source.path, source.adapter_flag)
     shardings = split(param_shardings(model.cfg, placement, lora=spec))[1]
     return Transformer(model.cfg, lora=spec), join(params, jax.device_put(adapters, shardings))
 

@@ -138,9 +138,9 @@ def read_adapter(directory: str | Path, cfg: ModelConfig, base: str,
 
 def merge_adapter(args: argparse.Namespace) -> None:
     """SRC (an HF directory or a params checkpoint) with --adapter merged in, in --dtype or
-    SRC's: the update is computed in float32 and added in that dtype, as peft's
-    `merge_and_unload()` does on a model loaded in it. The adapter is checked against SRC's
-    config before any weight is read."""
+    SRC's: the base is read in that dtype and the float32 update added with one rounding, as
+    peft's `merge_and_unload()` does on a model loaded in it. The adapter is checked against
+    SRC's config before any weight is read."""
     hf_base = detect_direction(args.src) == "orbax"
     cfg = read_config(args.src) if hf_base else read_model_config(args.src)
     spec, adapters = read_adapter(args.adapter, cfg, str(args.src))
@@ -154,7 +154,7 @@ def merge_adapter(args: argparse.Namespace) -> None:
             base = jax.tree.map(lambda x: x.astype(args.dtype), base)
         own = args.src / TOKENIZER_DIR
         own_tokenizer = own if own.is_dir() else None
-    merged = lora_merge(cfg, spec, base, adapters)
+    merged = lora_merge(cfg, spec, base, adapters)  # each weight rounded once, as peft
     del base
     tokenizer = args.tokenizer or own_tokenizer
     if args.to == "orbax":

@@ -192,18 +192,20 @@ def merge(cfg: ModelConfig, spec: LoraSpec, base: dict, adapters: dict) -> dict:
         a, b = jnp.asarray(ad["a"], jnp.float32), jnp.asarray(ad["b"], jnp.float32)
         L, r = a.shape[0], spec.rank
         delta = jnp.matmul(a.reshape(L, -1, r), b.reshape(L, r, -1)) * jnp.float32(spec.scale)
+        # the float32 update added to the weight in float32 and rounded once, as peft merges
         if t in ("q", "k", "v"):
             sl = (slice(None),) * 3 + ((slice(0, G),) if t == "q" else (G if t == "k" else G + 1,))
             w = jnp.asarray(attn["qkv"])
-            attn["qkv"] = w.at[sl].add(delta.reshape(w[sl].shape).astype(w.dtype))
+            attn["qkv"] = w.astype(jnp.float32).at[sl].add(delta.reshape(w[sl].shape)).astype(w.dtype)
         elif t == "o":
             w = jnp.asarray(attn["o"])
-            attn["o"] = w + delta.reshape(w.shape).astype(w.dtype)
+            attn["o"] = (w.astype(jnp.float32) + delta.reshape(w.shape)).astype(w.dtype)
         elif t in ("gate", "up"):
             w = jnp.asarray(mlp["wi"])
             c = 0 if t == "gate" else 1
-            mlp["wi"] = w.at[:, :, c, :].add(delta.reshape(w[:, :, c, :].shape).astype(w.dtype))
+            mlp["wi"] = (w.astype(jnp.float32).at[:, :, c, :].add(delta.reshape(w[:, :, c, :].shape))
+                         .astype(w.dtype))
         else:
             w = jnp.asarray(mlp["wo"])
-            mlp["wo"] = w + delta.reshape(w.shape).astype(w.dtype)
+            mlp["wo"] = (w.astype(jnp.float32) + delta.reshape(w.shape)).astype(w.dtype)
     return {**base, "layers": layers}
