@@ -89,7 +89,7 @@ def _largest_vocab_f32(trainer) -> int:
     params = trainer.init_state(1).params
     batch = trainer.shard_batch(fixed_batch())
     with jax.set_mesh(trainer.mesh):
-        hlo = trainer._jitted("grads").lower(params, batch).compile().as_text()
+        hlo = trainer._jitted("grads").lower(params, batch, None).compile().as_text()
     sizes = [int(np.prod(dims)) for dims in
              ([int(d) for d in m.split(",")] for m in re.findall(r"f32\[([\d,]+)\]", hlo))
              if HLO_VOCAB in dims]
