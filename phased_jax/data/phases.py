@@ -139,7 +139,7 @@ def config_phases(records: Sequence[Record], data_cfg, seed: int) -> list[Phase]
                         int(data_cfg.quantiles), seed)
 
 
-def _stage_text(stage: int, thresholds: Sequence[float], quantiles: int) -> str:
+def stage_text(stage: int, thresholds: Sequence[float], quantiles: int) -> str:
     if quantiles:
         return f"quantile stage {stage} of {quantiles}"
     bounds = stage_bounds(thresholds)
@@ -162,7 +162,7 @@ def check_phases(phases: Sequence[Phase], records: Sequence[Record], data_cfg: A
 
     def describe(i: int, ph: Phase) -> str:
         stages = "+".join(map(str, ph.stages))
-        scores = " + ".join(_stage_text(s, thresholds, quantiles) for s in ph.stages)
+        scores = " + ".join(stage_text(s, thresholds, quantiles) for s in ph.stages)
         kind = "random stage" if order == "random" else "stage" + ("s" if len(ph.stages) > 1 else "")
         what = scores if quantiles else f"scores {scores}"
         if order == "random":

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from phased_jax.data.phases import Phase, stage_bounds, stratify
+from phased_jax.data.phases import Phase, stage_text, stratify
 from phased_jax.data.records import Record
 
 REPLAY_SALT = 0x4E91A7
@@ -36,7 +36,7 @@ class Stage:
     """A difficulty stage as the forgetting matrix sees it: `name` is "1", "2", ... or "all"."""
 
     name: str
-    label: str  # "[1, 1.5)", "quantile 2 of 4", "all records"
+    label: str  # "[1, 1.5)", "quantile stage 2 of 4", "all records"
     records: int
     heldout_ids: tuple[str, ...]  # sorted by the holding-out hash
 
@@ -90,13 +90,8 @@ def eval_stages(records: Sequence[Record], data_cfg: Any) -> list[tuple[str, str
         return [("all", "all records", list(records))]
     thresholds, quantiles = tuple(data_cfg.thresholds), int(data_cfg.quantiles)
     stages = stratify(records, thresholds, quantiles)
-    if quantiles:
-        labels = [f"quantile {k + 1} of {quantiles}" for k in range(len(stages))]
-    else:
-        bounds = stage_bounds(thresholds)
-        labels = [f"[{lo:g}, {hi:g}" + ("]" if k == len(bounds) - 1 else ")")
-                  for k, (lo, hi) in enumerate(bounds)]
-    return [(str(k + 1), labels[k], s) for k, s in enumerate(stages)]
+    return [(str(k + 1), stage_text(k + 1, thresholds, quantiles), s)
+            for k, s in enumerate(stages)]
 
 
 def hold_out(records: Sequence[Record], data_cfg: Any, seed: int) -> tuple[Stage, ...]:

@@ -43,7 +43,7 @@ from phased_jax.generate import testsets
 from phased_jax.generate.decode import Sampling, generate_ids
 from phased_jax.hf import export_complete, load
 from phased_jax.hf.convert import read_adapter
-from phased_jax.hf.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from phased_jax.hf.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_complete
 from phased_jax.init_from import read_checkpoint_config
 from phased_jax.model.config import ModelConfig
 from phased_jax.model.lora import join, split
@@ -238,7 +238,7 @@ def run_models(run_dir: str, base: str | None = None) -> list[ModelSource]:
     models = []
     for _, name in found:
         if root is not None:
-            if not (phases / name / ADAPTER_WEIGHTS).is_file():
+            if not adapter_complete(phases / name):
                 raise UsageError(f"--run {run_dir}: phases/{name} is not a complete PEFT "
                                  f"adapter (no {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}): resume "
                                  "that run with `phased-jax train`, or move it away")
@@ -256,7 +256,7 @@ def run_models(run_dir: str, base: str | None = None) -> list[ModelSource]:
                              "write was cut short?): rerun `phased-jax train` with the run's "
                              "config (it redoes an incomplete export), or move it away")
         models.append(ModelSource(str(hf_dir), hf=True, label="final"))
-    elif root is not None and (adapter_dir / ADAPTER_WEIGHTS).is_file():
+    elif root is not None and adapter_complete(adapter_dir):
         models.append(dataclasses.replace(root, label="final", adapter=str(adapter_dir)))
     return models
 

@@ -39,6 +39,13 @@ class AdapterError(ValueError):
     """An adapter directory this reader cannot use; the message names the file and the field."""
 
 
+def adapter_complete(directory: str | Path) -> bool:
+    """Whether `directory` holds a whole PEFT adapter (it is written as one atomic directory,
+    so both files present means both are complete)."""
+    d = Path(directory)
+    return (d / ADAPTER_CONFIG).is_file() and (d / ADAPTER_WEIGHTS).is_file()
+
+
 def adapter_path(target: str) -> tuple[str, str]:
     """Where a target's adapter lives in our params under `layers`: (module, adapter name)."""
     return _PARENT[target], f"lora_{target}"

@@ -148,11 +148,6 @@ class Adapter(nn.Module):
             self.spec.scale, x.dtype)
 
 
-def is_adapter_path(path: Sequence[Any]) -> bool:
-    """Whether a params-tree path (keys, or jax key entries) lies inside an adapter."""
-    return any(str(getattr(k, "key", k)).startswith("lora_") for k in path)
-
-
 def split(params: dict) -> tuple[dict, dict]:
     """(base, adapters): the params tree cut in two at the adapters (`lora_<target>` modules)."""
     def cut(tree: dict, want: bool) -> dict:

@@ -42,13 +42,7 @@ from phased_jax.config_cli import parse_config_argv
 from phased_jax.data.pipeline import Batching, prepare
 from phased_jax.data.splits import metric_name
 from phased_jax.errors import CheckpointError, ConfigError, UsageError
-from phased_jax.hf.peft import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    AdapterError,
-    load_adapter,
-    save_adapter,
-)
+from phased_jax.hf.peft import AdapterError, adapter_complete, load_adapter, save_adapter
 from phased_jax.hf.to_hf import tokenizer_files
 from phased_jax.init_from import checkpoint_kind, resolve_model
 from phased_jax.model import Transformer
@@ -396,9 +390,10 @@ class PhaseRunner:
             event["eval_loss"] = sums[""][0] / max(sums[""][1], 1.0)
         event["seconds"] = round(time.perf_counter() - t, 4)
         self.log.write(event="eval", **event)
-        self.eval_writer.write(step, _eval_scalars(event))
+        scalars = _eval_scalars(event)
+        self.eval_writer.write(step, scalars)
         if at_phase_end:
-            self.tracker.eval_summary(_label(k, self.data.phases[k]), _eval_scalars(event))
+            self.tracker.eval_summary(_label(k, self.data.phases[k]), scalars)
         shown = [f"stage {n} {v:.4f}" for n, v in stage.items()]
         if "eval_loss" in event:
             shown.append(f"data.eval_path {event['eval_loss']:.4f}")
@@ -546,7 +541,7 @@ def _phase_complete(target: Path, trainer: Trainer) -> bool:
     """Whether a phase's `phases/` output is whole (params, or a LoRA run's adapter)."""
     if trainer.lora is None:
         return params_complete(target)
-    return (target / ADAPTER_WEIGHTS).is_file() and (target / ADAPTER_CONFIG).is_file()
+    return adapter_complete(target)
 
 
 def _score_stages(phase: Any) -> list[int]:
