@@ -18,6 +18,7 @@ from phased_jax.data.records import FORMATS
 from phased_jax.data.templates import TEMPLATES
 from phased_jax.errors import ConfigError
 from phased_jax.model.lora import QTYPES, parse_targets
+from phased_jax.model.quant import check_divisible
 from phased_jax.train import tracking
 from phased_jax.train.optimizer import SCHEDULE_SCOPES, SCHEDULES
 
@@ -220,13 +221,31 @@ def _check_lora(c: ConfigDict) -> None:
                 "(model.lora.rank=0, full fine-tuning); set --config.model.lora.rank=16 to "
                 f"train adapters, or reset model.lora.{name} to {default!r}")
         return
-    for name, default in (("dropout", 0.0), ("base_qtype", ""), ("merge_each_phase", False)):
-        value = _field(c, f"model.lora.{name}")
-        if value is not _ABSENT and value != default:  # refused, never silently ignored
-            raise ConfigError(f"model.lora.{name}={value!r} is not implemented yet (this version "
-                              f"trains LoRA adapters on an unquantised base, without adapter "
-                              f"dropout or merging between phases); reset it to {default!r}"
-                              + _fix(f"model.lora.{name}"))
+    qtype = _field(c, "model.lora.base_qtype")
+    if qtype not in (_ABSENT, ""):
+        for name in ("hidden_size", "intermediate_size"):
+            size = _field(c, f"model.{name}")
+            why = None if size is _ABSENT else check_divisible(f"model.{name}", size, qtype)
+            if why:
+                raise ConfigError(f"{why}; use --config.model.lora.base_qtype='' (the base "
+                                  "unquantised) for this model")
+        if _field(c, "model.lora.merge_each_phase") is True:
+            raise ConfigError(
+                f"model.lora.merge_each_phase=True with model.lora.base_qtype={qtype!r}: merging "
+                "into a quantised base would re-quantise it at each phase end and round most of "
+                "the phase's update away; set --config.model.lora.merge_each_phase=False (the "
+                "adapters carry across phases) or --config.model.lora.base_qtype=''")
+    if _field(c, "model.lora.merge_each_phase") is True:
+        if _field(c, "train.schedule_scope") == "run":
+            raise ConfigError(
+                "model.lora.merge_each_phase=True with train.schedule_scope='run': the optimizer "
+                "state would carry over to adapters it never saw (each phase starts fresh ones "
+                "after the merge); use --config.train.schedule_scope=phase")
+        if _field(c, "checkpoint.phase_params") is False:
+            raise ConfigError(
+                "model.lora.merge_each_phase=True needs checkpoint.phase_params=True: a resumed "
+                "run rebuilds its merged base from each finished phase's adapters in phases/; "
+                "set --config.checkpoint.phase_params=True")
     init_from = _field(c, "model.init_from")
     if init_from is _ABSENT or not init_from:
         raise ConfigError(f"model.lora.rank={rank} needs model.init_from, which is empty: LoRA "

@@ -20,6 +20,7 @@ from phased_jax.hf.hf_config import read_config
 from phased_jax.hf.tensor_files import TensorReader, open_checkpoint
 from phased_jax.model.config import ModelConfig
 from phased_jax.model.params import abstract_params
+from phased_jax.model.quant import BLOCK_AXIS, QUANTISED, quantize
 from phased_jax.model.transformer import Transformer
 
 
@@ -73,12 +74,19 @@ def check_tied_head(reader: TensorReader, directory: Path) -> None:
             "tie_word_embeddings=true (the head is the embedding); untie it or drop the tensor")
 
 
-def read_params(reader: TensorReader, cfg: ModelConfig, shardings: Any = None) -> dict:
-    """Our params pytree from `reader`, in `cfg.param_dtype`, one leaf at a time."""
+def read_params(reader: TensorReader, cfg: ModelConfig, shardings: Any = None,
+                quantize_to: str = "") -> dict:
+    """Our params pytree from `reader`, in `cfg.param_dtype`, one leaf at a time. With
+    `quantize_to` ("int8", "nf4": a QLoRA base) each layer projection is quantised on the host,
+    one layer at a time, and only its codes and scales go to the devices (`model.quant`)."""
     abstract = abstract_params(cfg)
     params: dict = {}
     for rule in mapping.rules(cfg):
         target = mapping.get_path(abstract, rule.path)
+        name = rule.path[-1]
+        if quantize_to and rule.layered and name in QUANTISED:
+            _read_quantised(reader, cfg, rule, target, quantize_to, shardings, params)
+            continue
         buf = aligned_empty(target.shape, target.dtype)
         for i in range(cfg.num_layers) if rule.layered else (None,):
             piece = rule.to_ours(cfg, [reader.get(n) for n in rule.hf_names(i)])
@@ -90,13 +98,35 @@ def read_params(reader: TensorReader, cfg: ModelConfig, shardings: Any = None) -
     return params
 
 
+def _read_quantised(reader: TensorReader, cfg: ModelConfig, rule: Any, target: Any, qtype: str,
+                    shardings: Any, params: dict) -> None:
+    """One stacked projection, read and quantised a layer at a time (`read_params`)."""
+    name, axis = rule.path[-1], BLOCK_AXIS[rule.path[-1]]
+    codes = absmax = None
+    for i in range(cfg.num_layers):
+        piece = np.asarray(rule.to_ours(cfg, [reader.get(n) for n in rule.hf_names(i)]),
+                           target.dtype)  # rounded to param_dtype first, as set_base would
+        c, a = quantize(piece[None], qtype, axis)
+        if codes is None:
+            codes = np.empty((cfg.num_layers,) + c.shape[1:], c.dtype)
+            absmax = np.empty((cfg.num_layers,) + a.shape[1:], a.dtype)
+        codes[i], absmax[i] = c[0], a[0]
+        del piece
+    for suffix, value in (("_q", codes), ("_absmax", absmax)):
+        path = rule.path[:-1] + (name + suffix,)
+        sharding = None if shardings is None else mapping.get_path(shardings, path)
+        mapping.set_path(params, path, jax.device_put(value, sharding))
+
+
 def load(path: str | Path, dtype: Any = None, *, compute_dtype: Any = None,
-         shardings: Any = None, allow_pickle: bool = False) -> tuple[Transformer, dict]:
+         shardings: Any = None, allow_pickle: bool = False, quantize_to: str = ""
+         ) -> tuple[Transformer, dict]:
     """Load a local HF Llama/Mistral directory as `(model, params)`.
 
     `dtype` is the params' dtype (default: the checkpoint's `dtype` in config.json, else float32);
     `compute_dtype` the activations' (default: `dtype`). `shardings` is an optional pytree of
     `jax.sharding.Sharding` shaped like params. Use as `model.apply({"params": params}, ids)`.
+    `quantize_to`: a QLoRA base's projections quantised as read (`read_params`).
     """
     directory = Path(path)
     if not directory.is_dir():
@@ -106,4 +136,4 @@ def load(path: str | Path, dtype: Any = None, *, compute_dtype: Any = None,
     cfg = cfg.replace(param_dtype=param_dtype, dtype=_dtype_name(compute_dtype) or param_dtype)
     reader = open_checkpoint(directory, allow_pickle=allow_pickle)
     check_tensors(reader, cfg, directory)
-    return Transformer(cfg), read_params(reader, cfg, shardings)
+    return Transformer(cfg), read_params(reader, cfg, shardings, quantize_to)

@@ -10,6 +10,7 @@ conversion is a transpose and a reshape each way, so a round trip is exact.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from phased_jax.model.lora import MODULES, TARGETS, LoraSpec, shapes
 from phased_jax.model.lora import merge as lora_merge
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+MERGED_FIRST = "merged_first.json"  # ours, beside PEFT's files (`save_adapter`)
 PREFIX = "base_model.model.model.layers.{i}."
 _PARENT = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "gate": "mlp", "up": "mlp",
            "down": "mlp"}
@@ -133,13 +135,32 @@ def spec_from_config(config: dict[str, Any], source: str = ADAPTER_CONFIG) -> Lo
 
 
 def save_adapter(directory: str | Path, cfg: ModelConfig, spec: LoraSpec, params: dict,
-                 base: str = "") -> Path:
-    """Write a PEFT adapter directory (whole or not at all)."""
+                 base: str = "", merged_first: Sequence[str] = ()) -> Path:
+    """Write a PEFT adapter directory (whole or not at all). `merged_first`: the adapters
+    (directories beside this one) a `merge_each_phase` run merged into the base, in order,
+    before training this one (`MERGED_FIRST`, which `merged_first` reads back)."""
     with atomic_directory(Path(directory), overwrite=True) as tmp:
         save_file(to_peft(cfg, spec, params), str(tmp / ADAPTER_WEIGHTS),
                   metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(spec, base), indent=2) + "\n")
+        if merged_first:
+            (tmp / MERGED_FIRST).write_text(json.dumps({"merged_first": list(merged_first)},
+                                                       indent=2) + "\n")
     return Path(directory)
+
+
+def merged_first(directory: str | Path) -> list[Path]:
+    """The adapters to merge into the base, in order, before this one goes on it: none for an
+    adapter of the base itself; for a phase of a `merge_each_phase` run, the earlier phases'."""
+    path = Path(directory, MERGED_FIRST)
+    if not path.is_file():
+        return []
+    try:
+        names = json.loads(path.read_text())["merged_first"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise AdapterError(f"{path}: unreadable ({e}); it lists the adapters merged before "
+                           "this one: restore it from the run, or retrain") from None
+    return [Path(directory).parent / str(n) for n in names]
 
 
 def load_adapter(directory: str | Path, cfg: ModelConfig) -> tuple[LoraSpec, dict]:

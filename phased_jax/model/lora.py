@@ -44,6 +44,7 @@ class LoraSpec:
     alpha: float
     targets: tuple[str, ...] = TARGETS  # short names, in TARGETS order
     dropout: float = 0.0
+    base_qtype: str = ""  # "" = the base in param_dtype; "int8" or "nf4": `model.quant`
 
     @property
     def scale(self) -> float:
@@ -95,7 +96,7 @@ def spec_from_section(section: Any) -> LoraSpec | None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise ValueError(f"model.lora.rank={rank!r}: it must be an integer >= 0 (0 = off)")
     return LoraSpec(rank, float(section["alpha"]), parse_targets(section["targets"]),
-                    float(section["dropout"]))
+                    float(section["dropout"]), str(section.get("base_qtype", "") or ""))
 
 
 def shapes(cfg: ModelConfig, target: str, rank: int) -> tuple[tuple[tuple[int, ...], tuple], ...]:

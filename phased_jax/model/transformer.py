@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from phased_jax.model import attention
+from phased_jax.model import attention, quant
 from phased_jax.model.attention import Mask, attend, make_mask
 from phased_jax.model.cache import KVCache, write_cache
 from phased_jax.model.config import ModelConfig
@@ -44,12 +44,29 @@ class RMSNorm(nn.Module):
         return scale_D.astype(self.dtype) * normed.astype(self.dtype)
 
 
+def _weight(module: nn.Module, lora: LoraSpec | None, name: str, shape: tuple[int, ...],
+            axes: tuple[str | None, ...], init: Any, dtype: Any, param_dtype: Any) -> Array:
+    """A projection weight in the compute `dtype`: the `name` param, or with a quantised base
+    (`lora.base_qtype`) its codes `<name>_q` and scales `<name>_absmax`, dequantised here."""
+    qtype = "" if lora is None else lora.base_qtype
+    if not qtype:
+        return _param(module, name, shape, axes, init, param_dtype).astype(dtype)
+    axis = quant.BLOCK_AXIS[name] - 1  # the params tree's layer axis is the scan's
+    codes = _param(module, f"{name}_q", quant.code_shape(shape, qtype, axis), axes,
+                   nn.initializers.zeros, quant.code_dtype(qtype))
+    absmax = _param(module, f"{name}_absmax", quant.absmax_shape(shape, axis), axes,
+                    nn.initializers.ones, jnp.float32)
+    return quant.dequantize(codes, absmax, qtype, axis, dtype)
+
+
 def _adapter(module: nn.Module, lora: LoraSpec | None, target: str, x: Array, in_spec: str
              ) -> Array | None:
-    """`target`'s LoRA update of input `x` (None when it has no adapter)."""
+    """`target`'s LoRA update of input `x` (None when it has no adapter); dropout on its input
+    when the module trains (`Transformer.train`; the `dropout` rng)."""
     if lora is None or target not in lora.targets:
         return None
-    return Adapter(module.cfg, lora, target, name=f"lora_{target}")(x, in_spec)
+    return Adapter(module.cfg, lora, target, deterministic=not module.train,
+                   name=f"lora_{target}")(x, in_spec)
 
 
 def _plus(x: Array, delta: Array | None) -> Array:
@@ -59,6 +76,7 @@ def _plus(x: Array, delta: Array | None) -> Array:
 class Attention(nn.Module):
     cfg: ModelConfig
     lora: LoraSpec | None = None
+    train: bool = False
 
     @nn.compact
     def __call__(self, x_BxLxD: Array, cos: Array, sin: Array, mask: Mask,
@@ -71,11 +89,12 @@ class Attention(nn.Module):
         K, G, H, D = cfg.num_kv_heads, cfg.group_size, cfg.head_dim, cfg.hidden_size
         init = nn.initializers.normal(cfg.initializer_range)
         # Fused projection: per kv head, its G query heads, then its key, then its value.
-        w_qkv = _param(self, "qkv", (D, K, G + 2, H), ("embed", "kv_heads", None, "head_dim"),
-                       init, pdt)
-        w_o = _param(self, "o", (K, G, H, D), ("kv_heads", None, "head_dim", "embed"), init, pdt)
+        w_qkv = _weight(self, self.lora, "qkv", (D, K, G + 2, H),
+                        ("embed", "kv_heads", None, "head_dim"), init, dtype, pdt)
+        w_o = _weight(self, self.lora, "o", (K, G, H, D), ("kv_heads", None, "head_dim", "embed"),
+                      init, dtype, pdt)
 
-        qkv = jnp.einsum("bld,dkgh->blkgh", x_BxLxD, w_qkv.astype(dtype))
+        qkv = jnp.einsum("bld,dkgh->blkgh", x_BxLxD, w_qkv)
         qkv = checkpoint_name(qkv, "qkv_proj")
         q_BxLxKxGxH = _plus(qkv[..., :G, :], _adapter(self, self.lora, "q", x_BxLxD, "d"))
         k_BxLxKxH = _plus(qkv[..., G, :], _adapter(self, self.lora, "k", x_BxLxD, "d"))
@@ -93,11 +112,11 @@ class Attention(nn.Module):
             new_kv = (k_all, v_all)
         out_BxLxKxGxH = attend(q_BxLxKxGxH, k_BxSxKxH.astype(dtype), v_BxSxKxH.astype(dtype), mask)
         if kv is None:
-            out_BxLxD = jnp.einsum("blkgh,kghd->bld", out_BxLxKxGxH, w_o.astype(dtype))
+            out_BxLxD = jnp.einsum("blkgh,kghd->bld", out_BxLxKxGxH, w_o)
         else:  # one plain matmul: the 4-d einsum has XLA CPU transpose w_o at every step
             B, L = x_BxLxD.shape[:2]
             out_BxLxD = (out_BxLxKxGxH.reshape(B, L, K * G * H)
-                         @ w_o.reshape(K * G * H, D).astype(dtype))
+                         @ w_o.reshape(K * G * H, D))
         out_BxLxD = _plus(out_BxLxD, _adapter(self, self.lora, "o", out_BxLxKxGxH, "kgh"))
         return checkpoint_name(out_BxLxD, "out_proj"), new_kv
 
@@ -105,6 +124,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     cfg: ModelConfig
     lora: LoraSpec | None = None
+    train: bool = False
 
     @nn.compact
     def __call__(self, x_BxLxD: Array) -> Array:
@@ -112,20 +132,22 @@ class MLP(nn.Module):
         dtype, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         init = nn.initializers.normal(cfg.initializer_range)
         D, F = cfg.hidden_size, cfg.intermediate_size
-        w_in = _param(self, "wi", (D, 2, F), ("embed", None, "mlp"), init, pdt)  # gate, up
-        w_out = _param(self, "wo", (F, D), ("mlp", "embed"), init, pdt)
-        h_BxLx2xF = jnp.einsum("bld,dcf->blcf", x_BxLxD, w_in.astype(dtype))
+        w_in = _weight(self, self.lora, "wi", (D, 2, F), ("embed", None, "mlp"), init, dtype,
+                       pdt)  # gate, up
+        w_out = _weight(self, self.lora, "wo", (F, D), ("mlp", "embed"), init, dtype, pdt)
+        h_BxLx2xF = jnp.einsum("bld,dcf->blcf", x_BxLxD, w_in)
         gate_BxLxF = _plus(h_BxLx2xF[..., 0, :], _adapter(self, self.lora, "gate", x_BxLxD, "d"))
         up_BxLxF = _plus(h_BxLx2xF[..., 1, :], _adapter(self, self.lora, "up", x_BxLxD, "d"))
         h_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
         h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "act_mlp"))
-        out_BxLxD = jnp.einsum("blf,fd->bld", h_BxLxF, w_out.astype(dtype))
+        out_BxLxD = jnp.einsum("blf,fd->bld", h_BxLxF, w_out)
         return _plus(out_BxLxD, _adapter(self, self.lora, "down", h_BxLxF, "f"))
 
 
 class DecoderLayer(nn.Module):
     cfg: ModelConfig
     lora: LoraSpec | None = None
+    train: bool = False
 
     @nn.compact
     def __call__(self, carry: Any, cos: Array, sin: Array, mask: Mask,
@@ -142,10 +164,10 @@ class DecoderLayer(nn.Module):
         dtype, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed"))
         h = RMSNorm(cfg.rms_norm_eps, dtype, pdt, name="attn_norm")(x_BxLxD)
-        attn_out, new_kv = Attention(cfg, self.lora, name="attn")(h, cos, sin, mask, kv)
+        attn_out, new_kv = Attention(cfg, self.lora, self.train, name="attn")(h, cos, sin, mask, kv)
         x_BxLxD = x_BxLxD + attn_out
         h = RMSNorm(cfg.rms_norm_eps, dtype, pdt, name="mlp_norm")(x_BxLxD)
-        x_BxLxD = x_BxLxD + MLP(cfg, self.lora, name="mlp")(h)
+        x_BxLxD = x_BxLxD + MLP(cfg, self.lora, self.train, name="mlp")(h)
         return (x_BxLxD if new_kv is None else (x_BxLxD, *new_kv)), None
 
 
@@ -168,10 +190,12 @@ def _remat_policy(name: str):
 
 class Transformer(nn.Module):
     """Decoder-only LM. `__call__` returns logits [batch, L, vocab] (and the new cache if given one).
-    `lora`: LoRA adapters on the layers' projections (`phased_jax.model.lora`)."""
+    `lora`: LoRA adapters on the layers' projections (`phased_jax.model.lora`); `train`: the
+    adapters' dropout is on (`model.lora.dropout` > 0; apply with a `dropout` rng)."""
 
     cfg: ModelConfig
     lora: LoraSpec | None = None
+    train: bool = False
 
     @nn.compact
     def __call__(self, input_ids_BxL: Array, positions_BxL: Array | None = None,
@@ -240,12 +264,12 @@ class Transformer(nn.Module):
         return nn.scan(
             layer_cls,
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
                      0 if decoding else nn.broadcast),
             length=self.cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(self.cfg, self.lora, name="layers")
+        )(self.cfg, self.lora, self.train, name="layers")
 
     def decode_layers(self, x_BxLxD: Array, cos: Array, sin: Array, mask: Mask,
                       cache: KVCache) -> tuple[Array, Any, Any]:

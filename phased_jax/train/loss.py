@@ -82,12 +82,14 @@ def chunked_cross_entropy_sums(x_BxLxD: jax.Array, head_DxV: jax.Array, targets_
 
 
 def make_loss_fn(model: nn.Module, z_loss: float, loss_chunk: int = 0
-                 ) -> Callable[[Any, Batch], tuple[jax.Array, Any]]:
-    """loss_fn(params, batch) -> (ce_sum + z_sum, (ce_sum, z_sum)) for one (micro-)batch;
-    `loss_chunk` > 0: the LM head and the loss `loss_chunk` positions at a time."""
-    def loss_fn(params: Any, batch: Batch):
+                 ) -> Callable[..., tuple[jax.Array, Any]]:
+    """loss_fn(params, batch, rng=None) -> (ce_sum + z_sum, (ce_sum, z_sum)) for one
+    (micro-)batch; `loss_chunk` > 0: the LM head and the loss `loss_chunk` positions at a time;
+    `rng`: the dropout key of a model that trains with dropout (LoRA's)."""
+    def loss_fn(params: Any, batch: Batch, rng: jax.Array | None = None):
         out = model.apply({"params": params}, batch["input_ids"], positions_BxL=batch["positions"],
-                          segment_ids_BxL=batch["segment_ids"], return_hidden=loss_chunk > 0)
+                          segment_ids_BxL=batch["segment_ids"], return_hidden=loss_chunk > 0,
+                          rngs=None if rng is None else {"dropout": rng})
         if loss_chunk > 0:
             x_BxLxD, head_DxV = out
             ce_sum, z_sum = chunked_cross_entropy_sums(x_BxLxD, head_DxV, batch["targets"],
@@ -102,7 +104,7 @@ def _with_frozen(loss_fn: Callable, frozen: Any) -> Callable:
     """`loss_fn` over the trainable params only, the `frozen` base joined in (LoRA)."""
     if frozen is None:
         return loss_fn
-    return lambda params, batch: loss_fn(lora_join(frozen, params), batch)
+    return lambda params, batch, rng=None: loss_fn(lora_join(frozen, params), batch, rng)
 
 
 def split_micro(batch: Batch, grad_accum: int) -> Batch:
@@ -114,41 +116,46 @@ def split_micro(batch: Batch, grad_accum: int) -> Batch:
     return {k: split(v) for k, v in batch.items()}
 
 
-def sum_grads(loss_fn: Callable, params: Any, batch: Batch, grad_accum: int
-              ) -> tuple[Any, jax.Array, jax.Array]:
+def sum_grads(loss_fn: Callable, params: Any, batch: Batch, grad_accum: int,
+              rng: jax.Array | None = None) -> tuple[Any, jax.Array, jax.Array]:
     """Gradients of the summed loss over the batch, and the summed CE and z terms.
 
     With grad_accum > 1 a `lax.scan` runs the micro-batches one after the other, so activation
-    memory is that of one micro-batch; gradients accumulate in the parameters' dtype.
+    memory is that of one micro-batch; gradients accumulate in the parameters' dtype. `rng`:
+    dropout's key, micro-batch a's `fold_in(rng, a)`.
     """
     grad_fn = jax.grad(loss_fn, has_aux=True)
     if grad_accum == 1:
-        grads, (ce_sum, z_sum) = grad_fn(params, batch)
+        grads, (ce_sum, z_sum) = grad_fn(params, batch, rng)
         return grads, ce_sum, z_sum
 
-    def body(carry, micro):
+    def body(carry, xs):
         grads_acc, ce_acc, z_acc = carry
-        grads, (ce_sum, z_sum) = grad_fn(params, micro)
+        micro, a = xs
+        grads, (ce_sum, z_sum) = grad_fn(params, micro,
+                                         None if rng is None else jax.random.fold_in(rng, a))
         grads_acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), grads_acc, grads)
         return (grads_acc, ce_acc + ce_sum, z_acc + z_sum), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    (grads, ce_sum, z_sum), _ = jax.lax.scan(body, init, split_micro(batch, grad_accum))
+    (grads, ce_sum, z_sum), _ = jax.lax.scan(
+        body, init, (split_micro(batch, grad_accum), jnp.arange(grad_accum)))
     return grads, ce_sum, z_sum
 
 
-def compute_grads(params: Any, batch: Batch, frozen: Any = None, *, model: nn.Module,
-                  rules: Any, grad_accum: int = 1, z_loss: float = 0.0, loss_chunk: int = 0
-                  ) -> tuple[Any, dict[str, jax.Array]]:
+def compute_grads(params: Any, batch: Batch, frozen: Any = None, rng: jax.Array | None = None,
+                  *, model: nn.Module, rules: Any, grad_accum: int = 1, z_loss: float = 0.0,
+                  loss_chunk: int = 0) -> tuple[Any, dict[str, jax.Array]]:
     """Gradients of the mean loss over the global batch's response tokens, and loss metrics
     (`useful_tokens`: the batch's non-padding tokens, for useful throughput). `frozen`: a LoRA
-    run's base, joined to `params` (the adapters) in the forward pass and given no gradient."""
+    run's base, joined to `params` (the adapters) in the forward pass and given no gradient;
+    `rng`: the dropout key when `model` trains with dropout."""
     with nn.logical_axis_rules(rules):
         n_tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
         denom = jnp.maximum(n_tokens, 1.0)
         grads, ce_sum, z_sum = sum_grads(_with_frozen(make_loss_fn(model, z_loss, loss_chunk),
-                                                      frozen), params, batch, grad_accum)
+                                                      frozen), params, batch, grad_accum, rng)
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
     return grads, {"loss": ce_sum / denom, "z_loss": z_sum / denom, "loss_tokens": n_tokens,
                    "useful_tokens": useful_tokens(batch)}

@@ -140,14 +140,18 @@ def _say(message: str) -> None:
         print(message, flush=True)
 
 
-def _initial_params(path: str, want: ModelConfig, shardings: Any) -> Any:
+def _initial_params(path: str, want: ModelConfig, shardings: Any, quantize_to: str = "",
+                    float_shardings: Any = None) -> Any:
     """Params from `model.init_from` (HF directory or phased-jax params checkpoint), or None.
-    Their shapes were checked against the config by `init_from.resolve_model`."""
+    Their shapes were checked against the config by `init_from.resolve_model`. `quantize_to`:
+    a QLoRA base, quantised as an HF directory is read (`shardings` are the quantised tree's);
+    a params checkpoint is read whole (`float_shardings`), `Trainer.set_base` quantises it."""
     if not path:
         return None
     if checkpoint_kind(path) == "hf":
-        return hf.load(path, dtype=want.param_dtype, shardings=shardings)[1]
-    return load_params(path, shardings)[1]
+        return hf.load(path, dtype=want.param_dtype, shardings=shardings,
+                       quantize_to=quantize_to)[1]
+    return load_params(path, float_shardings if quantize_to else shardings)[1]
 
 
 def run(config: ConfigDict, hooks: Sequence[StepHook] = ()) -> dict[str, Any]:
@@ -194,6 +198,9 @@ class PhaseRunner:
         self.steps = [ld.steps for ld in self.loaders]
         self.starts = np.concatenate([[0], np.cumsum(self.steps)]).astype(int).tolist()
         self.carry = config.train.schedule_scope == "run"
+        # LoRA adapters merged into the base at each phase end, fresh ones for the next phase
+        self.merge_each = self.trainer.lora is not None and bool(
+            config.model.lora.get("merge_each_phase", False))
         cc = config.checkpoint
         self.ckpt_dir = cc.dir or str(self.out / "checkpoints")
         local = "://" not in self.ckpt_dir  # gs://... goes to Orbax (epath) as it is
@@ -234,13 +241,15 @@ class PhaseRunner:
             _say(f"resuming phase {pos.phase + 1} at step {pos.step}/{self.steps[pos.phase]} "
                  f"(global step {global_step}) from {self.ckpt_dir}")
         if self.trainer.lora is not None:  # the frozen base is in no checkpoint: read it each run
-            self.trainer.set_base(_initial_params(self.config.model.init_from,
-                                                  model_config(self.config.model),
-                                                  self.trainer.base_shardings))
+            self.trainer.set_base(_initial_params(
+                self.config.model.init_from, model_config(self.config.model),
+                self.trainer.base_shardings, self.trainer.lora.base_qtype,
+                self.trainer.load_shardings))
             self.base_identity = {"base": base_identity(self.trainer.base,
                                                         self.config.model.init_from)}
             if restored is not None:
                 _check_base(restored[1], self.base_identity["base"])
+                self._merge_finished(pos.phase)
             else:
                 self.initial_params = self._initial_adapters()
         elif restored is None:
@@ -248,6 +257,23 @@ class PhaseRunner:
                                                   model_config(self.config.model),
                                                   self.trainer.param_shardings)
         return pos
+
+    def _merge_finished(self, phase: int) -> None:
+        """`merge_each_phase`, on resume: the base as the killed run had it in phase `phase`,
+        every earlier phase's adapters (its `phases/` directory, written before any later
+        checkpoint) merged in order, by the same function as then, so bitwise the same."""
+        if not self.merge_each:
+            return
+        for j in range(phase):
+            path = self.out / "phases" / _label(j, self.data.phases[j])
+            try:
+                _, adapters = load_adapter(path, self.trainer.model_cfg)
+            except AdapterError as e:
+                raise UsageError(f"resuming a model.lora.merge_each_phase run needs each finished "
+                                 f"phase's adapters to rebuild its base: {e}") from None
+            self.trainer.merge_into_base(adapters)
+        if phase:
+            _say(f"merged phases 1-{phase}'s adapters into the base again (merge_each_phase)")
 
     def _initial_adapters(self) -> Any:
         """`model.lora.init_from`'s PEFT adapter (its rank, alpha and targets must be the
@@ -289,6 +315,7 @@ class PhaseRunner:
                 self.tracker.phase_end(k + 1, label, e["step"])
 
     def _start_state(self, k: int, pos: Position) -> Any:
+        self.trainer.set_phase(k)
         if pos.state is not None and pos.step >= self.steps[k]:
             return pos.state  # resumed at this phase's end: only what the phase owes is left
         if pos.state is not None and (pos.step > 0 or self.carry):
@@ -298,6 +325,9 @@ class PhaseRunner:
             return pos.state
         params = pos.state.params if pos.state is not None else self.initial_params
         length = self.starts[-1] if self.carry else self.steps[k]
+        if self.merge_each and k > 0:  # the last phase's adapters are in the base: fresh ones
+            return self.trainer.init_state(length, rng=jax.random.fold_in(
+                jax.random.key(self.trainer.seed), k))
         return self.trainer.init_state(length, params=params)
 
     def train_phase(self, k: int, pos: Position) -> Any:
@@ -360,11 +390,16 @@ class PhaseRunner:
                 if self.trainer.lora is not None:  # a PEFT adapter of the base
                     adapters = distributed.to_host(state.params)
                     if jax.process_index() == 0:
+                        earlier = [_label(j, self.data.phases[j]) for j in range(k)]
                         save_adapter(target, self.trainer.model_cfg, self.trainer.lora, adapters,
-                                     base=self.config.model.init_from)
+                                     base=self.config.model.init_from,
+                                     merged_first=earlier if self.merge_each else ())
                 else:
                     save_params(target, self.trainer.model_cfg, state.params, overwrite=True,
                                 extra_files=tokenizer_files(self.config.data.tokenizer))
+        if self.merge_each and k + 1 < len(self.steps):  # the final adapters are exported
+            self.trainer.merge_into_base(state.params)
+            _say(f"merged phase {k + 1}'s adapters into the base; phase {k + 2} trains fresh ones")
         if ("phase_end", k + 1) not in self.logged:
             self.log.write(event="phase_end", phase=k + 1, name=phase.phase.name, step=end)
             self.tracker.phase_end(k + 1, _label(k, phase), end)
@@ -492,7 +527,8 @@ def base_identity(base: Any, path: str) -> dict[str, Any]:
     """What names a LoRA run's frozen base: its path and a hash of its tree's shapes and of a
     few of its weights (an embedding row, layer 0's q/k/v at one input), so adapters are never
     resumed onto another base."""
-    probe = distributed.to_host(jax.jit(lambda b: (b["embed"][0], b["layers"]["attn"]["qkv"][0, 0]))(
+    attn = "qkv" if "qkv" in base["layers"]["attn"] else "qkv_q"  # a QLoRA base: its codes
+    probe = distributed.to_host(jax.jit(lambda b: (b["embed"][0], b["layers"]["attn"][attn][0, 0]))(
         base))
     h = hashlib.sha256(json.dumps([(jax.tree_util.keystr(p), list(x.shape), str(x.dtype))
                                    for p, x in jax.tree_util.tree_flatten_with_path(base)[0]])

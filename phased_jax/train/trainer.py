@@ -6,6 +6,7 @@ derived from `jax.eval_shape`, so no device ever holds the whole model.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -25,8 +26,10 @@ from phased_jax.model.config import ModelConfig
 from phased_jax.model.flops import flops_per_token
 from phased_jax.model.lora import LoraSpec, spec_from_section
 from phased_jax.model.lora import join as lora_join
+from phased_jax.model.lora import merge as lora_merge
 from phased_jax.model.lora import split as lora_split
 from phased_jax.model.params import abstract_params
+from phased_jax.model.quant import BLOCK_AXIS, QUANTISED, quantize
 from phased_jax.train import optimizer
 from phased_jax.train.loss import compute_grads, eval_sums
 from phased_jax.train.state import TrainState
@@ -57,6 +60,12 @@ class Trainer:
         # steps (`set_base`), in no checkpoint and with no gradient or optimizer state.
         self.lora = lora
         self.model = Transformer(model_cfg.replace(attention_impl=attention_impl), lora=lora)
+        # the model the train step runs: with adapter dropout, one that draws its masks
+        self.train_model = self.model
+        self.dropout_key: np.ndarray | None = None  # this phase's (`set_phase`)
+        if lora is not None and lora.dropout > 0:
+            self.train_model = self.model.clone(train=True)
+            self.set_phase(0)
         self.mesh, self.rules = self.placement.mesh, self.placement.rules
         self.grad_accum = int(train_cfg.grad_accum)
         self.global_batch = int(train_cfg.global_batch)
@@ -67,9 +76,14 @@ class Trainer:
         self.param_shardings = sharding.param_shardings(model_cfg, self.placement, lora)
         self.base_shardings: Any = None
         self.base: Any = None
+        # where a base read from disk goes before `set_base` quantises it (if it does)
+        self.load_shardings: Any = None
         if lora is not None:
             self.base_shardings, self.param_shardings = lora_split(self.param_shardings)
             self.abstract_base, self.abstract_params = lora_split(self.abstract_params)
+            self.load_shardings = self.base_shardings if not lora.base_qtype else lora_split(
+                sharding.param_shardings(model_cfg, self.placement,
+                                         dataclasses.replace(lora, base_qtype="")))[0]
         self.batch_sharding: NamedSharding = self.placement.batch_sharding
         self.tx = optimizer.make_optimizer(train_cfg)
         self._steps: dict[str, Any] = {}
@@ -131,10 +145,43 @@ class Trainer:
 
     def set_base(self, params: Any) -> None:
         """The frozen base of a LoRA run (any placement; cast to `param_dtype`), placed as the
-        full model's params would be."""
+        full model's params would be. With `model.lora.base_qtype` a float base is quantised
+        here, one projection at a time (`hf.load(..., quantize=...)` quantises on the host as
+        it reads, so the float base is never on the devices whole)."""
         dtype = jnp.dtype(self.model_cfg.param_dtype)
-        base = jax.tree.map(lambda p: p.astype(dtype), nn.meta.unbox(params))
+        base = nn.meta.unbox(params)
+        qtype = self.lora.base_qtype if self.lora is not None else ""
+        if qtype:
+            layers = {m: dict(v) for m, v in base["layers"].items()}
+            for module, names in layers.items():
+                for name in [n for n in names if n in QUANTISED]:
+                    want = self.base_shardings["layers"][module]
+                    layers[module][f"{name}_q"], layers[module][f"{name}_absmax"] = jax.jit(
+                        functools.partial(quantize, qtype=qtype, axis=BLOCK_AXIS[name]),
+                        out_shardings=(want[f"{name}_q"], want[f"{name}_absmax"]))(
+                            names.pop(name).astype(dtype))
+            base = {**base, "layers": layers}
+        base = jax.tree_util.tree_map_with_path(
+            lambda path, p: p if _is_quantised(path) else p.astype(dtype), base)
         self.base = jax.device_put(base, self.base_shardings)
+
+    def set_phase(self, k: int) -> None:
+        """Adapter dropout draws phase k's masks (one key a phase, folded with the step)."""
+        if self.train_model is not self.model:
+            self.dropout_key = np.asarray(jax.random.key_data(
+                jax.random.fold_in(jax.random.key(self.seed), k)))
+
+    def merge_into_base(self, adapters: Any) -> None:
+        """`model.lora.merge_each_phase`: the base becomes base + scale * A B (`lora.merge`, in
+        the base's dtype, sharded as it is; the old base's memory is reused)."""
+        if "merge" not in self._steps:
+            self._steps["merge"] = jax.jit(
+                functools.partial(lora_merge, self.model_cfg, self.lora),
+                in_shardings=(self.base_shardings, self.param_shardings),
+                out_shardings=self.base_shardings, donate_argnums=(0,))
+        adapters = jax.device_put(adapters, self.param_shardings)
+        with jax.set_mesh(self.mesh):
+            self.base = self._steps["merge"](self._frozen(), adapters)
 
     def full_params(self, params: Any) -> Any:
         """The model's whole params tree from a state's `params` (with LoRA: base + adapters)."""
@@ -159,8 +206,11 @@ class Trainer:
             base = self.base_shardings  # the frozen base's (None without LoRA)
             if name == "train":
                 shardings = self.state_shardings()
-                fn = jax.jit(functools.partial(train_step, tx=self.tx, z_loss=self.z_loss, **common),
-                             in_shardings=(shardings, self.batch_sharding, base),
+                dropout = None if self.dropout_key is None else NamedSharding(
+                    self.mesh, PartitionSpec())
+                fn = jax.jit(functools.partial(train_step, tx=self.tx, z_loss=self.z_loss,
+                                               **{**common, "model": self.train_model}),
+                             in_shardings=(shardings, self.batch_sharding, base, dropout),
                              out_shardings=(shardings, None), donate_argnums=(0,))
             elif name == "grads":
                 fn = jax.jit(functools.partial(compute_grads, z_loss=self.z_loss, **common),
@@ -176,7 +226,7 @@ class Trainer:
              ) -> tuple[TrainState, dict[str, jax.Array]]:
         """One jitted, donated update (the input state is consumed). Metrics stay on device."""
         with jax.set_mesh(self.mesh):
-            return self._jitted("train")(state, batch, self._frozen())
+            return self._jitted("train")(state, batch, self._frozen(), self.dropout_key)
 
     def grads(self, params: Any, batch: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
         """Mean-loss gradients without an update (tests, debugging); not donated."""
@@ -200,17 +250,24 @@ class Trainer:
                                          sharding=self.batch_sharding) for k in BATCH_KEYS}
         state = self.abstract_state()
         base = None if self.lora is None else jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(self.model_cfg.param_dtype),
-                                               sharding=sh),
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
             self.abstract_base, self.base_shardings)
         with jax.set_mesh(self.mesh):
             if name == "train":
-                return self._jitted("train").lower(state, batch, base)
+                key = None if self.dropout_key is None else jax.ShapeDtypeStruct(
+                    self.dropout_key.shape, self.dropout_key.dtype)
+                return self._jitted("train").lower(state, batch, base, key)
             return self._jitted(name).lower(state.params, batch, base)
 
     def flops_per_step(self, seq_len: int) -> float:
         """Model matmul FLOPs of one training step on the global batch (for MFU)."""
         return flops_per_token(self.model_cfg, seq_len) * self.global_batch * seq_len
+
+
+def _is_quantised(path: tuple) -> bool:
+    """Whether a base leaf is a quantised projection's codes or scales (kept as stored)."""
+    name = str(getattr(path[-1], "key", path[-1]))
+    return name.endswith(("_q", "_absmax"))
 
 
 def build_trainer(config: ConfigDict, devices: list[Any] | None = None) -> Trainer:
