@@ -473,8 +473,13 @@ class PhaseRunner:
                                     adapters, base=self.config.model.init_from)
                 _say(f"exported the LoRA adapter (PEFT) to {path}")
         if what in ("merged", "both"):
+            base, shardings = trainer.base, trainer.base_shardings
+            if trainer.lora.base_qtype:  # merged into the base as it was, not its codes
+                trainer.base = base = None  # the codes' memory first
+                shardings = trainer.load_shardings
+                base = _initial_params(self.config.model.init_from, trainer.model_cfg, shardings)
             merged = jax.jit(functools.partial(lora_merge, trainer.model_cfg, trainer.lora),
-                             out_shardings=trainer.base_shardings)(trainer.base, params)
+                             out_shardings=shardings)(base, params)
             _export(self.config.export.dtype, trainer.model_cfg, merged, self.data.tokenizer,
                     self.hf_dir)
 

@@ -1,0 +1,107 @@
+"""LoRA runs beyond the plain one (issue 23): adapters merged into the base at each phase end
+(with adapter dropout on), and QLoRA (an NF4 base read from an HF directory). Each is killed
+mid-phase 2 and rerun, and must end bitwise where the uninterrupted run ends."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from phased_jax import hf
+from phased_jax.config import model_config, model_section
+from phased_jax.hf.peft import load_adapter, merged_first
+from phased_jax.model.lora import merge
+from phased_jax.model.params import init_params
+from phased_jax.params_checkpoint import save_params
+from tests.runner.runs import phase_events, step_lines, train, write_config
+
+pytestmark = pytest.mark.slow
+SHORT = """
+    c.train.max_steps_per_phase = 4
+    c.checkpoint.every_steps = 1
+    c.train.eval_every = 0
+    c.model.lora.rank = 4
+    c.model.lora.alpha = 8.0"""
+MERGE = SHORT + """
+    c.model.init_from = "{base}"
+    c.model.lora.merge_each_phase = True
+    c.model.lora.dropout = 0.1
+    c.export.lora = "merged\""""
+QLORA = SHORT + """
+    c.model.intermediate_size = 128
+    c.model.init_from = "{base}"
+    c.model.lora.base_qtype = "nf4"
+    c.export.lora = "both\""""
+
+
+def _killed_and_rerun_equals_uninterrupted(exp, tmp_path, extra: str) -> tuple:
+    """(uninterrupted run dir, killed-then-rerun run dir, phase-end steps), compared."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train(write_config(exp, whole, extra=extra))
+    ends = [e["step"] for e in phase_events(whole, "phase_end")]
+    assert len(ends) == 3 and ends[1] - ends[0] >= 3, ends
+    cfg = write_config(exp, cut, extra=extra)
+    assert train(cfg, kill_after=ends[0] + 2, check=False).returncode == -9
+    resumed = train(cfg)
+    assert "resuming phase 2" in resumed.stdout, resumed.stdout[-2000:]
+    assert step_lines(cut) == list(range(1, ends[-1] + 1))
+    for d in sorted((whole / "phases").iterdir()):
+        a, b = (load_file(str(r / "phases" / d.name / "adapter_model.safetensors"))
+                for r in (whole, cut))
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{d.name}: {k}")
+    _, got = hf.load(cut / "hf", dtype="float32")
+    _, want = hf.load(whole / "hf", dtype="float32")
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    return whole, cut, ends
+
+
+def test_merge_each_phase_with_dropout(tiny_experiment, tmp_path):
+    m = model_section("tiny-llama", vocab_size=tiny_experiment["vocab"])
+    m.dtype = "float32"
+    cfg = model_config(m)
+    base_params = init_params(cfg, jax.random.key(7))
+    save_params(tmp_path / "base", cfg, base_params)
+    whole, _, _ = _killed_and_rerun_equals_uninterrupted(
+        tiny_experiment, tmp_path, MERGE.format(base=tmp_path / "base"))
+    dirs = sorted((whole / "phases").iterdir())
+    assert [[p.name for p in merged_first(d)] for d in dirs] == [
+        [], ["phase1-stage1"], ["phase1-stage1", "phase2-stage2"]]
+    # the export: the base with each phase's adapters merged in turn, by the same merge
+    base = jax.tree.map(jnp.asarray, base_params)
+    for d in dirs:
+        spec, adapters = load_adapter(d, cfg)
+        base = merge(cfg, spec, base, adapters)
+    _, got = hf.load(whole / "hf", dtype="float32")
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(base),
+                            strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-7,
+                                   err_msg=jax.tree_util.keystr(path))
+    # dropout drew masks: the same run without it ends elsewhere
+    nodrop = tmp_path / "nodrop"
+    train(write_config(tiny_experiment, nodrop, extra=MERGE.format(base=tmp_path / "base")
+                       .replace("dropout = 0.1", "dropout = 0.0")))
+    a = load_file(str(whole / "phases" / dirs[0].name / "adapter_model.safetensors"))
+    b = load_file(str(nodrop / "phases" / dirs[0].name / "adapter_model.safetensors"))
+    assert any(not np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_qlora_nf4_from_an_hf_base(tiny_experiment, tmp_path):
+    m = model_section("tiny-llama", vocab_size=tiny_experiment["vocab"], intermediate_size=128)
+    m.dtype = "float32"
+    cfg = model_config(m)
+    hf.save(tmp_path / "base_hf", cfg, init_params(cfg, jax.random.key(7)))
+    whole, _, ends = _killed_and_rerun_equals_uninterrupted(
+        tiny_experiment, tmp_path, QLORA.format(base=tmp_path / "base_hf"))
+    # checkpoints: adapters and their moments only (the nf4 base would be ~1/7 of float32's)
+    spec, adapters = load_adapter(whole / "adapter", cfg)
+    floats = sum(x.size for x in jax.tree.leaves(adapters))
+    for step in ends:
+        data = [f.stat().st_size for f in (whole / "checkpoints" / str(step) / "state" / "d")
+                .iterdir()]
+        assert max(data) < 4 * 3 * floats + 4096, (step, data, floats)
+    assert spec.base_qtype == ""  # a PEFT adapter of the unquantised base
