@@ -30,7 +30,7 @@ from phased_jax import sharding
 from phased_jax.accelerators import TpuSlice, parse_tpu, tpu_devices
 from phased_jax.config_cli import parse_config_argv
 from phased_jax.errors import ConfigError, UsageError
-from phased_jax.model.params import logical_axes
+from phased_jax.model.params import abstract_params, logical_axes
 from phased_jax.train import plan as planner
 from phased_jax.train.trainer import build_trainer
 
@@ -61,9 +61,10 @@ def replicated_dims(trainer) -> list[str]:
     table quietly replicates them (`sharding.logical_to_mesh_spec`); say so, as it costs memory."""
     sizes = sharding.mesh_axis_sizes(trainer.mesh)
     notes = []
-    specs = jax.tree_util.tree_leaves_with_path(
-        logical_axes(trainer.model_cfg), is_leaf=lambda x: isinstance(x, PartitionSpec))
-    for (path, spec), x in zip(specs, jax.tree.leaves(trainer.abstract_params), strict=True):
+    specs = jax.tree_util.tree_leaves_with_path(   # with LoRA: the base's and the adapters'
+        logical_axes(trainer.model_cfg, trainer.lora), is_leaf=lambda x: isinstance(x, PartitionSpec))
+    shapes = jax.tree.leaves(abstract_params(trainer.model_cfg, trainer.lora))
+    for (path, spec), x in zip(specs, shapes, strict=True):
         mesh_axes = nn.logical_to_mesh_axes(tuple(spec), trainer.rules)
         for name, dim, axes in zip(spec, x.shape, mesh_axes, strict=True):
             names = sharding.rule_axes(axes, sizes)
@@ -134,7 +135,9 @@ def compile_for_tpu(config: ConfigDict, tpu: TpuSlice, slices: int = 1,
     trainer = build_trainer(config, devices=devices)
     seq = int(config.data.max_length)
     mesh = sharding.mesh_axis_sizes(trainer.mesh)
-    plan = planner.make_plan(trainer.model_cfg, config.train, mesh, trainer.rules, seq)
+    plan = planner.make_plan(trainer.model_cfg, config.train, mesh, trainer.rules, seq,
+                             device=tpu.generation, lora=trainer.lora,
+                             packing=bool(config.data.get("packing", False)))
     memories = [compile_step(trainer, name, seq) for name in steps]
     return CompileResult(tpu, slices, memories, plan, mesh, replicated_dims(trainer))
 
@@ -150,6 +153,10 @@ def report(config: ConfigDict, result: CompileResult) -> str:
         f"model {m.get('preset', '') or 'custom'}: {plan.num_params:,} parameters; batch "
         f"{tc.global_batch} x {config.data.max_length}, grad_accum {tc.grad_accum}, remat "
         f"{m.remat_policy}, attention {m.attention_impl}, loss_chunk {tc.get('loss_chunk', 0)}",
+        *([] if plan.lora is None else [
+            f"LoRA rank {plan.lora.rank} on {','.join(plan.lora.targets)}: "
+            f"{plan.trainable_params:,} trainable parameters; frozen base in "
+            f"{getattr(plan.lora, 'base_qtype', '') or m.param_dtype}"]),
         *(f"note: {n}" for n in result.notes),
         "per device (GiB)" + "".join(f"{s.name:>11}" for s in result.steps) + "       plan",
     ]
