@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -43,10 +44,17 @@ from phased_jax.generate import testsets
 from phased_jax.generate.decode import Sampling, generate_ids
 from phased_jax.hf import export_complete, load
 from phased_jax.hf.convert import read_adapter
-from phased_jax.hf.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_complete
+from phased_jax.hf.peft import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterError,
+    adapter_complete,
+    merged_first,
+)
 from phased_jax.init_from import read_checkpoint_config
 from phased_jax.model.config import ModelConfig
 from phased_jax.model.lora import join, split
+from phased_jax.model.lora import merge as lora_merge
 from phased_jax.model.transformer import Transformer
 from phased_jax.sharding import Placement, param_shardings, place_params
 
@@ -186,6 +194,8 @@ class ModelSource:
     hf: bool
     label: str = ""
     adapter: str = ""
+    # adapters merged into the base first, in order (a `merge_each_phase` run's earlier phases)
+    merged: tuple[str, ...] = ()
 
     @property
     def adapter_flag(self) -> str:
@@ -242,7 +252,12 @@ def run_models(run_dir: str, base: str | None = None) -> list[ModelSource]:
                 raise UsageError(f"--run {run_dir}: phases/{name} is not a complete PEFT "
                                  f"adapter (no {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}): resume "
                                  "that run with `phased-jax train`, or move it away")
-            models.append(dataclasses.replace(root, label=name, adapter=str(phases / name)))
+            try:
+                earlier = tuple(str(p) for p in merged_first(phases / name))
+            except AdapterError as e:
+                raise UsageError(f"--run {run_dir}: {e}") from None
+            models.append(dataclasses.replace(root, label=name, adapter=str(phases / name),
+                                              merged=earlier))
             continue
         if not params_checkpoint.params_complete(phases / name):
             raise UsageError(f"--run {run_dir}: phases/{name} is not a complete params checkpoint "
@@ -324,10 +339,11 @@ def main(argv: list[str] | None = None) -> int:
         if len(models) > 1:
             log.info("model %d/%d: %s", n, len(models), source.adapter or source.path)
         if source.adapter:
-            if base is None or base[0] != source.path:
+            if base is None or base[0] != (source.path, source.merged):
                 base = None  # the last one's memory first
-                base = (source.path, *load_model(source.path, placement, precision,
-                                                 hf=source.hf))
+                base = ((source.path, source.merged),
+                        *merged_base(source, *load_model(source.path, placement, precision,
+                                                         hf=source.hf)))
             model, params = with_adapter(base[1], base[2], source, placement)
         else:
             base = None
@@ -339,6 +355,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {len(written)} answer files to {args.output}: "
               f"{', '.join(p.name for p in written)}", flush=True)
     return 0
+
+
+def merged_base(source: ModelSource, model: Transformer, params: Any) -> tuple[Transformer, Any]:
+    """The base with `source.merged`'s adapters merged in, in order, as the `merge_each_phase`
+    run that trained `source.adapter` had it (the same `lora.merge`, in the base's dtype)."""
+    for path in source.merged:
+        spec, adapters = read_adapter(path, model.cfg, source.path, source.adapter_flag)
+        params = jax.jit(functools.partial(lora_merge, model.cfg, spec))(params, adapters)
+    return model, params
 
 
 def with_adapter(model: Transformer, params: Any, source: ModelSource,

@@ -11,11 +11,13 @@ import pytest
 from safetensors.numpy import load_file
 
 from phased_jax import hf
-from phased_jax.config import model_config, model_section
+from phased_jax.config import get_default_config, model_config, model_section
+from phased_jax.generate.run import load_model, merged_base, run_models, with_adapter
 from phased_jax.hf.peft import load_adapter, merged_first
 from phased_jax.model.lora import merge
 from phased_jax.model.params import init_params
 from phased_jax.params_checkpoint import save_params
+from phased_jax.sharding import Placement
 from tests.runner.runs import phase_events, step_lines, train, write_config
 
 pytestmark = pytest.mark.slow
@@ -81,6 +83,18 @@ def test_merge_each_phase_with_dropout(tiny_experiment, tmp_path):
                             strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-7,
                                    err_msg=jax.tree_util.keystr(path))
+    # generate --run puts each phase's adapter on the base with the earlier phases merged in
+    models = run_models(str(whole), str(tmp_path / "base"))
+    assert [m.merged for m in models[:3]] == [
+        (), (str(dirs[0]),), (str(dirs[0]), str(dirs[1]))]
+    placement = Placement.from_config(get_default_config().mesh)
+    model, params = load_model(str(tmp_path / "base"), placement, None, hf=False)
+    model, params = with_adapter(*merged_base(models[2], model, params), models[2], placement)
+    ids = jnp.asarray(np.random.RandomState(0).randint(3, cfg.vocab_size, size=(2, 12)))
+    final_model, final_params = load_model(str(whole / "hf"), placement, None, hf=True)
+    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, ids)),
+                               np.asarray(final_model.apply({"params": final_params}, ids)),
+                               rtol=1e-5, atol=1e-5)
     # dropout drew masks: the same run without it ends elsewhere
     nodrop = tmp_path / "nodrop"
     train(write_config(tiny_experiment, nodrop, extra=MERGE.format(base=tmp_path / "base")
