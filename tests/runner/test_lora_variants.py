@@ -1,8 +1,11 @@
 """LoRA runs beyond the plain one (issue 23): adapters merged into the base at each phase end
 (with adapter dropout on), and QLoRA (an NF4 base read from an HF directory). Each is killed
-mid-phase 2 and rerun, and must end bitwise where the uninterrupted run ends."""
+mid-phase 2 and rerun: QLoRA in one process ends bitwise where the uninterrupted run ends; the
+merging run, killed and resumed as a local pod, ends there up to float32 reduction order."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -39,26 +42,33 @@ QLORA = SHORT + """
     c.export.lora = "both\""""
 
 
-def _killed_and_rerun_equals_uninterrupted(exp, tmp_path, extra: str) -> tuple:
-    """(uninterrupted run dir, killed-then-rerun run dir, phase-end steps), compared."""
+def _killed_and_rerun_equals_uninterrupted(exp, tmp_path, extra: str, pod: bool = False
+                                           ) -> tuple:
+    """(uninterrupted run dir, killed-then-rerun run dir, phase-end steps), compared: bitwise
+    in one process; with `pod` the killed run is a local pod (2 processes x 4 devices), equal
+    up to float32 reduction order (the test config's Adam eps makes an update proportional to
+    its gradient, so after T steps of lr a noise-level difference is far below 1e-4 lr T)."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     train(write_config(exp, whole, extra=extra))
     ends = [e["step"] for e in phase_events(whole, "phase_end")]
     assert len(ends) == 3 and ends[1] - ends[0] >= 3, ends
     cfg = write_config(exp, cut, extra=extra)
-    assert train(cfg, kill_after=ends[0] + 2, check=False).returncode == -9
-    resumed = train(cfg)
+    args = ("--local-pod", "2", "--local-devices", "4") if pod else ()
+    assert train(cfg, *args, kill_after=ends[0] + 2, check=False).returncode != 0
+    resumed = train(cfg, *args)
     assert "resuming phase 2" in resumed.stdout, resumed.stdout[-2000:]
     assert step_lines(cut) == list(range(1, ends[-1] + 1))
+    same = (np.testing.assert_array_equal if not pod else functools.partial(
+        np.testing.assert_allclose, rtol=0, atol=1e-4 * 1e-3 * ends[-1]))
     for d in sorted((whole / "phases").iterdir()):
         a, b = (load_file(str(r / "phases" / d.name / "adapter_model.safetensors"))
                 for r in (whole, cut))
         for k in a:
-            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{d.name}: {k}")
+            same(a[k], b[k], err_msg=f"{d.name}: {k}")
     _, got = hf.load(cut / "hf", dtype="float32")
     _, want = hf.load(whole / "hf", dtype="float32")
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        same(np.asarray(x), np.asarray(y))
     return whole, cut, ends
 
 
@@ -69,7 +79,7 @@ def test_merge_each_phase_with_dropout(tiny_experiment, tmp_path):
     base_params = init_params(cfg, jax.random.key(7))
     save_params(tmp_path / "base", cfg, base_params)
     whole, _, _ = _killed_and_rerun_equals_uninterrupted(
-        tiny_experiment, tmp_path, MERGE.format(base=tmp_path / "base"))
+        tiny_experiment, tmp_path, MERGE.format(base=tmp_path / "base"), pod=True)
     dirs = sorted((whole / "phases").iterdir())
     assert [[p.name for p in merged_first(d)] for d in dirs] == [
         [], ["phase1-stage1"], ["phase1-stage1", "phase2-stage2"]]
