@@ -157,3 +157,15 @@ def test_resuming_onto_another_base_is_refused(tiny_experiment, lora_run, tmp_pa
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"trained on the base {lora_run['base']}" in proc.stderr
     assert f"model.init_from={other} gives fingerprint" in proc.stderr
+
+
+def test_resuming_with_another_rank_names_the_field(tiny_experiment, lora_run, tmp_path):
+    """A finished LoRA run rerun with rank 8: its checkpoints' adapters do not fit, and the one
+    line (exit 1, as every checkpoint that does not fit) names model.lora.rank's change."""
+    out = tmp_path / "run"
+    shutil.copytree(lora_run["out"], out)
+    extra = LORA.format(base=lora_run["base"]).replace("rank = 4", "rank = 8")
+    proc = train(write_config(tiny_experiment, out, extra=extra), check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "does not fit this config" in proc.stderr
+    assert "model.lora.rank: 4 -> 8" in proc.stderr
