@@ -48,6 +48,8 @@ class JaxSide:
             "tiny-llama", vocab_size=COMMON["vocab_size"], num_layers=COMMON["num_layers"],
             hidden_size=shape["hidden_size"], num_heads=shape["num_heads"],
             num_kv_heads=shape["num_kv_heads"], intermediate_size=shape["intermediate_size"],
+            # the preset's head_dim (16) would stay, not follow hidden / heads as torch's does
+            head_dim=shape["hidden_size"] // shape["num_heads"],
             max_position_embeddings=COMMON["seq"], attention_impl=attention_impl,
             dtype="float32", param_dtype="float32")
         c.data.max_length = COMMON["seq"]
