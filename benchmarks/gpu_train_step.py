@@ -75,6 +75,7 @@ def model_overrides(spec: dict) -> dict[str, Any]:
     """The `model` section's fields for this run's shape."""
     out = {k: spec[k] for k in ("vocab_size", "hidden_size", "num_heads", "num_kv_heads",
                                 "intermediate_size", "num_layers")}
+    out["head_dim"] = spec["hidden_size"] // spec["num_heads"]  # as transformers derives it
     if "initializer_range" in spec:
         out["initializer_range"] = spec["initializer_range"]
     return out
