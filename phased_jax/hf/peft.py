@@ -21,7 +21,6 @@ from safetensors.numpy import load_file, save_file
 from phased_jax.atomic_dir import atomic_directory
 from phased_jax.model.config import ModelConfig
 from phased_jax.model.lora import MODULES, TARGETS, LoraSpec, shapes
-from phased_jax.model.lora import merge as lora_merge
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 MERGED_FIRST = "merged_first.json"  # ours, beside PEFT's files (`save_adapter`)
@@ -181,7 +180,79 @@ def load_adapter(directory: str | Path, cfg: ModelConfig) -> tuple[LoraSpec, dic
 
 
 def merge(cfg: ModelConfig, spec: LoraSpec, base: dict, adapters: dict) -> dict:
-    """Base params with each adapter's update merged in (host float32): what PEFT's
-    `merge_and_unload()` gives, in our layout (`phased_jax.model.lora.merge`)."""
-    f32 = jax.tree.map(lambda x: np.asarray(x, np.float32), base)
-    return jax.tree.map(np.asarray, lora_merge(cfg, spec, f32, adapters))
+    """Base params (host numpy, float32 or bfloat16) with each adapter's update merged in, in
+    the base's dtype: bit for bit what PEFT's `merge_and_unload()` gives on a model loaded in
+    that dtype, in our layout (the slices `phased_jax.model.lora.merge` adds to).
+
+    PEFT computes `W + (B @ A) * scale`: torch's float32 `B @ A` (a CPU kernel summing the r
+    products of each element in order, each with one fused multiply-add: `_lora_product`), the
+    product times the float32 scale, then added to the weight in float32 and rounded once into
+    its dtype. Each step is done here in numpy in that order (not jax: XLA's matmul sums r in
+    another order, so a few % of elements end a rounding of the update apart, and it may fuse
+    the scaling into the add); the jax merge, for params on devices, stays a matmul, within a
+    rounding of the sum. One layer's [in, out] update at a time (a few hundred MB beside the
+    weights for 7B), vectorised but for a loop over r: minutes for a 7B model at r = 16."""
+    G = cfg.group_size
+    out = jax.tree.map(np.asarray, base)  # no copy of what is already on the host
+    layers = out["layers"] = {m: dict(v) for m, v in out["layers"].items()}
+    scale = np.float32(spec.scale)
+    copied: set[str] = set()
+    for t in spec.targets:
+        module = "attn" if t in ("q", "k", "v", "o") else "mlp"
+        name = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "wi", "up": "wi"}.get(t, "wo")
+        if name not in copied:  # ours to write into; the base stays as it was
+            layers[module][name] = np.array(layers[module][name])
+            copied.add(name)
+        w = layers[module][name]
+        ad = adapters["layers"][module][f"lora_{t}"]
+        a_all, b_all = np.asarray(ad["a"], np.float32), np.asarray(ad["b"], np.float32)
+        r = spec.rank
+        if t in ("q", "k", "v"):
+            sl = (slice(None),) * 2 + ((slice(0, G),) if t == "q" else (G if t == "k" else G + 1,))
+        elif t in ("gate", "up"):
+            sl = (slice(None), 0 if t == "gate" else 1)
+        else:
+            sl = ()
+        for i in range(a_all.shape[0]):
+            delta = _lora_product(a_all[i].reshape(-1, r), b_all[i].reshape(r, -1))
+            np.multiply(delta, scale, out=delta)
+            wl = w[i]
+            target = wl[sl]
+            wl[sl] = (target.astype(np.float32) + delta.reshape(target.shape)).astype(w.dtype)
+    return out
+
+
+def _lora_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a [in, r] @ b [r, out] (float32) as torch's CPU matmul computes `lora_B @ lora_A`: for
+    each element, acc = +0 then acc = fma(a_k, b_k, acc) for k = 0..r-1, rounded to float32 at
+    each step. The fma in float64: the product of two float32 is exact there, and the sum is
+    rounded to float64 then to float32; where that double rounding could differ from fma's one
+    rounding (the float64 sum exactly halfway between two float32, and inexact), the sum is
+    moved one float64 ulp towards the exact value first. Numpy over row blocks (cache-sized),
+    a Python loop over r."""
+    n_in, r = a.shape
+    n_out = b.shape[1]
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    out = np.zeros((n_in, n_out), np.float32)
+    rows = max(1, (1 << 16) // max(n_out, 1))
+    s = np.empty((rows, n_out), np.float64)
+    low = np.empty((rows, n_out), np.uint64)
+    for i0 in range(0, n_in, rows):
+        i1 = min(n_in, i0 + rows)
+        acc, sb, lb = out[i0:i1], s[: i1 - i0], low[: i1 - i0]
+        for k in range(r):
+            p = a64[i0:i1, k:k + 1]
+            np.multiply(p, b64[k], out=sb)  # exact
+            np.add(sb, acc, out=sb)
+            # float64 values halfway between two float32: the low 29 of 52 fraction bits 1000...
+            np.bitwise_and(sb.view(np.uint64), np.uint64(0x1FFFFFFF), out=lb)
+            half = lb == np.uint64(0x10000000)
+            if half.any():
+                ri, ci = np.nonzero(half)
+                x, y, h = p[ri, 0] * b64[k, ci], acc[ri, ci].astype(np.float64), sb[ri, ci]
+                v = h - x  # TwoSum: the exact x + y is h + err
+                err = (x - (h - v)) + (y - v)
+                sb[ri, ci] = np.where(err == 0, h, np.nextafter(h, np.where(err > 0, np.inf,
+                                                                           -np.inf)))
+            acc[...] = sb
+    return out

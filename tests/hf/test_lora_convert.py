@@ -1,6 +1,6 @@
-"""`phased-jax convert --adapter`: a PEFT adapter made by peft itself, merged into its base (an
-HF directory or a params checkpoint), equals peft's own `merge_and_unload()`; every adapter it
-cannot use is one line, exit 2."""
+"""`phased-jax convert --adapter` and `phased_jax.hf.peft.merge`: a PEFT adapter made by peft
+itself, merged into its base (an HF directory or a params checkpoint), equals peft's own
+`merge_and_unload()`; every adapter it cannot use is one line, exit 2."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 from phased_jax.cli import main
+from phased_jax.hf.from_hf import load
+from phased_jax.hf.peft import _lora_product, load_adapter, merge
+from phased_jax.hf.to_hf import hf_tensors
 
 from .conftest import build_hf_model
 from .helpers import read_safetensors_dir
@@ -51,12 +55,96 @@ def lora(hf_checkpoint, tiny_tokenizer, tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "base": base, "adapter": save_peft_adapter(base, root / "adapter")}
 
 
+def peft_merge(base: Path, adapter: Path, dtype=None) -> dict[str, np.ndarray]:
+    """peft's merge_and_unload() of the adapter on the base loaded in `dtype` (float32 by
+    default), as float32 numpy by HF name."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=dtype or torch.float32)
+    merged = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return {k: v.float().numpy() for k, v in merged.state_dict().items()}
+
+
+def reorder_bounds(adapter: Path) -> dict[str, np.ndarray]:
+    """How far a float32 update (B @ A) * scale summed over r in another order than torch's can
+    be from peft's, by HF name: r ulps of scale * |B| @ |A| (each of the r - 1 roundings of a
+    partial sum is within half an ulp of it, in either order)."""
+    from safetensors.numpy import load_file
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    r, scale = config["r"], config["lora_alpha"] / config["r"]
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    return {k.removeprefix("base_model.model.").replace(".lora_A", ""):
+            r * np.spacing(np.abs(tensors[k.replace("lora_A", "lora_B")]) @ np.abs(v) * scale)
+            for k, v in tensors.items() if ".lora_A." in k}
+
+
+@pytest.fixture(scope="module")
+def torch_sums_in_order() -> bool:
+    """Whether torch's float32 `B @ A` ([64, r] @ [r, 48]) on this CPU and BLAS sums the r
+    products of each element in order with one fused multiply-add each, as `merge` does (MKL on
+    AVX-512 does): then the merge equals peft's bit for bit; otherwise only within the bounds
+    of a sum in another order (`reorder_bounds`)."""
+    rng = np.random.default_rng(0)
+    for r in (4, 16):
+        a = (rng.standard_normal((r, 48)) * 0.1).astype(np.float32)
+        b = (rng.standard_normal((64, r)) * 0.1).astype(np.float32)
+        if not np.array_equal(torch.from_numpy(b) @ torch.from_numpy(a),
+                              _lora_product(a.T.copy(), b.T.copy()).T):
+            return False
+    return True
+
+
+def assert_as_peft(ours: dict[str, np.ndarray], want: dict[str, np.ndarray],
+                   bounds: dict[str, np.ndarray], bitwise: bool, where: str) -> None:
+    """`ours` (float32 tensors by HF name) equal to peft's merged `want`: bit for bit if
+    `bitwise`, else each adapted weight within its update's `reorder_bounds` plus the final
+    rounding's ulp (and the rest bit for bit)."""
+    assert sorted(ours) == sorted(want), where
+    assert all(ours[k].dtype == np.float32 for k in ours), where
+    assert set(bounds) <= set(want) and len(bounds) == 7 * 2, sorted(bounds)
+    for k, v in want.items():
+        if bitwise or k not in bounds:
+            np.testing.assert_array_equal(
+                ours[k], v, err_msg=f"{where}: {k}: bitwise, as torch's B @ A here sums r in "
+                "order with one fma each (the probe)" if bitwise else f"{where}: {k}")
+        else:
+            excess = np.abs(ours[k].astype(np.float64) - v) - bounds[k] - np.spacing(np.abs(v))
+            assert excess.max() <= 0, (
+                f"{where}: {k} off peft's by more than a reordered float32 sum of the update "
+                f"could be at {int((excess > 0).sum())} elements (compared so, not bitwise: "
+                "torch's B @ A on this CPU/BLAS does not sum r in order with fma, the probe)")
+
+
 @pytest.fixture(scope="module")
 def peft_merged(lora) -> dict[str, np.ndarray]:
     """peft's merge_and_unload() of the adapter on the base, float32 tensors by HF name."""
-    base = transformers.AutoModelForCausalLM.from_pretrained(lora["base"], dtype=torch.float32)
-    merged = peft.PeftModel.from_pretrained(base, lora["adapter"]).merge_and_unload()
-    return {k: v.numpy() for k, v in merged.state_dict().items()}
+    return peft_merge(lora["base"], lora["adapter"])
+
+
+@pytest.mark.parametrize("case,seed,dtype", [("llama-gqa", 1, "float32"),
+                                             ("mistral-window", 2, "float32"),
+                                             ("llama-gqa", 3, "bfloat16")])
+def test_merge_equals_peft_merge_and_unload(case, seed, dtype, hf_checkpoint, tmp_path,
+                                            torch_sums_in_order):
+    """float32: bit for bit where torch sums B @ A in order (the probe; GQA: k_proj and v_proj
+    16 wide, where XLA's matmul sums r in another order); bfloat16: bit for bit either way."""
+    base, _ = hf_checkpoint(case)
+    adapter = save_peft_adapter(base, tmp_path / "adapter", seed=seed)
+    model, params = load(base, dtype=dtype)
+    spec, adapters = load_adapter(adapter, model.cfg)
+    before = jax.tree.map(np.array, params)
+    merged = merge(model.cfg, spec, params, adapters)
+    assert all(np.asarray(x).dtype == np.dtype(dtype) for x in jax.tree.leaves(merged))
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(y), x)  # the base is left as it was
+    ours = {k: np.asarray(v, np.float32) for k, v in hf_tensors(model.cfg, merged)}
+    if dtype == "bfloat16":  # the float32 update's last bits are lost in bfloat16's rounding
+        want = peft_merge(base, adapter, torch.bfloat16)
+        assert sorted(ours) == sorted(want)
+        for k, v in want.items():
+            np.testing.assert_array_equal(ours[k], v, err_msg=f"{case} bfloat16: {k}")
+        return
+    assert_as_peft(ours, peft_merge(base, adapter), reorder_bounds(adapter), torch_sums_in_order,
+                   f"{case} float32")
 
 
 def test_merged_hf_equals_peft_merge_and_unload(lora, peft_merged, capsys):
@@ -64,16 +152,9 @@ def test_merged_hf_equals_peft_merge_and_unload(lora, peft_merged, capsys):
     assert main(["convert", "--adapter", str(lora["adapter"]), str(lora["base"]), str(dst)]) == 0
     assert "with the LoRA adapter" in capsys.readouterr().out
     assert (dst / "tokenizer.json").is_file()  # carried from the base, as convert does
-    ours = read_safetensors_dir(dst)
-    assert sorted(ours) == sorted(peft_merged)
-    assert all(ours[k].dtype == np.float32 for k in ours)
-    # Not bitwise: torch's and XLA's CPU matmuls sum the rank-4 product B A in different
-    # orders for some shapes (here k_proj and v_proj, 16 wide), so a few elements differ by a
-    # float32 rounding of the update (max 6e-8 at weights ~0.15); the rest are equal.
-    for k, v in ours.items():
-        np.testing.assert_allclose(v, peft_merged[k], rtol=0, atol=1e-7, err_msg=k)
-    assert all(np.array_equal(ours[k], peft_merged[k]) for k in ours if "k_proj" not in k
-               and "v_proj" not in k)
+    # XLA's matmul sums r in its own order: bitwise in test_convert_adapter_is_bitwise
+    assert_as_peft(read_safetensors_dir(dst), peft_merged, reorder_bounds(lora["adapter"]), False,
+                   "convert --adapter")
 
     ids = torch.as_tensor(np.random.RandomState(0).randint(3, 128, size=(2, 12)))
     with torch.no_grad():
@@ -101,10 +182,25 @@ def test_params_checkpoint_base_and_orbax_output(lora, peft_merged, capsys):
     assert main(["convert", str(root / "merged-ckpt"), str(root / "via-ckpt")]) == 0
     capsys.readouterr()
     for out in ("from-ckpt", "via-ckpt"):
-        got = read_safetensors_dir(root / out)
-        assert sorted(got) == sorted(peft_merged)
-        for k, v in got.items():
-            np.testing.assert_allclose(v, peft_merged[k], rtol=0, atol=1e-7, err_msg=f"{out}: {k}")
+        assert_as_peft(read_safetensors_dir(root / out), peft_merged,
+                       reorder_bounds(lora["adapter"]), False, out)
+
+
+@pytest.mark.xfail(strict=True, reason="convert --adapter (hf/convert.py merge_adapter) merges "
+                   "with phased_jax.model.lora.merge (XLA's matmul: its sum over r rounds a few "
+                   "k_proj/v_proj elements otherwise); bitwise once it calls "
+                   "phased_jax.hf.peft.merge: then drop this mark")
+def test_convert_adapter_is_bitwise(lora, peft_merged, torch_sums_in_order, tmp_path, capsys):
+    """The CLI's float32 merge, from an HF base and from a params checkpoint, equals peft's
+    bit for bit where torch sums B @ A in order (the probe), else within `reorder_bounds`."""
+    adapter = str(lora["adapter"])
+    assert main(["convert", str(lora["base"]), str(tmp_path / "base-ckpt")]) == 0
+    for name, base in (("hf", lora["base"]), ("ckpt", tmp_path / "base-ckpt")):
+        assert main(["convert", "--adapter", adapter, str(base), str(tmp_path / name)]) == 0
+        assert_as_peft(read_safetensors_dir(tmp_path / name), peft_merged,
+                       reorder_bounds(lora["adapter"]), torch_sums_in_order,
+                       f"convert --adapter from {name}")
+    capsys.readouterr()
 
 
 def test_bfloat16_merge_equals_peft_on_a_bfloat16_base(lora):
