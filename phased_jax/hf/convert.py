@@ -24,11 +24,11 @@ from phased_jax.errors import CheckpointError, UsageError
 from phased_jax.hf.from_hf import load
 from phased_jax.hf.hf_config import read_config
 from phased_jax.hf.peft import ADAPTER_WEIGHTS, AdapterError, load_adapter, to_peft
+from phased_jax.hf.peft import merge as peft_merge
 from phased_jax.hf.to_hf import save, tokenizer_files
 from phased_jax.local_paths import check_convert
 from phased_jax.model.config import PRESETS, ModelConfig, get_preset
 from phased_jax.model.lora import LoraSpec
-from phased_jax.model.lora import merge as lora_merge
 from phased_jax.model.params import init_params
 from phased_jax.params_checkpoint import CONFIG_FILE, load_params, read_model_config, save_params
 
@@ -154,7 +154,7 @@ def merge_adapter(args: argparse.Namespace) -> None:
             base = jax.tree.map(lambda x: x.astype(args.dtype), base)
         own = args.src / TOKENIZER_DIR
         own_tokenizer = own if own.is_dir() else None
-    merged = lora_merge(cfg, spec, base, adapters)  # each weight rounded once, as peft
+    merged = peft_merge(cfg, spec, base, adapters)  # peft's order and roundings, on the host
     del base
     tokenizer = args.tokenizer or own_tokenizer
     if args.to == "orbax":

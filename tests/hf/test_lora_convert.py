@@ -186,10 +186,6 @@ def test_params_checkpoint_base_and_orbax_output(lora, peft_merged, capsys):
                        reorder_bounds(lora["adapter"]), False, out)
 
 
-@pytest.mark.xfail(strict=True, reason="convert --adapter (hf/convert.py merge_adapter) merges "
-                   "with phased_jax.model.lora.merge (XLA's matmul: its sum over r rounds a few "
-                   "k_proj/v_proj elements otherwise); bitwise once it calls "
-                   "phased_jax.hf.peft.merge: then drop this mark")
 def test_convert_adapter_is_bitwise(lora, peft_merged, torch_sums_in_order, tmp_path, capsys):
     """The CLI's float32 merge, from an HF base and from a params checkpoint, equals peft's
     bit for bit where torch sums B @ A in order (the probe), else within `reorder_bounds`."""
