@@ -47,6 +47,12 @@ def code_dtype(qtype: str) -> Any:
     return {"int8": jnp.int8, "nf4": jnp.uint8}[qtype]
 
 
+def bytes_per_weight(qtype: str) -> float:
+    """Stored bytes per weight of a quantised projection: its code and its share of the
+    block's float32 absmax."""
+    return {"int8": 1.0, "nf4": 0.5}[qtype] + 4 / BLOCK
+
+
 def check_divisible(name: str, size: int, qtype: str) -> str | None:
     """Why a weight whose block axis has `size` values cannot be quantised (or None)."""
     if size % BLOCK:

@@ -43,13 +43,11 @@ from phased_jax.model.config import PRESETS, ModelConfig
 from phased_jax.model.flops import flops_per_token, layer_param_count
 from phased_jax.model.lora import LoraSpec, shapes, spec_from_section
 from phased_jax.model.params import abstract_params, logical_axes
+from phased_jax.model.quant import bytes_per_weight
 
 GiB = 1024**3
 USABLE = 0.9  # XLA's own buffers, fragmentation: plan against 90% of the device's memory
 FLASH_IMPLS = ("splash", "cudnn")  # kernels that never materialise the [L, keys] scores
-BLOCK = 64  # QLoRA: one float32 absmax per block of 64 weights
-# QLoRA: bytes per parameter of a quantised projection (codes + a float32 absmax per block)
-QTYPE_BYTES = {"int8": 1 + 4 / BLOCK, "nf4": 0.5 + 4 / BLOCK}
 # A frozen base stored unquantised reaches the step in the default layout, in which the fused
 # projections qkv [L, D, K, G+2, H] and wi [L, D, 2, F] keep the small G+2 and 2 axes among the
 # minor ones; XLA relays both stacks out (D minor) once, before the layers, and keeps that copy
@@ -114,7 +112,7 @@ def param_bytes(cfg: ModelConfig, mesh: dict[str, int], rules: sharding.Rules,
     p_size = jnp.dtype(cfg.param_dtype).itemsize
     specs = jax.tree.leaves(logical_axes(cfg, lora), is_leaf=lambda s: isinstance(s, PartitionSpec))
     leaves = jax.tree_util.tree_leaves_with_path(abstract_params(cfg, lora))
-    nf4 = lora is not None and getattr(lora, "base_qtype", "") == "nf4"
+    nf4 = lora is not None and lora.base_qtype == "nf4"
     out = ParamBytes(0, 0, 0, 0)
     for spec, (path, x) in zip(specs, leaves, strict=True):
         mesh_spec = sharding.logical_to_mesh_spec(tuple(spec), x.shape, rules, mesh)
@@ -143,9 +141,9 @@ def layer_storage_bytes(cfg: ModelConfig, lora: LoraSpec | None = None) -> float
     `param_dtype` or QLoRA's codes + absmax, the norms in `param_dtype`."""
     p_size = jnp.dtype(cfg.param_dtype).itemsize
     norms = 2 * cfg.hidden_size
-    qtype = getattr(lora, "base_qtype", "") if lora is not None else ""
+    qtype = lora.base_qtype if lora is not None else ""
     proj = layer_param_count(cfg) - norms
-    return proj * (QTYPE_BYTES[qtype] if qtype else p_size) + norms * p_size
+    return proj * (bytes_per_weight(qtype) if qtype else p_size) + norms * p_size
 
 
 def adapter_layer_count(cfg: ModelConfig, lora: LoraSpec) -> int:
@@ -250,7 +248,7 @@ def activation_breakdown(cfg: ModelConfig, tokens: int, seq: int, tensor: int, r
         lm_head = head * itemsize
         gathered = (layer_param_count(cfg) * itemsize + adapter_layer_count(cfg, lora) * 2 * f32
                     ) / tensor
-        if getattr(lora, "base_qtype", ""):
+        if lora.base_qtype:
             gathered += layer_storage_bytes(cfg, lora) / tensor
     return {
         "layer_inputs": int(L * tokens * D * itemsize),
@@ -422,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"batch {tc.global_batch} x {seq} tokens, grad_accum {tc.grad_accum}, remat "
           f"{cfg.remat_policy}, compute {cfg.dtype}, params {cfg.param_dtype}")
     if lora is not None:
-        qtype = getattr(lora, "base_qtype", "")
+        qtype = lora.base_qtype
         print(f"LoRA rank {lora.rank} on {','.join(lora.targets)}: {plan.trainable_params:,} "
               f"trainable parameters (float32); base frozen in "
               f"{qtype + ' (QLoRA)' if qtype else cfg.param_dtype}")
