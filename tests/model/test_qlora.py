@@ -4,6 +4,9 @@ and the compiled step really taking the codes (its argument bytes)."""
 
 from __future__ import annotations
 
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,22 +62,29 @@ def _loss(model, params, ids, weights):
     return -(jnp.take_along_axis(logp, ids[..., None], -1)[..., 0] * weights).sum() / weights.sum()
 
 
-@pytest.mark.parametrize("qtype", QTYPES)
-def test_loss_within_first_order_bound_of_the_quantisation_error(base, qtype):
-    """|L(W_q) - L(W)| <= sum_i |dL/dW_i| * e_i, e_i = error_bound * absmax of i's block: the
-    first-order bound of the quantisation error (times 1.5 for the second-order rest, which at
-    this error is far smaller)."""
+@pytest.fixture(scope="module")
+def unquantised(base):
+    """(ids, weights, adapters, loss and its gradient wrt the base): the unquantised side."""
     rng = np.random.RandomState(1)
     ids = jnp.asarray(rng.randint(3, CFG.vocab_size, size=(4, 16)))
     weights = jnp.ones((4, 16), jnp.float32)
     spec = LoraSpec(4, 8.0)
-    adapters = split(Transformer(CFG, lora=spec).init(jax.random.key(1), ids)["params"])[1]
+    adapters = nn.meta.unbox(split(jax.jit(Transformer(CFG, lora=spec).init)(
+        jax.random.key(1), ids)["params"])[1])
     adapters = jax.tree.map(lambda a: jnp.asarray(rng.normal(0, 0.05, a.shape), a.dtype),
-                            jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x,
-                                         adapters))
+                            adapters)
     plain = Transformer(CFG, lora=spec)
     loss, grads = jax.jit(jax.value_and_grad(
         lambda b: _loss(plain, join(b, adapters), ids, weights)))(base)
+    return ids, weights, adapters, loss, grads
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_loss_within_first_order_bound_of_the_quantisation_error(base, unquantised, qtype):
+    """|L(W_q) - L(W)| <= sum_i |dL/dW_i| * e_i, e_i = error_bound * absmax of i's block: the
+    first-order bound of the quantisation error (times 1.5 for the second-order rest, which at
+    this error is far smaller)."""
+    ids, weights, adapters, loss, grads = unquantised
     qbase = quantize_tree(base, qtype)
     quantised = Transformer(CFG, lora=LoraSpec(4, 8.0, base_qtype=qtype))
     qloss = jax.jit(lambda b: _loss(quantised, join(b, adapters), ids, weights))(qbase)
@@ -95,15 +105,18 @@ def test_loss_within_first_order_bound_of_the_quantisation_error(base, qtype):
 def test_compiled_step_takes_the_codes(base, qtype):
     """The train step's compiled argument bytes: the quantised projections' codes and scales
     instead of their float32 weights (one device, so no sharding divides them)."""
-    config = get_default_config()
-    config.train.global_batch = 2
-    sizes = {}
-    for q in ("", qtype):  # the unquantised step is compiled in both cases: a cheap compile
-        trainer = Trainer(CFG, config.train, config.mesh, devices=jax.devices()[:1],
-                          lora=LoraSpec(4, 8.0, base_qtype=q))
-        compiled = trainer.lower("train", 16).compile()
-        sizes[q] = compiled.memory_analysis().argument_size_in_bytes
+    sizes = {q: _argument_bytes(q) for q in ("", qtype)}
     n = sum(int(np.prod(base["layers"][m][k].shape)) for m in ("attn", "mlp")
             for k in QUANTISED if k in base["layers"][m])
     per_param = {"int8": 1 + 4 / BLOCK, "nf4": 0.5 + 4 / BLOCK}[qtype]
     assert sizes[""] - sizes[qtype] == pytest.approx(n * (4 - per_param), rel=1e-3), sizes
+
+
+@functools.cache
+def _argument_bytes(qtype: str) -> int:
+    """The compiled train step's argument bytes, one device (so no sharding divides them)."""
+    config = get_default_config()
+    config.train.global_batch = 2
+    trainer = Trainer(CFG, config.train, config.mesh, devices=jax.devices()[:1],
+                      lora=LoraSpec(4, 8.0, base_qtype=qtype))
+    return trainer.lower("train", 16).compile().memory_analysis().argument_size_in_bytes
