@@ -35,6 +35,8 @@ from phased_jax.train.loss import compute_grads, eval_sums
 from phased_jax.train.state import TrainState
 from phased_jax.train.step import train_step
 
+DROPOUT_STREAM = 0x64726F70  # "drop": folded into the seed's key before the phase index
+
 
 class Trainer:
     """Mesh, rules, model and steps for one experiment; one instance serves every phase.
@@ -166,10 +168,11 @@ class Trainer:
         self.base = jax.device_put(base, self.base_shardings)
 
     def set_phase(self, k: int) -> None:
-        """Adapter dropout draws phase k's masks (one key a phase, folded with the step)."""
+        """Adapter dropout draws phase k's masks (one key a phase, folded with the step), from
+        a stream of its own: `fold_in(key(seed), k)` initialises phase k's fresh adapters."""
         if self.train_model is not self.model:
-            self.dropout_key = np.asarray(jax.random.key_data(
-                jax.random.fold_in(jax.random.key(self.seed), k)))
+            stream = jax.random.fold_in(jax.random.key(self.seed), DROPOUT_STREAM)
+            self.dropout_key = np.asarray(jax.random.key_data(jax.random.fold_in(stream, k)))
 
     def merge_into_base(self, adapters: Any) -> None:
         """`model.lora.merge_each_phase`: the base becomes base + scale * A B (`lora.merge`, in
