@@ -296,9 +296,10 @@ LORA_INVALID = [  # (fields set on a valid config, what the message must say)
 
 
 LORA_INVALID += [  # settings that cannot go together, or with this model
-    ({**LORA, "model.lora.base_qtype": "nf4"},  # the tiny model's MLP width 176
-     r"^model\.lora\.base_qtype='nf4' quantises blocks of 64 values along model\.intermediate_size, "
-     r"whose size 176 is not a multiple of 64; use --config\.model\.lora\.base_qtype=''"),
+    ({**LORA, "model.intermediate_size": 180, "model.lora.base_qtype": "nf4"},
+     r"^model\.lora\.base_qtype='nf4' quantises blocks of 16-64 values along "
+     r"model\.intermediate_size, whose size 180 is not a multiple of 16; use "
+     r"--config\.model\.lora\.base_qtype=''"),
     ({**LORA, "model.intermediate_size": 128, "model.lora.base_qtype": "int8",
       "model.lora.merge_each_phase": True},
      r"^model\.lora\.merge_each_phase=True with model\.lora\.base_qtype='int8': merging into a "

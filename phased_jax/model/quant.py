@@ -1,7 +1,8 @@
 """A frozen base stored quantised (QLoRA): int8 or NF4 codes with a float32 absmax per block.
 
 Each of a layer's four projections (`qkv`, `o`, `wi`, `wo`) is cut into blocks of `BLOCK`
-consecutive values along one axis (`BLOCK_AXIS`: the hidden size for `qkv`, `o` and `wi`, the
+consecutive values (fewer, down to `MIN_BLOCK`, where the axis is not a multiple of it: small
+models such as `tiny-llama`'s MLP of 176) along one axis (`BLOCK_AXIS`: the hidden size for `qkv`, `o` and `wi`, the
 MLP's width for `wo`), each block scaled by its largest magnitude, as bitsandbytes' blockwise
 quantisation does (without its second quantisation of the scales). int8 rounds value/absmax
 x 127; NF4 (Dettmers et al., 2023) takes the nearest of 16 normal-quantile levels, two codes to
@@ -14,6 +15,7 @@ arrays alike, with the same result: both round the same float32 values.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 BLOCK = 64
+MIN_BLOCK = 16
 QUANTISED = ("qkv", "o", "wi", "wo")  # the layer projections a quantised base stores so
 # their block axis, counting the stacked layer axis of the params tree as axis 0
 BLOCK_AXIS = {"qkv": 1, "o": 4, "wi": 1, "wo": 1}
@@ -39,8 +42,14 @@ def code_shape(shape: tuple[int, ...], qtype: str, axis: int) -> tuple[int, ...]
     return tuple(d // 2 if (i == axis and qtype == "nf4") else d for i, d in enumerate(shape))
 
 
+def block_size(size: int) -> int:
+    """The block along an axis of `size` values: `BLOCK`, or the largest power of two under it
+    that divides the axis (the codes' and scales' shapes then say which)."""
+    return math.gcd(size, BLOCK)
+
+
 def absmax_shape(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
-    return tuple(d // BLOCK if i == axis else d for i, d in enumerate(shape))
+    return tuple(d // block_size(d) if i == axis else d for i, d in enumerate(shape))
 
 
 def code_dtype(qtype: str) -> Any:
@@ -55,16 +64,16 @@ def bytes_per_weight(qtype: str) -> float:
 
 def check_divisible(name: str, size: int, qtype: str) -> str | None:
     """Why a weight whose block axis has `size` values cannot be quantised (or None)."""
-    if size % BLOCK:
-        return (f"model.lora.base_qtype={qtype!r} quantises blocks of {BLOCK} values along "
-                f"{name}, whose size {size} is not a multiple of {BLOCK}")
+    if block_size(size) < MIN_BLOCK:
+        return (f"model.lora.base_qtype={qtype!r} quantises blocks of {MIN_BLOCK}-{BLOCK} values "
+                f"along {name}, whose size {size} is not a multiple of {MIN_BLOCK}")
     return None
 
 
 def _blocks(x: Any, axis: int) -> Any:
-    """x with the block axis split in two: [..., n / BLOCK, BLOCK, ...]."""
-    shape = x.shape
-    return x.reshape(shape[:axis] + (shape[axis] // BLOCK, BLOCK) + shape[axis + 1:])
+    """x with the block axis split in two: [..., n / block, block, ...]."""
+    shape, block = x.shape, block_size(x.shape[axis])
+    return x.reshape(shape[:axis] + (shape[axis] // block, block) + shape[axis + 1:])
 
 
 def quantize(w: Any, qtype: str, axis: int) -> tuple[Any, Any]:

@@ -21,6 +21,8 @@ from phased_jax.model.quant import (
     BLOCK,
     BLOCK_AXIS,
     QUANTISED,
+    block_size,
+    check_divisible,
     dequantize,
     error_bound,
     quantize,
@@ -54,6 +56,19 @@ def test_roundtrip_error_within_bound_and_numpy_equals_jax(qtype):
     assert err.max() > 0.1 * error_bound(qtype) * per_block.max(), "it really rounds"
     # each block's largest value is stored exactly (its level is +-1)
     np.testing.assert_allclose(np.abs(back).max(axis=1), np.abs(w).max(axis=1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_an_axis_not_a_multiple_of_64_takes_smaller_blocks(qtype):
+    """tiny-llama's MLP width 176 = 11 x 16: blocks of 16, the scales' shape saying so."""
+    w = np.random.RandomState(2).normal(size=(2, 176, 8)).astype(np.float32)
+    codes, absmax = quantize(w, qtype, axis=1)
+    assert absmax.shape == (2, 11, 8) and block_size(176) == 16
+    back = np.asarray(dequantize(jnp.asarray(codes), jnp.asarray(absmax), qtype, 1, jnp.float32))
+    assert np.all(np.abs(back - w) <= error_bound(qtype) * np.repeat(absmax, 16, axis=1)
+                  * (1 + 1e-6))
+    assert check_divisible("model.intermediate_size", 176, qtype) is None
+    assert "not a multiple of 16" in check_divisible("model.intermediate_size", 180, qtype)
 
 
 def _loss(model, params, ids, weights):

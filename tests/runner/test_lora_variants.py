@@ -36,7 +36,6 @@ MERGE = SHORT + """
     c.model.lora.dropout = 0.1
     c.export.lora = "merged\""""
 QLORA = SHORT + """
-    c.model.intermediate_size = 128
     c.model.init_from = "{base}"
     c.model.lora.base_qtype = "nf4"
     c.export.lora = "both\""""
@@ -108,7 +107,7 @@ def test_merge_each_phase_with_dropout(tiny_experiment, tmp_path):
 
 
 def test_qlora_nf4_from_an_hf_base(tiny_experiment, tmp_path):
-    m = model_section("tiny-llama", vocab_size=tiny_experiment["vocab"], intermediate_size=128)
+    m = model_section("tiny-llama", vocab_size=tiny_experiment["vocab"])  # MLP 176: blocks of 16
     m.dtype = "float32"
     cfg = model_config(m)
     hf.save(tmp_path / "base_hf", cfg, init_params(cfg, jax.random.key(7)))
