@@ -20,7 +20,7 @@ from safetensors.numpy import load_file, save_file
 
 from phased_jax.atomic_dir import atomic_directory
 from phased_jax.model.config import ModelConfig
-from phased_jax.model.lora import MODULES, TARGETS, LoraSpec, shapes
+from phased_jax.model.lora import MODULES, TARGETS, LoraSpec, shapes, slot
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 MERGED_FIRST = "merged_first.json"  # ours, beside PEFT's files (`save_adapter`)
@@ -192,14 +192,12 @@ def merge(cfg: ModelConfig, spec: LoraSpec, base: dict, adapters: dict) -> dict:
     the scaling into the add); the jax merge, for params on devices, stays a matmul, within a
     rounding of the sum. One layer's [in, out] update at a time (a few hundred MB beside the
     weights for 7B), vectorised but for a loop over r: minutes for a 7B model at r = 16."""
-    G = cfg.group_size
     out = jax.tree.map(np.asarray, base)  # no copy of what is already on the host
     layers = out["layers"] = {m: dict(v) for m, v in out["layers"].items()}
     scale = np.float32(spec.scale)
     copied: set[str] = set()
     for t in spec.targets:
-        module = "attn" if t in ("q", "k", "v", "o") else "mlp"
-        name = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "wi", "up": "wi"}.get(t, "wo")
+        module, name, sl = slot(cfg, t)
         if name not in copied:  # ours to write into; the base stays as it was
             layers[module][name] = np.array(layers[module][name])
             copied.add(name)
@@ -207,12 +205,6 @@ def merge(cfg: ModelConfig, spec: LoraSpec, base: dict, adapters: dict) -> dict:
         ad = adapters["layers"][module][f"lora_{t}"]
         a_all, b_all = np.asarray(ad["a"], np.float32), np.asarray(ad["b"], np.float32)
         r = spec.rank
-        if t in ("q", "k", "v"):
-            sl = (slice(None),) * 2 + ((slice(0, G),) if t == "q" else (G if t == "k" else G + 1,))
-        elif t in ("gate", "up"):
-            sl = (slice(None), 0 if t == "gate" else 1)
-        else:
-            sl = ()
         for i in range(a_all.shape[0]):
             delta = _lora_product(a_all[i].reshape(-1, r), b_all[i].reshape(r, -1))
             np.multiply(delta, scale, out=delta)

@@ -176,32 +176,31 @@ def join(base: dict, adapters: dict) -> dict:
     return out
 
 
+def slot(cfg: ModelConfig, target: str) -> tuple[str, str, tuple]:
+    """(module, weight, index): where `target`'s update goes in one layer of the fused weights
+    (`qkv` [D, K, G+2, H], `o`, `wi` [D, 2, F], `wo`), for every merge of ours."""
+    G = cfg.group_size
+    index = {"q": (slice(None),) * 2 + (slice(0, G),), "k": (slice(None),) * 2 + (G,),
+             "v": (slice(None),) * 2 + (G + 1,), "gate": (slice(None), 0),
+             "up": (slice(None), 1)}.get(target, ())
+    weight = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "wi", "up": "wi"}.get(
+        target, "wo")
+    return ("attn" if target in ("q", "k", "v", "o") else "mlp"), weight, index
+
+
 def merge(cfg: ModelConfig, spec: LoraSpec, base: dict, adapters: dict) -> dict:
     """Base params with each adapter's scale * A B added to its slice of the fused weights, in
     the base's dtype (jax ops: sharded arrays stay where they are under jit)."""
-    G = cfg.group_size
     layers = {m: dict(v) for m, v in base["layers"].items()}
-    attn, mlp = layers["attn"], layers["mlp"]
     for t in spec.targets:
-        module = "attn" if t in ("q", "k", "v", "o") else "mlp"
+        module, name, index = slot(cfg, t)
         ad = adapters["layers"][module][f"lora_{t}"]
         a, b = jnp.asarray(ad["a"], jnp.float32), jnp.asarray(ad["b"], jnp.float32)
         L, r = a.shape[0], spec.rank
         delta = jnp.matmul(a.reshape(L, -1, r), b.reshape(L, r, -1)) * jnp.float32(spec.scale)
         # the float32 update added to the weight in float32 and rounded once, as peft merges
-        if t in ("q", "k", "v"):
-            sl = (slice(None),) * 3 + ((slice(0, G),) if t == "q" else (G if t == "k" else G + 1,))
-            w = jnp.asarray(attn["qkv"])
-            attn["qkv"] = w.astype(jnp.float32).at[sl].add(delta.reshape(w[sl].shape)).astype(w.dtype)
-        elif t == "o":
-            w = jnp.asarray(attn["o"])
-            attn["o"] = (w.astype(jnp.float32) + delta.reshape(w.shape)).astype(w.dtype)
-        elif t in ("gate", "up"):
-            w = jnp.asarray(mlp["wi"])
-            c = 0 if t == "gate" else 1
-            mlp["wi"] = (w.astype(jnp.float32).at[:, :, c, :].add(delta.reshape(w[:, :, c, :].shape))
-                         .astype(w.dtype))
-        else:
-            w = jnp.asarray(mlp["wo"])
-            mlp["wo"] = (w.astype(jnp.float32) + delta.reshape(w.shape)).astype(w.dtype)
+        w = jnp.asarray(layers[module][name])
+        sl = (slice(None),) + index  # every layer
+        layers[module][name] = (w.astype(jnp.float32).at[sl].add(delta.reshape(w[sl].shape))
+                                .astype(w.dtype))
     return {**base, "layers": layers}
