@@ -13,6 +13,8 @@ Restore never destroys a run. Before touching anything it tells three cases apar
   `CheckpointError`; nothing is moved;
 - its own files prove it corrupt (commit marker, metadata or array data missing or truncated):
   only then it is set aside under a fresh `<step>.corrupt[.N]` name and the one before is used.
+  But when no checkpoint of several reads, the likelier cause is the storage (a mount down: every
+  file "missing"): the run stops with nothing moved, unless `on_unreadable="restart"`.
 On several hosts every process reads its own shards, they retry and decide together (any
 process's proof of corruption counts), and only process 0 moves files.
 """
@@ -52,8 +54,10 @@ class RunCheckpoints:
     """Saves and restores `(state, meta)` pairs under `directory/<global step>/`."""
 
     def __init__(self, directory: str, *, keep: int, phase_end_steps: Sequence[int] = (),
-                 async_save: bool = True, restore_retries: int = 3, retry_backoff_s: float = 1.0):
+                 async_save: bool = True, restore_retries: int = 3, retry_backoff_s: float = 1.0,
+                 on_unreadable: str = "stop"):
         self.directory = epath.Path(directory)
+        self._restart = on_unreadable == "restart"
         self._keep, self._async = keep, async_save
         self._retries, self._backoff = max(0, int(restore_retries)), float(retry_backoff_s)
         self._phase_end_steps = sorted(set(int(s) for s in phase_end_steps))
@@ -87,15 +91,33 @@ class RunCheckpoints:
         fields to blame when the checkpoint's tree does not fit.
         """
         self._manager.wait_until_finished()
+        corrupt: list[tuple[int, str]] = []  # newest first: (step, what its files prove)
         for step in sorted(self._manager.all_steps(), reverse=True):
-            restored = self._restore_step(step, abstract_state, config_json)
+            restored, problem = self._restore_step(step, abstract_state, config_json)
             if restored is not None:
+                for bad, why in corrupt:
+                    self._set_aside(bad, why, "using the one before it")
                 return restored
+            corrupt.append((step, problem))
+        if len(corrupt) > 1 and not self._restart:
+            raise CheckpointError(
+                f"none of the {len(corrupt)} checkpoints in {self.directory} could be read "
+                f"(checkpoint {corrupt[0][0]}: {corrupt[0][1]}); this looks like the storage, "
+                "not the checkpoints: nothing was moved; check the mount and rerun "
+                "(checkpoint.on_unreadable=restart sets them aside and starts over)")
+        for bad, why in corrupt:
+            self._set_aside(bad, why, "starting over from step 0" if bad == corrupt[-1][0]
+                            else "trying the one before it")
+        if len(corrupt) > 1 and jax.process_index() == 0:
+            print(f"checkpoint.on_unreadable=restart: none of the {len(corrupt)} checkpoints "
+                  f"could be read; all set aside, starting over from step 0", flush=True)
         return None
 
     # -- one step --------------------------------------------------------------------------------
     def _restore_step(self, step: int, abstract_state: Any, config_json: str
-                      ) -> tuple[Any, dict[str, Any]] | None:
+                      ) -> tuple[tuple[Any, dict[str, Any]] | None, str]:
+        """(the restored state and meta, "") or (None, what proves the step corrupt); raises
+        when it cannot be read and nothing proves it corrupt (the storage is failing)."""
         path = self.directory / str(step)
         error: BaseException | None = None  # this process's last failure (None: it read fine)
         for attempt in range(self._retries + 1):
@@ -113,7 +135,7 @@ class RunCheckpoints:
                 io_errors.quiet_failed_read_echoes()
             if distributed.all_ok(error is None):
                 _note_casts(path, tree, abstract_state)
-                return state, meta
+                return (state, meta), ""
         # Any process's proof is enough: each read only its own shards of the array data.
         local = (integrity_problem(path) or _corruption_in(error)) if error else ""
         problem = next((v for v in distributed.gather_texts(local) if v), "")
@@ -126,8 +148,7 @@ class RunCheckpoints:
                 f"({reasons}); its files look complete, so the storage is failing "
                 "or unreachable: check it and rerun (nothing was moved; raise "
                 "checkpoint.restore_retries to wait longer)") from error
-        self._set_aside(step, problem)
-        return None
+        return None, problem
 
     @staticmethod
     def _read_metadata(path: epath.Path) -> tuple[dict[str, Any], Any]:
@@ -135,11 +156,10 @@ class RunCheckpoints:
         tree = ocp.StandardCheckpointHandler().metadata(path / "state")
         return meta, getattr(tree, "item_metadata", tree)
 
-    def _set_aside(self, step: int, problem: str) -> None:
+    def _set_aside(self, step: int, problem: str, then: str) -> None:
         path = self.directory / str(step)
         aside = _fresh_name(self.directory, f"{step}.corrupt")
-        message = (f"checkpoint {path} is corrupt ({problem}); moved to {aside}, "
-                   "using the one before it")
+        message = f"checkpoint {path} is corrupt ({problem}); moved to {aside}, {then}"
         if jax.process_index() == 0:
             log.warning(message)
             print(f"warning: {message}", flush=True)

@@ -173,6 +173,9 @@ def get_default_config() -> ConfigDict:
     c.checkpoint.phase_params = True  # also save each phase's params under <output_dir>/phases/
     c.checkpoint.restore_retries = 3  # a checkpoint that cannot be read is retried this often
     c.checkpoint.retry_backoff_s = 1.0  # first wait between tries; doubles each time
+    # When none of several checkpoints reads (likelier a storage outage than corruption):
+    # "stop" (one line, exit 1, nothing moved) or "restart" (set them aside, train from step 0)
+    c.checkpoint.on_unreadable = "stop"
 
     c.export = ConfigDict()
     c.export.hf_dir = ""  # "" = <output_dir>/hf

@@ -189,6 +189,7 @@ def _check_model(c: ConfigDict) -> None:
     _check_lora(c)
 
 
+ON_UNREADABLE = ("stop", "restart")
 EXPORT_LORA = ("merged", "adapter", "both")
 
 
@@ -260,6 +261,7 @@ def _check_checkpoint(c: ConfigDict) -> None:
     _number(c, "checkpoint.keep", lambda v: v >= 1, ">= 1", integer=True)
     _number(c, "checkpoint.restore_retries", lambda v: v >= 0, ">= 0", integer=True)
     _number(c, "checkpoint.retry_backoff_s", lambda v: v >= 0, ">= 0 (seconds)")
+    _choice(c, "checkpoint.on_unreadable", ON_UNREADABLE)
 
 
 def _check_export(c: ConfigDict) -> None:

@@ -27,6 +27,8 @@ from typing import IO, Any
 import jax
 import numpy as np
 
+from phased_jax import preemption
+
 ENV_COORDINATOR = "PHASED_COORDINATOR"
 ENV_NUM_PROCESSES = "PHASED_NUM_PROCESSES"
 ENV_PROCESS_ID = "PHASED_PROCESS_ID"
@@ -53,13 +55,17 @@ def initialize(auto: bool = False) -> None:
         # collectives in program order. The launcher's watchdog catches a recurrence.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.config.update("jax_num_cpu_devices", int(os.environ[ENV_LOCAL_DEVICES]))
+        preemption.arm_early()
         jax.distributed.initialize(
             coordinator_address=os.environ[ENV_COORDINATOR],
             num_processes=int(os.environ[ENV_NUM_PROCESSES]),
             process_id=int(os.environ[ENV_PROCESS_ID]),
         )
+        preemption.pass_on_early()
     elif auto:
+        preemption.arm_early()
         jax.distributed.initialize()
+        preemption.pass_on_early()
 
 
 def _arm_stack_dump() -> None:
@@ -150,6 +156,20 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def without_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """`argv` less the flags `names` (`--name VALUE` or `--name=VALUE`): a local pod's worker
+    command is the launcher's without the launcher's own flags."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in names:
+            skip = True  # its value is the next word
+        elif a.split("=")[0] not in names:
+            out.append(a)
+    return out
 
 
 def _free_port() -> int:
@@ -274,6 +294,23 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
 
 
+def _forward_sigterm(procs: list[subprocess.Popen]) -> Callable[[], None]:
+    """Until the returned function is called, a SIGTERM to the launcher goes on to every live
+    worker (which saves at the agreed step and exits `PREEMPTED_EXIT`) instead of killing the
+    launcher, whose death would SIGKILL them. A signal to the whole process group (as a TPU
+    host's) reaches each worker twice: one notice."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def launch_local_pod(num_processes: int, command: list[str], devices_per_process: int,
                      watchdog_s: float = 300.0, stacks_path: str | Path | None = None,
                      name: str = "phased-jax train") -> int:
@@ -286,50 +323,61 @@ def launch_local_pod(num_processes: int, command: list[str], devices_per_process
     stderr names the last global step and the file; the exit code is then `WATCHDOG_EXIT`.
     """
     coordinator = f"127.0.0.1:{_free_port()}"
-    with tempfile.TemporaryDirectory(prefix="phased-pod-") as tmp:
-        heartbeats = [Path(tmp, f"heartbeat{i}") for i in range(num_processes)]
-        stacks = [Path(tmp, f"stacks{i}.txt") for i in range(num_processes)]
-        progress = _Progress(heartbeats)
-        procs = []
-        for pid in range(num_processes):
-            env = dict(os.environ, JAX_PLATFORMS="cpu")
-            env.update({ENV_COORDINATOR: coordinator, ENV_NUM_PROCESSES: str(num_processes),
-                        ENV_PROCESS_ID: str(pid), ENV_LOCAL_DEVICES: str(devices_per_process),
-                        ENV_HEARTBEAT: str(heartbeats[pid]), ENV_STACKS: str(stacks[pid])})
-            env.pop("XLA_FLAGS", None)  # the device count comes from ENV_LOCAL_DEVICES
-            procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, text=True,
-                                          preexec_fn=_die_with_parent))
-        relays = [threading.Thread(target=_relay, daemon=True,
-                                   args=(p.stdout, f"[process {i}] ", progress.output))
-                  for i, p in enumerate(procs)]
-        for t in relays:
-            t.start()
-        codes: dict[int, int] = {}
-        while len(codes) < len(procs):
-            for i, p in enumerate(procs):
-                if i in codes:
-                    continue
-                try:
-                    codes[i] = p.wait(timeout=0.5)
-                except subprocess.TimeoutExpired:
-                    continue
-                if codes[i] != 0:
-                    for q in procs:
-                        if q.poll() is None:
-                            q.terminate()
-            live = [p.pid for p in procs if p.poll() is None]
-            if live and watchdog_s > 0 and progress.idle_s(live) > watchdog_s:
-                _dump_and_stop(procs, stacks)
-                for t in relays:
-                    t.join(timeout=5)
-                where = Path(stacks_path) if stacks_path else Path(
-                    tempfile.gettempdir(), f"phased-pod-stacks-{os.getpid()}.txt")
-                stalled = f"made no progress for {watchdog_s:g} s {progress.position()}"
-                where = _write_stacks(where, stacks, procs, progress, f"the local pod {stalled}")
-                print(f"{name}: error: the local pod {stalled}; stopped every worker; their "
-                      f"Python stacks are in {where}", file=sys.stderr, flush=True)
-                return WATCHDOG_EXIT
-        for t in relays:
-            t.join(timeout=5)
+    procs: list[subprocess.Popen] = []
+    forward = _forward_sigterm(procs)  # before the first worker starts
+    try:
+        with tempfile.TemporaryDirectory(prefix="phased-pod-") as tmp:
+            return _run_pod(procs, Path(tmp), coordinator, num_processes, command,
+                            devices_per_process, watchdog_s, stacks_path, name)
+    finally:
+        forward()
+
+
+def _run_pod(procs: list[subprocess.Popen], tmp: Path, coordinator: str, num_processes: int,
+             command: list[str], devices_per_process: int, watchdog_s: float,
+             stacks_path: str | Path | None, name: str) -> int:
+    heartbeats = [tmp / f"heartbeat{i}" for i in range(num_processes)]
+    stacks = [tmp / f"stacks{i}.txt" for i in range(num_processes)]
+    progress = _Progress(heartbeats)
+    for pid in range(num_processes):
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        env.update({ENV_COORDINATOR: coordinator, ENV_NUM_PROCESSES: str(num_processes),
+                    ENV_PROCESS_ID: str(pid), ENV_LOCAL_DEVICES: str(devices_per_process),
+                    ENV_HEARTBEAT: str(heartbeats[pid]), ENV_STACKS: str(stacks[pid])})
+        env.pop("XLA_FLAGS", None)  # the device count comes from ENV_LOCAL_DEVICES
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True,
+                                      preexec_fn=_die_with_parent))
+    relays = [threading.Thread(target=_relay, daemon=True,
+                               args=(p.stdout, f"[process {i}] ", progress.output))
+              for i, p in enumerate(procs)]
+    for t in relays:
+        t.start()
+    codes: dict[int, int] = {}
+    while len(codes) < len(procs):
+        for i, p in enumerate(procs):
+            if i in codes:
+                continue
+            try:
+                codes[i] = p.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                continue
+            if codes[i] not in (0, preemption.PREEMPTED_EXIT):  # preempted ones stop together
+                for q in procs:
+                    if q.poll() is None:
+                        q.kill()  # not SIGTERM: to a worker, that is a preemption notice
+        live = [p.pid for p in procs if p.poll() is None]
+        if live and watchdog_s > 0 and progress.idle_s(live) > watchdog_s:
+            _dump_and_stop(procs, stacks)
+            for t in relays:
+                t.join(timeout=5)
+            where = Path(stacks_path) if stacks_path else Path(
+                tempfile.gettempdir(), f"phased-pod-stacks-{os.getpid()}.txt")
+            stalled = f"made no progress for {watchdog_s:g} s {progress.position()}"
+            where = _write_stacks(where, stacks, procs, progress, f"the local pod {stalled}")
+            print(f"{name}: error: the local pod {stalled}; stopped every worker; their "
+                  f"Python stacks are in {where}", file=sys.stderr, flush=True)
+            return WATCHDOG_EXIT
+    for t in relays:
+        t.join(timeout=5)
     return max(codes.values(), key=abs)

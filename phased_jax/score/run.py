@@ -18,6 +18,10 @@ or IFD) and `scorer` ({method, model, template, max_length, map}); an input `sco
 status is 3, as with `phased-score`. Work is saved by chunk of records in `<OUTPUT>.chunks/`
 (each file written whole); a rerun with the same data and settings skips finished chunks.
 Delete that folder once the output is final.
+
+On several processes (`--distributed` on a pod, `--local-pod N` here) every process computes
+every chunk together (the batch is split over all devices; the losses come back replicated)
+and only process 0 writes: the output is the same bytes as one process's.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import argparse
 import hashlib
 import json
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +39,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from phased_jax import distributed
 from phased_jax.config import get_default_config
 from phased_jax.config_cli import add_config_help, parse_config_argv, split_config_argv
 from phased_jax.data.records import Record, read_config_records
@@ -51,6 +57,8 @@ log = logging.getLogger(__name__)
 USAGE = "usage: phased-jax score --config FILE [--config.SECTION.FIELD=VALUE ...] --method ifd|loss --output FILE"
 METHODS = ("ifd", "loss")
 CHUNK_VERSION = "score-chunks-v1"
+SCORE_COMMAND = (sys.executable, "-m", "phased_jax.cli", "score")  # a local pod's workers
+LAUNCHER_FLAGS = ("--local-pod", "--local-devices")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -68,6 +76,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=1024, help="records per saved chunk")
     p.add_argument("--length-multiple", type=int, default=64,
                    help="row lengths are padded to a multiple of this (fewer compiles)")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() (multi-host pods)")
+    p.add_argument("--local-pod", type=int, default=0, metavar="N",
+                   help="run as N local CPU processes joined by jax.distributed (tests a pod)")
+    p.add_argument("--local-devices", type=int, default=4, metavar="D",
+                   help="fake CPU devices per local process (default 4)")
     return p
 
 
@@ -166,10 +180,13 @@ def raw_values(records: Sequence[Record], losses: dict[str, Any], method: str
     return scored, raw, failed
 
 
-def main(argv: list[str] | None = None) -> int:
-    config_argv, rest = split_config_argv(argv or [])
+def main(argv: list[str] | None = None,
+         worker_command: Sequence[str] = SCORE_COMMAND) -> int:
+    """The `score` subcommand; a local pod's workers run `worker_command` (the tests' hooks)."""
+    argv = list(argv or [])
+    config_argv, rest = split_config_argv(argv)
     args = parser().parse_args(rest)
-    for name in ("batch_size", "chunk_size", "length_multiple"):
+    for name in ("batch_size", "chunk_size", "length_multiple", "local_devices"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     config = parse_config_argv(config_argv, "phased-jax score", USAGE, default=get_default_config,
@@ -181,7 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     problem = output_problem(args.output)
     if problem:
         raise ConfigError(f"--output {args.output}: {problem}")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.local_pod > 0:
+        return distributed.launch_local_pod(
+            args.local_pod, [*worker_command, *distributed.without_flags(argv, LAUNCHER_FLAGS)],
+            args.local_devices, name="phased-jax score")
+    distributed.initialize(auto=args.distributed)
+    logging.basicConfig(format="%(message)s")  # if nothing set up logging before
+    # Our progress lines: process 0 reports for all (the root logger stays at WARNING).
+    log.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     records, invalid = read_config_records(config.data)
     log.info("%s", invalid.summary())
     scorer = Scorer(config, args.method, args)

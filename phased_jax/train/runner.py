@@ -34,7 +34,7 @@ import numpy as np
 from absl import flags
 from ml_collections import ConfigDict
 
-from phased_jax import distributed, hf, io_errors, local_paths
+from phased_jax import distributed, hf, io_errors, local_paths, preemption
 from phased_jax.checkpoint import RunCheckpoints
 from phased_jax.config import model_config
 from phased_jax.config_checks import validate_config
@@ -63,6 +63,7 @@ from phased_jax.train.trainer import Trainer, build_trainer
 # index, steps done in the phase). The tests install theirs (tests/runner/hooked_train.py).
 StepHook = Callable[["PhaseRunner", int, int], None]
 TRAIN_COMMAND = (sys.executable, "-m", "phased_jax.cli", "train")  # a local pod's workers
+LAUNCHER_FLAGS = ("--local_pod", "--local_devices", "--watchdog_s")  # not the workers' (underscored)
 
 USAGE = """usage: phased-jax train --config CONFIG_FILE [--config.SECTION.FIELD=VALUE ...]
                        [--local-pod N [--local-devices D] [--watchdog-s S]] [--distributed]
@@ -84,20 +85,6 @@ def _define_flags(fv) -> None:
     flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() on a pod", flag_values=fv)
 
 
-def _without_local_pod(argv: list[str]) -> list[str]:
-    """`argv` (flag names already underscored) less the local-pod flags, for the workers."""
-    names = ("--local_pod", "--local_devices", "--watchdog_s")
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a in names:
-            skip = True  # its value is the next word
-        elif a.split("=")[0] not in names:
-            out.append(a)
-    return out
-
-
 def main(argv: list[str], hooks: Sequence[StepHook] = (),
          worker_command: Sequence[str] = TRAIN_COMMAND) -> int:
     """The `train` subcommand; `hooks` and the local pod's `worker_command` are for callers
@@ -110,13 +97,17 @@ def main(argv: list[str], hooks: Sequence[StepHook] = (),
         return 0
     local_paths.check_train(fv.config)  # inputs, outputs and the Hub: before any data is read
     if fv.local_pod > 0:
-        command = [*worker_command, *_without_local_pod(argv)]
+        command = [*worker_command, *distributed.without_flags(argv, LAUNCHER_FLAGS)]
         stacks = Path(fv.config.output_dir) / "logs" / "local_pod_stacks.txt"
         return distributed.launch_local_pod(fv.local_pod, command, fv.local_devices,
                                             watchdog_s=fv.watchdog_s, stacks_path=stacks)
     distributed.initialize(auto=fv.distributed)
-    with io_errors.quiet_disk_full_noise():  # Orbax's threads echo a full disk at any moment
-        run(fv.config, (_heartbeat, *hooks))
+    try:
+        with io_errors.quiet_disk_full_noise():  # Orbax's threads echo a full disk at any moment
+            run(fv.config, (_heartbeat, *hooks))
+    except preemption.Preempted as e:
+        _say(str(e))
+        return preemption.PREEMPTED_EXIT
     return 0
 
 
@@ -155,21 +146,29 @@ def _initial_params(path: str, want: ModelConfig, shardings: Any, quantize_to: s
 
 
 def run(config: ConfigDict, hooks: Sequence[StepHook] = ()) -> dict[str, Any]:
-    """Train every phase of `config` (resuming if checkpoints exist); returns a summary."""
+    """Train every phase of `config` (resuming if checkpoints exist); returns a summary.
+
+    Raises `preemption.Preempted` after a preemption notice, its checkpoint saved."""
     resolve_model(config)  # again: the demo and tests call run() without the command line
     validate_config(config)
     t_start = time.time()
-    runner = PhaseRunner(config, hooks)
-    with runner.tracker:  # the W&B run (if any) ends with this one, failed on an error
-        pos = runner.resume()
-        for k in range(pos.phase, len(runner.steps)):
-            state = runner.train_phase(k, pos)
-            runner.finish_phase(k, state)
-            pos = Position(k + 1, 0, state)
-        runner.close()
-        if pos.state is None:
-            raise ConfigError("no phase to run: the config's data produced no phases")
-        runner.finish_run(pos.state)
+    notice = preemption.Notice()  # first: a notice during the set-up is heard, not a kill
+    try:
+        runner = PhaseRunner(config, hooks, notice)
+        with runner.tracker:  # the W&B run (if any) ends with this one, failed on an error
+            pos = runner.resume()
+            for k in range(pos.phase, len(runner.steps)):
+                state = runner.train_phase(k, pos)
+                runner.finish_phase(k, state)
+                pos = Position(k + 1, 0, state)
+                if k + 1 < len(runner.steps) and notice.reached():  # its checkpoint is saved
+                    runner.stop_preempted(k, runner.steps[k], state, saved=True)
+            runner.close()
+            if pos.state is None:
+                raise ConfigError("no phase to run: the config's data produced no phases")
+            runner.finish_run(pos.state)
+    finally:
+        notice.close()
     out, total = runner.out, runner.starts[-1]
     summary = {"phases": [p.phase.name for p in runner.data.phases], "steps": runner.steps,
                "phase_end_steps": runner.starts[1:], "output_dir": str(out),
@@ -186,8 +185,10 @@ class PhaseRunner:
     did is read from the log (process 0's copy, shared), so a rerun does exactly the rest.
     """
 
-    def __init__(self, config: ConfigDict, hooks: Sequence[StepHook] = ()):
+    def __init__(self, config: ConfigDict, hooks: Sequence[StepHook] = (),
+                 notice: preemption.Notice | None = None):
         self.config, self.out, self.hooks = config, Path(config.output_dir), tuple(hooks)
+        self.notice = notice
         self.trainer = build_trainer(config)
         self.batching = Batching.from_sections(config.train, config.data, config.seed)
         self.data = prepare(config.data, self.batching, self.out,
@@ -209,7 +210,8 @@ class PhaseRunner:
                                     phase_end_steps=self.starts[1:],
                                     async_save=bool(cc.async_save),
                                     restore_retries=int(cc.restore_retries),
-                                    retry_backoff_s=float(cc.retry_backoff_s))
+                                    retry_backoff_s=float(cc.retry_backoff_s),
+                                    on_unreadable=str(cc.get("on_unreadable", "stop")))
         self.abstract_state = self.trainer.abstract_state()  # the restore target
         self.state_bytes = params_nbytes(self.abstract_state)  # what a checkpoint needs
         self.hf_dir = config.export.hf_dir or str(self.out / "hf")
@@ -364,17 +366,39 @@ class PhaseRunner:
                     # before the step's checkpoint: a kill between the two redoes the eval
                     with _storage(logs):
                         self.evaluate(k, state.params, start + s + 1, at_phase_end=False)
-                if done or (every > 0 and (s + 1) % every == 0):
-                    with _storage(self.ckpt_dir, self.state_bytes):
-                        self.ckpts.save(start + s + 1, state,
-                                        {**_meta(self.config, k, s + 1, loader, phase, done),
-                                         **self.base_identity})
+                saved = done or (every > 0 and (s + 1) % every == 0)
+                if saved:
+                    self._save(k, s + 1, state)
                 for hook in self.hooks:
                     hook(self, k, s + 1)
+                if self.notice is not None and self.notice.reached():
+                    self.stop_preempted(k, s + 1, state, saved)
         finally:  # the progress bar ends its line before any error is printed
             with _storage(logs):
                 writer.close()
         return state
+
+    def _save(self, k: int, step: int, state: Any) -> None:
+        """Start saving phase k's state after its `step`-th step (async: it commits later)."""
+        done = step == self.steps[k]
+        with _storage(self.ckpt_dir, self.state_bytes):
+            self.ckpts.save(self.starts[k] + step, state,
+                            {**_meta(self.config, k, step, self.loaders[k], self.data.phases[k],
+                                     done), **self.base_identity})
+
+    def stop_preempted(self, k: int, step: int, state: Any, saved: bool) -> None:
+        """At the agreed point after a preemption notice (phase k, its `step`-th step done):
+        the checkpoint there (unless one is on its way), committed; a `preempted` line."""
+        if not saved:
+            self._save(k, step, state)
+        with _storage(self.ckpt_dir, self.state_bytes):
+            self.ckpts.close()  # waits for the commit
+        where = self.starts[k] + step
+        self.log.write(event="preempted", phase=k + 1, step_in_phase=step, step=where)
+        self.log.close()
+        raise preemption.Preempted(
+            f"preempted at global step {where} (phase {k + 1}, step {step}); checkpoint saved; "
+            "rerun the same command to resume")
 
     def finish_phase(self, k: int, state: Any) -> None:
         """What phase k owes at its end, each part done unless the log shows it done: its eval

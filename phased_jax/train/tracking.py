@@ -42,6 +42,7 @@ from typing import Any
 import jax
 from ml_collections import ConfigDict
 
+from phased_jax import preemption
 from phased_jax.errors import ConfigError, PhasedError
 from phased_jax.fileio import write_text_atomic
 from phased_jax.train.metrics import scalar_tags
@@ -118,7 +119,10 @@ class Tracker:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.close(0 if kind is None else 1)
+        if kind is not None and issubclass(kind, preemption.Preempted) and self.run is not None:
+            self.run.mark_preempting()  # W&B shows it preempted, awaiting the resumed run
+        self.close(0 if kind is None else preemption.PREEMPTED_EXIT
+                   if issubclass(kind, preemption.Preempted) else 1)
 
 
 def run_id(log_dir: Path) -> str:

@@ -1,14 +1,23 @@
 """`phased-jax train` with the tests' runner hooks, run in a subprocess as a user would:
 
     python -m tests.runner.hooked_train [--kill-after STEP] [--block-after STEP] [--log-reads]
-        --config FILE ...
+        [--term-after STEP | --term-in finish_phase:K | --term-in export] [--term-worker I]
+        [--step-seconds S] --config FILE ...
 
 `--kill-after STEP`: SIGKILL the process right after global step STEP (its checkpoint save
 started), as a preempted host dies. `--block-after STEP`: the last process never returns from
 `block_forever` after global step STEP, as a worker hung in a collective never does (the local
 pod's watchdog test). `--log-reads`: each process appends the record ids of each
-step's rows to `<output_dir>/logs/reads-process<i>.jsonl`. On a `--local-pod`, every worker
-runs this module with the same hooks.
+step's rows to `<output_dir>/logs/reads-process<i>.jsonl`.
+
+Preemption notices (SIGTERM), sent by process 0 to its whole process group (as a TPU host's
+runtime does; the tests start each run in a session of its own): `--term-after STEP` right after
+global step STEP (its checkpoint save started, so during an async save where it has one);
+`--term-in finish_phase:K` as phase K's end work starts (its eval, its `phases/` write);
+`--term-in export` as the final export starts. `--term-worker I`: worker I sends it to itself
+only. `--step-seconds S`: each step then takes S seconds more, so that a pod's processes agree
+on a step (JAX's preemption service polls each second) well before the run ends.
+On a `--local-pod`, every worker runs this module with the same hooks.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import jax
 
@@ -44,6 +54,42 @@ def block_forever() -> None:
     threading.Event().wait()
 
 
+def send_term(worker: int | None) -> None:
+    """A preemption notice: to this process group from process 0, or to worker `worker` only."""
+    if worker is None:
+        if jax.process_index() == 0:
+            os.killpg(os.getpgid(0), signal.SIGTERM)
+    elif jax.process_index() == worker:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def term_after(global_step: int, worker: int | None) -> runner.StepHook:
+    def hook(run: runner.PhaseRunner, k: int, steps_done: int) -> None:
+        if run.starts[k] + steps_done == global_step:
+            send_term(worker)
+    return hook
+
+
+def term_in(moment: str, worker: int | None) -> None:
+    """Send the notice as `finish_phase:K` or `export` starts (a patched PhaseRunner method)."""
+    name, _, phase = moment.partition(":")
+    method = {"finish_phase": "finish_phase", "export": "_export_final"}[name]
+    original = getattr(runner.PhaseRunner, method)
+
+    def patched(self, *args, **kwargs):
+        if name == "export" or args[0] + 1 == int(phase):
+            send_term(worker)
+        return original(self, *args, **kwargs)
+
+    setattr(runner.PhaseRunner, method, patched)
+
+
+def step_seconds(seconds: float) -> runner.StepHook:
+    def hook(run: runner.PhaseRunner, k: int, steps_done: int) -> None:
+        time.sleep(seconds)
+    return hook
+
+
 def log_reads(run: runner.PhaseRunner, k: int, steps_done: int) -> None:
     ids = run.data.phases[k].examples.record_ids
     rows = [[] if r is None else ids[r].tolist() for r in run.loaders[k].rows(steps_done - 1)]
@@ -56,8 +102,12 @@ def log_reads(run: runner.PhaseRunner, k: int, steps_done: int) -> None:
 def main(argv: list[str]) -> int:
     own, rest, hooks = [], [], []
     words = iter(argv)
+    term: dict[str, str] = {}
     for a in words:
-        if a == "--kill-after":
+        if a in ("--term-after", "--term-in", "--term-worker", "--step-seconds"):
+            term[a] = next(words)
+            own += [a, term[a]]
+        elif a == "--kill-after":
             step = next(words)
             own += [a, step]
             hooks.append(kill_after(int(step)))
@@ -70,6 +120,13 @@ def main(argv: list[str]) -> int:
             hooks.append(log_reads)
         else:
             rest.append(a)
+    worker_only = int(term["--term-worker"]) if "--term-worker" in term else None
+    if "--term-after" in term:
+        hooks.append(term_after(int(term["--term-after"]), worker_only))
+    if "--term-in" in term:
+        term_in(term["--term-in"], worker_only)
+    if "--step-seconds" in term:
+        hooks.append(step_seconds(float(term["--step-seconds"])))
     worker = [sys.executable, "-m", "tests.runner.hooked_train", *own]
     return run_subcommand("train", lambda: runner.main(rest, hooks, worker))
 

@@ -59,16 +59,19 @@ def write_config(exp: dict, out: Path, name: str = "cfg.py", extra: str = "") ->
 
 
 def train(config: Path, *args: str, devices: int = 8, env: dict | None = None,
-          check: bool = True, kill_after: int | None = None) -> subprocess.CompletedProcess:
+          check: bool = True, kill_after: int | None = None,
+          hooks: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """`phased-jax train` in a fresh process (as a user or a pod worker runs it), with the
     tests' hooks (tests/runner/hooked_train.py): every run logs its reads; `kill_after=N`
-    SIGKILLs it right after global step N."""
+    SIGKILLs it right after global step N; `hooks`: more of hooked_train's options. It runs
+    in a session (process group) of its own, as a TPU host's job: a hook's notice to its
+    process group stays there."""
     full_env = dict(os.environ, JAX_PLATFORMS="cpu",
                     XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
-    hooks = ["--log-reads"] + (["--kill-after", str(kill_after)] if kill_after else [])
+    hooks = ("--log-reads", *(["--kill-after", str(kill_after)] if kill_after else []), *hooks)
     proc = subprocess.run([sys.executable, "-m", "tests.runner.hooked_train", *hooks,
                            "--config", str(config), *args], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, start_new_session=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-5000:]}")

@@ -52,8 +52,9 @@ def test_watchdog_stops_a_pod_with_a_blocked_worker(tiny_experiment, tmp_path):
 
 def test_workers_get_no_launcher_flags():
     """`--watchdog-s` (like `--local-pod`) is the launcher's: the workers' command lacks it."""
-    from phased_jax.train.runner import _without_local_pod
+    from phased_jax.distributed import without_flags
+    from phased_jax.train.runner import LAUNCHER_FLAGS
 
     argv = ["--config", "c.py", "--local_pod", "2", "--watchdog_s=5", "--local_devices", "1",
             "--watchdog_s", "7", "--config.seed=3"]
-    assert _without_local_pod(argv) == ["--config", "c.py", "--config.seed=3"]
+    assert without_flags(argv, LAUNCHER_FLAGS) == ["--config", "c.py", "--config.seed=3"]

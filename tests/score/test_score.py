@@ -4,6 +4,9 @@ PyTorch model on the same directory, resume by chunk, and the output trained by 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,8 @@ import pytest
 
 from phased_jax.cli import main as cli_main
 from tests.generate.conftest import save_tiny_hf
+
+REPO = Path(__file__).resolve().parents[2]
 
 TEXTS = ["Give three tips for staying healthy.", "What is the capital of France?",
          "Write a haiku about the sea.", "User: Assistant: Input: Response:",
@@ -132,6 +137,42 @@ def test_resume_skips_finished_chunks(setup, caplog):
     assert {p: p.stat().st_mtime_ns for p in (chunks[0], chunks[2])} == {
         p: mtimes[p] for p in (chunks[0], chunks[2])}
     assert out.read_text() == first
+
+
+def _score_process(setup, out: Path, *extra: str, hooks: tuple[str, ...] = ()
+                   ) -> subprocess.CompletedProcess:
+    """`phased-jax score` (with tests/score/hooked_score.py's faults) in a fresh process."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    return subprocess.run([sys.executable, "-m", "tests.score.hooked_score", *hooks, "--config",
+                           str(setup["config"]), "--method", "ifd", "--output", str(out),
+                           "--batch-size", "2", "--length-multiple", "32", "--chunk-size", "3",
+                           *extra], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_two_process_pod_writes_the_same_bytes_and_resumes_after_a_kill(setup, tmp_path):
+    """2 processes x 4 devices (the same (2, 4, 1) mesh as one process's 8): only process 0
+    writes, the same bytes. One worker SIGKILLed as it starts the second chunk: the pod stops
+    (the launcher stops the other), the first chunk is on disk, the output is not; the rerun
+    computes only the rest and writes the same bytes."""
+    one, pod = tmp_path / "one.jsonl", tmp_path / "pod.jsonl"
+    assert score(setup, "ifd", one, "--chunk-size", "3") == 0
+    killed = _score_process(setup, pod, "--local-pod", "2",
+                            hooks=("--kill-chunk", "2", "--kill-process", "1"))
+    assert killed.returncode != 0 and not pod.exists(), killed.stdout[-2000:]
+    assert len(list(Path(f"{pod}.chunks").iterdir())) == 1
+    resumed = _score_process(setup, pod, "--local-pod", "2")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "chunks: 1 done before, 4 records computed" in resumed.stdout
+    reports = [line for line in resumed.stdout.splitlines() if "chunk" in line]
+    assert reports and all(line.startswith("[process 0]") for line in reports), \
+        "process 0 reports for the pod"
+    assert pod.read_bytes() == one.read_bytes()
+    assert [p.read_bytes() for p in sorted(Path(f"{pod}.chunks").iterdir())] == [
+        p.read_bytes() for p in sorted(Path(f"{one}.chunks").iterdir())]
+    rerun = _score_process(setup, tmp_path / "pod2.jsonl", "--local-pod", "2")
+    assert rerun.returncode == 0 and (tmp_path / "pod2.jsonl").read_bytes() == one.read_bytes()
 
 
 def test_prompt_filling_max_length_is_reported_and_output_trains(setup, tmp_path):

@@ -21,9 +21,9 @@ STEPS = (2, 4)
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
-def _manager(directory: Path, retries: int = 2) -> RunCheckpoints:
+def _manager(directory: Path, retries: int = 2, on_unreadable: str = "stop") -> RunCheckpoints:
     return RunCheckpoints(str(directory), keep=3, async_save=False, restore_retries=retries,
-                          retry_backoff_s=0.0)
+                          retry_backoff_s=0.0, on_unreadable=on_unreadable)
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +55,9 @@ def _snapshot(directory: Path) -> dict[str, str]:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def _restore(config, directory: Path, retries: int = 2):
-    return _manager(directory, retries).restore_latest(build_trainer(config).abstract_state(),
-                                                       config.to_json())
+def _restore(config, directory: Path, retries: int = 2, on_unreadable: str = "stop"):
+    return _manager(directory, retries, on_unreadable).restore_latest(
+        build_trainer(config).abstract_state(), config.to_json())
 
 
 @pytest.mark.parametrize("field, value", [("model.num_layers", 3), ("train.clip_norm", 0.0),
@@ -140,6 +140,48 @@ def test_missing_metadata_after_retries_is_corrupt(saved, run_dir):
     _, meta = _restore(saved[0], run_dir)
     assert meta["step"] == 2
     assert (run_dir / "4.corrupt").is_dir()
+
+
+def _mount_down(directory: Path) -> None:
+    """What a storage mount gone for longer than the retries looks like: every step's files
+    "missing" (here: each step's `_METADATA` really gone)."""
+    for step in STEPS:
+        (directory / str(step) / "state" / "_METADATA").unlink()
+
+
+def test_no_checkpoint_readable_is_the_storage_one_line_nothing_moved(saved, run_dir):
+    _mount_down(run_dir)
+    before = _snapshot(run_dir)
+    with pytest.raises(CheckpointError) as raised:
+        _restore(saved[0], run_dir)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith(f"none of the 2 checkpoints in {run_dir} could be read "
+                              "(checkpoint 4: state/_METADATA is missing)")
+    assert "this looks like the storage, not the checkpoints: nothing was moved" in message
+    assert "checkpoint.on_unreadable=restart" in message
+    assert _snapshot(run_dir) == before
+    assert sorted(p.name for p in run_dir.iterdir()) == ["2", "4"]
+
+
+def test_on_unreadable_restart_sets_them_aside_and_says_so(saved, run_dir, capsys):
+    _mount_down(run_dir)
+    assert _restore(saved[0], run_dir, on_unreadable="restart") is None
+    assert sorted(p.name for p in run_dir.iterdir()) == ["2.corrupt", "4.corrupt"]
+    out = capsys.readouterr().out
+    assert "none of the 2 checkpoints could be read; all set aside, starting over from step 0" \
+        in out
+
+
+def test_a_single_unreadable_checkpoint_is_set_aside(saved, run_dir, capsys):
+    """One checkpoint, proven incomplete: set aside whole; the run starts over (as before)."""
+    import shutil
+
+    shutil.rmtree(run_dir / "4")
+    (run_dir / "2" / "state" / "_METADATA").unlink()
+    assert _restore(saved[0], run_dir) is None
+    assert sorted(p.name for p in run_dir.iterdir()) == ["2.corrupt"]
+    assert "starting over from step 0" in capsys.readouterr().out
 
 
 def test_param_dtype_change_is_a_cast_reported_on_one_line(saved, run_dir, capsys):

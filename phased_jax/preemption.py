@@ -1,0 +1,77 @@
+"""A preemption notice stops a run at a step every process agrees on, with a checkpoint there.
+
+Cloud TPU sends SIGTERM to every host of a slice it reclaims (a spot slice, a maintenance
+event), then kills them after a short grace period. Without a handler each process dies where
+it stands and the rerun repeats up to `checkpoint.every_steps` steps.
+
+On several processes JAX's preemption service (armed by `jax.distributed.initialize`) hears the
+SIGTERM of any host and agrees one point past every process's position then
+(`multihost_utils.reached_preemption_sync_point`): each process asks `Notice.reached()` at the
+same points of the run, and at the agreed one it answers True on all of them. On one process a
+Python signal handler notes the notice and the very next point answers True: no step is lost.
+What a run does there (save, log, exit `PREEMPTED_EXIT`) is the runner's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from types import FrameType
+
+import jax
+from jax.experimental import multihost_utils
+
+# EX_TEMPFAIL (sysexits.h): "try again later". The local pod launcher and launch/tpu.sh know it.
+PREEMPTED_EXIT = 75
+_early: list[bool] = []  # a notice heard before JAX's service was armed (`arm_early`)
+
+
+class Preempted(Exception):  # noqa: N818 - not an error: the run stopped where it was told to
+    """The run stopped at the agreed point, its checkpoint saved; the message says where."""
+
+
+class Notice:
+    """Whether a preemption notice has reached this point of the run, on every process alike.
+
+    Every process must call `reached()` at the same points in the same order (after each train
+    step, and between phases): the agreed point is counted in calls.
+    """
+
+    def __init__(self) -> None:
+        self._points = 0
+        self._heard = False
+        self._previous: signal.Handlers | None = None
+        self._multi = jax.process_count() > 1
+        if not self._multi and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._hear)
+            self._heard = bool(_early)
+
+    def _hear(self, signum: int, frame: FrameType | None) -> None:
+        self._heard = True
+
+    def reached(self) -> bool:
+        """True at the point where the run must stop for a notice (the same one on all processes)."""
+        self._points += 1
+        if self._multi:
+            return bool(multihost_utils.reached_preemption_sync_point(self._points))
+        return self._heard
+
+    def close(self) -> None:
+        """Give SIGTERM back to whoever had it (one process: Python's default, which kills)."""
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+def arm_early() -> None:
+    """Before `jax.distributed.initialize` (which installs JAX's own SIGTERM listener): note a
+    notice that comes during start-up, so it is not a kill; `pass_on_early` hands it to JAX."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: _early.append(True))
+
+
+def pass_on_early() -> None:
+    """After JAX's listener is installed: send a notice heard during start-up again, to it."""
+    if _early and jax.process_count() > 1:
+        os.kill(os.getpid(), signal.SIGTERM)

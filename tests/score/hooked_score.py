@@ -1,0 +1,45 @@
+"""`phased-jax score` with a fault, run as a subprocess (each local pod worker runs it too):
+
+    python -m tests.score.hooked_score --kill-chunk K --kill-process I SCORE_ARGS...
+
+Process I SIGKILLs itself as it starts computing its K-th chunk (1-based), as a pod host dies.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import jax
+
+from phased_jax.cli import run_subcommand
+from phased_jax.score import run as score_run
+
+
+def main(argv: list[str]) -> int:
+    own, rest = [], []
+    words = iter(argv)
+    settings = {}
+    for a in words:
+        if a in ("--kill-chunk", "--kill-process"):
+            settings[a] = int(next(words))
+            own += [a, str(settings[a])]
+        else:
+            rest.append(a)
+    original, calls = score_run.Scorer.chunk, []
+
+    def chunk(self, records):
+        calls.append(1)
+        if (len(calls) == settings.get("--kill-chunk")
+                and jax.process_index() == settings.get("--kill-process", 0)):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, records)
+
+    score_run.Scorer.chunk = chunk
+    worker = [sys.executable, "-m", "tests.score.hooked_score", *own]
+    return run_subcommand("score", lambda: score_run.main(rest, worker))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
