@@ -31,3 +31,15 @@ def reference(tiny_experiment, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "run"
     train(write_config(tiny_experiment, out))
     return out
+
+
+@pytest.fixture(scope="session")
+def pod_reference(tiny_experiment, tmp_path_factory):
+    """The uninterrupted run as a local pod of 2 processes x 4 devices (bitwise what a resumed
+    pod run must end as; within float noise of the one-process `reference`)."""
+    from tests.runner.runs import POD, train, write_config
+
+    out = tmp_path_factory.mktemp("pod_reference") / "run"
+    proc = train(write_config(tiny_experiment, out), *POD)
+    assert "[process 1]" in proc.stdout
+    return out

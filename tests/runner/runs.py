@@ -16,6 +16,7 @@ from phased_jax.params_checkpoint import load_params
 from phased_jax.train.trainer import build_trainer
 
 REPO = Path(__file__).resolve().parents[2]
+POD = ("--local-pod", "2", "--local-devices", "4")  # a local pod of 2 processes x 4 devices
 
 CONFIG = '''
 from phased_jax.config import get_default_config, model_section
