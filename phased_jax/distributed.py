@@ -316,7 +316,9 @@ def launch_local_pod(num_processes: int, command: list[str], devices_per_process
                      name: str = "phased-jax train") -> int:
     """Run `command` as `num_processes` local processes of one JAX run; return the worst exit code.
 
-    If one process fails the others are stopped, so a broken pod never hangs on a collective.
+    If one process fails the others are killed, so a broken pod never hangs on a collective.
+    A SIGTERM to the launcher goes on to the workers (`_forward_sigterm`); workers that stop for
+    it exit `preemption.PREEMPTED_EXIT` together, which is no failure.
     A watchdog covers a pod that stops without failing (a hung collective): when no worker has
     made progress (`_Progress`) for `watchdog_s` seconds (0: no watchdog), every worker's Python
     stacks go to `stacks_path` (default: a temp file), every worker is killed, and one line on

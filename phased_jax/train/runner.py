@@ -69,6 +69,7 @@ USAGE = """usage: phased-jax train --config CONFIG_FILE [--config.SECTION.FIELD=
                        [--local-pod N [--local-devices D] [--watchdog-s S]] [--distributed]
 
 Runs the config's phases in order; rerun the same command to resume from the latest checkpoint.
+A SIGTERM (preemption) saves a checkpoint at a step all processes agree on and exits 75.
   --local-pod N      run as N local CPU processes joined by jax.distributed (tests a pod)
   --local-devices D  fake CPU devices per local process (default 4)
   --watchdog-s S     stop a local pod in which no worker made progress for S seconds, its
