@@ -27,7 +27,7 @@ from phased_jax.local_paths import quiet_transformers_notice  # noqa: E402
 
 quiet_transformers_notice()  # before anything imports transformers
 
-from phased_jax import hf  # noqa: E402
+from phased_jax import hf, preemption  # noqa: E402
 from phased_jax.data.tokens import load_tokenizer  # noqa: E402
 from phased_jax.data.toy_tokenizer import build_tokenizer  # noqa: E402
 from phased_jax.demo.base import build_base  # noqa: E402
@@ -161,6 +161,14 @@ def seed_dir_for(out: Path, seed: int, base_key: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except preemption.Preempted as e:  # SIGTERM during a training stage: its checkpoint is saved
+        print(f"{e} (the demo resumes each stage where it stopped)", flush=True)
+        return preemption.PREEMPTED_EXIT
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     if args.fresh and out.exists():
