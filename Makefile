@@ -8,8 +8,11 @@ PY     := $(VENV)/bin/python
 demo: $(VENV)/.installed-main
 	$(PY) -m phased_jax.demo
 
+# Two workers (pytest-xdist) for the machine's two cores; a test file runs whole on one worker,
+# so its module fixtures are built once. TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed-test
-	$(PY) -m pytest
+	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check phased_jax tools tests benchmarks configs launch

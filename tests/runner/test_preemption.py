@@ -82,11 +82,39 @@ def test_one_process_loses_no_step(tiny_experiment, reference, tmp_path):
     _assert_bitwise(out, reference)
 
 
+def _truncate_shards(out: Path, step: int, process: int) -> None:
+    """Cut in half the largest array file process `process` wrote into checkpoint `step`: only
+    that process's read of it fails."""
+    data = out / "checkpoints" / str(step) / "state" / f"ocdbt.process_{process}"
+    victim = max((p for p in data.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+
+
+def _truncated(out: Path, process: int) -> tuple[int, int]:
+    """(the newest checkpoint, the one before), after `_truncate_shards` of the newest."""
+    newest, before = _checkpoints(out)[-1], _checkpoints(out)[-2]
+    _truncate_shards(out, newest, process)
+    return newest, before
+
+
+def _set_aside_once(out: Path, proc: subprocess.CompletedProcess, bad: tuple[int, int]) -> None:
+    """The rerun found the newest checkpoint corrupt: both processes agreed (process 0 reported
+    and moved it, once) and went on from the one before."""
+    step, before = bad
+    assert proc.stdout.count("warning: checkpoint") == 1, proc.stdout[-3000:]
+    assert (out / "checkpoints" / f"{step}.corrupt").is_dir()
+    assert f"(global step {before + 1})" in proc.stdout, proc.stdout[-3000:]
+
+
 def test_local_pod_stops_every_worker_at_one_step(tiny_experiment, pod_reference, tmp_path):
     """A local pod (2 processes): a notice to one worker only, during an async save in phase 1;
     to the whole process group at a random step of phase 2, then as phase 2's end work starts,
     then as the export starts. Each time both workers stop at the one agreed step (JAX's sync
-    point) and exit 75; the end is bitwise the unbroken pod run."""
+    point) and exit 75; the end is bitwise the unbroken pod run.
+
+    Between stops, one process's shards of the newest checkpoint are truncated (process 1's,
+    then process 0's): only that process's read fails, yet both set it aside together (process
+    0 moves it, once) and go on from the one before."""
     out = tmp_path / "run"
     cfg = write_config(tiny_experiment, out)
     slow = ("--step-seconds", "0.3")  # the pod agrees within ~1 s: well before a phase ends
@@ -99,10 +127,16 @@ def test_local_pod_stops_every_worker_at_one_step(tiny_experiment, pod_reference
     first = _stopped(out, one)
     assert 6 <= first < PHASE_ENDS[0], first
     assert reads(0)[-1] == reads(1)[-1] == first, "both workers stopped at the agreed step"
+    bad = _truncated(out, process=1)
     notice = random.Random(24).randrange(first + 2, PHASE_ENDS[0] + 4)  # phase 2's first steps
-    mid = _stopped(out, train(cfg, *POD, check=False, hooks=(*slow, "--term-after", str(notice))))
+    second = train(cfg, *POD, check=False, hooks=(*slow, "--term-after", str(notice)))
+    mid = _stopped(out, second)
+    _set_aside_once(out, second, bad)
     assert notice <= mid < PHASE_ENDS[1], (notice, mid)
-    end = _stopped(out, train(cfg, *POD, check=False, hooks=(*slow, "--term-in", "finish_phase:2")))
+    bad = _truncated(out, process=0)
+    third = train(cfg, *POD, check=False, hooks=(*slow, "--term-in", "finish_phase:2"))
+    end = _stopped(out, third)
+    _set_aside_once(out, third, bad)
     assert PHASE_ENDS[1] <= end < PHASE_ENDS[2]
     assert reads(0)[-1] == reads(1)[-1] == end
     last = train(cfg, *POD, check=False, hooks=("--term-in", "export"))
