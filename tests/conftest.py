@@ -30,5 +30,9 @@ def subprocess_compile_cache(tmp_path_factory) -> None:
     same executables, so the same numbers, at half a run's CPU time. Set after collection, so
     this process's JAX (imported by then) compiles as before and counts its own compiles."""
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-        os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+        base = tmp_path_factory.getbasetemp()
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            base = base.parent  # one cache for both workers' subprocesses (JAX locks its files)
+        (base / "jax_cache").mkdir(exist_ok=True)
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = str(base / "jax_cache")
         os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
