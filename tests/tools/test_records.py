@@ -85,9 +85,9 @@ def test_a_bad_byte_is_a_bad_record_naming_file_and_line(tmp_path: Path, fmt: st
 @pytest.mark.parametrize("data,what", [
     (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 8, "binary file (NUL bytes"),
     (bytes(range(128, 256)) * 64 + GOOD, "binary file (8192 of its first 8192 bytes are not UTF-8)"),
-    (gzip.compress(GOOD * 100), "gzip-compressed; decompress it first"),
+    (gzip.compress(GOOD * 100, mtime=0), "gzip-compressed; decompress it first"),
     ((GOOD * 3).decode().encode("utf-16"), "UTF-16 text, not UTF-8"),
-])
+], ids=["png", "not-utf8", "gzip", "utf16"])  # the same ids on every pytest-xdist worker
 def test_a_binary_file_is_one_error_naming_it(tmp_path: Path, data: bytes, what: str) -> None:
     p = tmp_path / "data.jsonl"
     p.write_bytes(data)
