@@ -294,6 +294,13 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
 
 
+def _without_device_count(xla_flags: str) -> str:
+    """The launcher's XLA_FLAGS for a worker, less a fake device count (a worker's comes from
+    ENV_LOCAL_DEVICES); the user's other flags (dumps, optimisation level) go on."""
+    return " ".join(f for f in xla_flags.split()
+                    if not f.startswith("--xla_force_host_platform_device_count"))
+
+
 def _forward_sigterm(procs: list[subprocess.Popen]) -> Callable[[], None]:
     """Until the returned function is called, a SIGTERM to the launcher goes on to every live
     worker (which saves at the agreed step and exits `PREEMPTED_EXIT`) instead of killing the
@@ -346,7 +353,7 @@ def _run_pod(procs: list[subprocess.Popen], tmp: Path, coordinator: str, num_pro
         env.update({ENV_COORDINATOR: coordinator, ENV_NUM_PROCESSES: str(num_processes),
                     ENV_PROCESS_ID: str(pid), ENV_LOCAL_DEVICES: str(devices_per_process),
                     ENV_HEARTBEAT: str(heartbeats[pid]), ENV_STACKS: str(stacks[pid])})
-        env.pop("XLA_FLAGS", None)  # the device count comes from ENV_LOCAL_DEVICES
+        env["XLA_FLAGS"] = _without_device_count(env.get("XLA_FLAGS", ""))
         procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True,
                                       preexec_fn=_die_with_parent))

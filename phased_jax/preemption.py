@@ -6,9 +6,11 @@ it stands and the rerun repeats up to `checkpoint.every_steps` steps.
 
 On several processes JAX's preemption service (armed by `jax.distributed.initialize`) hears the
 SIGTERM of any host and agrees one point past every process's position then
-(`multihost_utils.reached_preemption_sync_point`): each process asks `Notice.reached()` at the
-same points of the run, and at the agreed one it answers True on all of them. On one process a
-Python signal handler notes the notice and the very next point answers True: no step is lost.
+(`multihost_utils.reached_preemption_sync_point`): each process asks `Notice.reached(step)`
+after every step, and at the agreed step it answers True on all of them. The steps are the
+run's global steps, as Orbax's `CheckpointManager.save` passes them to the same sync point. On
+one process a Python signal handler notes the notice and the very next question answers True:
+no step is lost.
 What a run does there (save, log, exit `PREEMPTED_EXIT`) is the runner's.
 """
 
@@ -34,12 +36,12 @@ class Preempted(Exception):  # noqa: N818 - not an error: the run stopped where 
 class Notice:
     """Whether a preemption notice has reached this point of the run, on every process alike.
 
-    Every process must call `reached()` at the same points in the same order (after each train
-    step, and between phases): the agreed point is counted in calls.
+    Every process asks after the same global steps, in order (asking again about the same step,
+    as at a phase end, is harmless): JAX's service agrees the step after the highest one any
+    process had asked about when the notice came.
     """
 
     def __init__(self) -> None:
-        self._points = 0
         self._heard = False
         self._previous: signal.Handlers | None = None
         self._multi = jax.process_count() > 1
@@ -50,11 +52,11 @@ class Notice:
     def _hear(self, signum: int, frame: FrameType | None) -> None:
         self._heard = True
 
-    def reached(self) -> bool:
-        """True at the point where the run must stop for a notice (the same one on all processes)."""
-        self._points += 1
+    def reached(self, step: int) -> bool:
+        """True at the global `step` where the run must stop for a notice (the same on all
+        processes)."""
         if self._multi:
-            return bool(multihost_utils.reached_preemption_sync_point(self._points))
+            return bool(multihost_utils.reached_preemption_sync_point(step))
         return self._heard
 
     def close(self) -> None:

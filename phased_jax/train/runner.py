@@ -162,7 +162,7 @@ def run(config: ConfigDict, hooks: Sequence[StepHook] = ()) -> dict[str, Any]:
                 state = runner.train_phase(k, pos)
                 runner.finish_phase(k, state)
                 pos = Position(k + 1, 0, state)
-                if k + 1 < len(runner.steps) and notice.reached():  # its checkpoint is saved
+                if k + 1 < len(runner.steps) and notice.reached(runner.starts[k + 1]):
                     runner.stop_preempted(k, runner.steps[k], state, saved=True)
             runner.close()
             if pos.state is None:
@@ -372,7 +372,7 @@ class PhaseRunner:
                     self._save(k, s + 1, state)
                 for hook in self.hooks:
                     hook(self, k, s + 1)
-                if self.notice is not None and self.notice.reached():
+                if self.notice is not None and self.notice.reached(start + s + 1):
                     self.stop_preempted(k, s + 1, state, saved)
         finally:  # the progress bar ends its line before any error is printed
             with _storage(logs):

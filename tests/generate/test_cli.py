@@ -12,6 +12,7 @@ from phased_jax.config import get_default_config
 from phased_jax.generate import generate
 from phased_jax.generate.testsets import EXPECTED_SIZES
 from phased_jax.sharding import Placement, place_params
+from tests.xla import xla_flags
 
 from .conftest import load_hf, save_tiny_hf
 from .test_testsets import write_sources
@@ -155,7 +156,7 @@ def test_cli_on_few_devices_matches_eight(tmp_path, model_dir, devices, forms):
     common = [*(a for a in COMMON if not a.startswith("--config.mesh")), "--generator", "g"]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = xla_flags(devices)
     proc = subprocess.run([sys.executable, "-c", _FORMS, str(model_dir), str(ckpt), str(src),
                            str(tmp_path / "few"), ",".join(forms), *common], env=env, capture_output=True,
                           text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])

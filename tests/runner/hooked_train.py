@@ -15,8 +15,8 @@ runtime does; the tests start each run in a session of its own): `--term-after S
 global step STEP (its checkpoint save started, so during an async save where it has one);
 `--term-in finish_phase:K` as phase K's end work starts (its eval, its `phases/` write);
 `--term-in export` as the final export starts. `--term-worker I`: worker I sends it to itself
-only. `--step-seconds S`: each step then takes S seconds more, so that a pod's processes agree
-on a step (JAX's preemption service polls each second) well before the run ends.
+only. `--step-seconds S`: once the notice is sent, each step takes S seconds more, so that a
+pod's processes agree on a step (JAX's preemption service polls each second) within a few steps.
 On a `--local-pod`, every worker runs this module with the same hooks.
 """
 
@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import jax
 
@@ -54,8 +55,15 @@ def block_forever() -> None:
     threading.Event().wait()
 
 
-def send_term(worker: int | None) -> None:
+def _sent_marker(run: runner.PhaseRunner) -> Path:
+    """Written as the notice is sent; one per run (each run is a process group of its own)."""
+    return run.out / "logs" / f"notice-sent-{os.getpgid(0)}"
+
+
+def send_term(run: runner.PhaseRunner, worker: int | None) -> None:
     """A preemption notice: to this process group from process 0, or to worker `worker` only."""
+    if jax.process_index() == (0 if worker is None else worker):
+        _sent_marker(run).touch()
     if worker is None:
         if jax.process_index() == 0:
             os.killpg(os.getpgid(0), signal.SIGTERM)
@@ -66,7 +74,7 @@ def send_term(worker: int | None) -> None:
 def term_after(global_step: int, worker: int | None) -> runner.StepHook:
     def hook(run: runner.PhaseRunner, k: int, steps_done: int) -> None:
         if run.starts[k] + steps_done == global_step:
-            send_term(worker)
+            send_term(run, worker)
     return hook
 
 
@@ -78,7 +86,7 @@ def term_in(moment: str, worker: int | None) -> None:
 
     def patched(self, *args, **kwargs):
         if name == "export" or args[0] + 1 == int(phase):
-            send_term(worker)
+            send_term(self, worker)
         return original(self, *args, **kwargs)
 
     setattr(runner.PhaseRunner, method, patched)
@@ -86,7 +94,8 @@ def term_in(moment: str, worker: int | None) -> None:
 
 def step_seconds(seconds: float) -> runner.StepHook:
     def hook(run: runner.PhaseRunner, k: int, steps_done: int) -> None:
-        time.sleep(seconds)
+        if _sent_marker(run).exists():
+            time.sleep(seconds)
     return hook
 
 

@@ -14,6 +14,7 @@ from phased_jax.config_cli import load_config_file
 from phased_jax.data.pipeline import Batching, prepare
 from phased_jax.params_checkpoint import load_params
 from phased_jax.train.trainer import build_trainer
+from tests.xla import xla_flags
 
 REPO = Path(__file__).resolve().parents[2]
 POD = ("--local-pod", "2", "--local-devices", "4")  # a local pod of 2 processes x 4 devices
@@ -68,7 +69,7 @@ def train(config: Path, *args: str, devices: int = 8, env: dict | None = None,
     in a session (process group) of its own, as a TPU host's job: a hook's notice to its
     process group stays there."""
     full_env = dict(os.environ, JAX_PLATFORMS="cpu",
-                    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
+                    XLA_FLAGS=xla_flags(devices), **(env or {}))
     hooks = ("--log-reads", *(["--kill-after", str(kill_after)] if kill_after else []), *hooks)
     proc = subprocess.run([sys.executable, "-m", "tests.runner.hooked_train", *hooks,
                            "--config", str(config), *args], cwd=REPO, env=full_env,

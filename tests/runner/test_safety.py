@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tests.runner.runs import REPO, final_params, phase_params, step_lines, train, write_config
+from tests.xla import xla_flags
 
 pytestmark = pytest.mark.slow
 PHASE_ENDS = (14, 24, 29)  # tests/runner/runs.py's config: held-out stages, replay 0.5
@@ -138,7 +139,7 @@ def test_sigkill_at_five_moments_then_rerun_is_exact(tiny_experiment, reference,
                  and (time.sleep(d) or True)) for s, d in zip(later, [rng.random() * 0.3
                                                                      for _ in later], strict=True)]
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+               XLA_FLAGS=xla_flags(8))
     command = [sys.executable, "-m", "phased_jax.cli", "train", "--config", str(cfg)]
     for what, until in moments:
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,

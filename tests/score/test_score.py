@@ -14,6 +14,7 @@ import pytest
 
 from phased_jax.cli import main as cli_main
 from tests.generate.conftest import save_tiny_hf
+from tests.xla import xla_flags
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -143,7 +144,7 @@ def _score_process(setup, out: Path, *extra: str, hooks: tuple[str, ...] = ()
                    ) -> subprocess.CompletedProcess:
     """`phased-jax score` (with tests/score/hooked_score.py's faults) in a fresh process."""
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+               XLA_FLAGS=xla_flags(8))
     return subprocess.run([sys.executable, "-m", "tests.score.hooked_score", *hooks, "--config",
                            str(setup["config"]), "--method", "ifd", "--output", str(out),
                            "--batch-size", "2", "--length-multiple", "32", "--chunk-size", "3",
