@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.tools.fake_openai import FakeOpenAI
+from tests.xla import FAST_COMPILE
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -68,7 +69,8 @@ def journey(tmp_path_factory):
            if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "OPENAI_API_KEY", "HF_HUB_OFFLINE",
                         "HF_DATASETS_OFFLINE", "PYTHONPATH")}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", HOME=str(root / "home"),
-               HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}")
+               HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}",
+               XLA_FLAGS=FAST_COMPILE)  # one device still: only the compile level is the suite's
     done = []
     with FakeOpenAI() as server:
         env["OPENAI_BASE_URL"] = server.base_url

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.xla import FAST_COMPILE
+
 REPO = Path(__file__).resolve().parents[2]
 ARMS = ("phased", "oneoff", "reverse", "phased-replay", "phased-one-schedule")
 MULTI_PHASE = ("phased", "reverse", "phased-replay", "phased-one-schedule")
@@ -21,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 def _demo(out: Path) -> str:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # the demo runs on the host's one CPU device, as `make demo` does
+    env["XLA_FLAGS"] = FAST_COMPILE  # the host's one CPU device, as `make demo` has
     proc = subprocess.run([sys.executable, "-m", "phased_jax.demo", "--quick", "--out", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

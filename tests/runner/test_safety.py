@@ -125,13 +125,14 @@ def _logged_step(out: Path) -> int:
     return max(steps, default=0)
 
 
-def test_sigkill_at_five_moments_then_rerun_is_exact(tiny_experiment, reference, tmp_path):
-    """Killed from outside five times: during an async save, right after a phase-end commit,
-    and at three random steps (seeded); each rerun resumes; the end is bitwise the reference."""
+def test_sigkill_at_three_moments_then_rerun_is_exact(tiny_experiment, reference, tmp_path):
+    """Killed from outside three times: during an async save, right after a phase-end commit,
+    and at a random moment after a random step (seeded); each rerun resumes; the end is bitwise
+    the reference. (SIGTERM at exact moments: test_preemption.py.)"""
     out = tmp_path / "run"
     cfg = write_config(tiny_experiment, out)
     rng = random.Random(10)
-    later = sorted(rng.sample(range(PHASE_ENDS[0] + 2, PHASE_ENDS[-1]), 3))
+    later = sorted(rng.sample(range(PHASE_ENDS[0] + 2, PHASE_ENDS[-1]), 1))
     moments = [("during an async save", _saving),
                ("after the phase-1 end commit",
                 lambda o: (o / "checkpoints" / str(PHASE_ENDS[0]) / "commit_success.txt").exists())]
