@@ -38,3 +38,11 @@ def subprocess_compile_cache(tmp_path_factory) -> None:
         (base / "jax_cache").mkdir(exist_ok=True)
         os.environ["JAX_COMPILATION_CACHE_DIR"] = str(base / "jax_cache")
         os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The files marked slow first (in their order), the rest after: `make test`'s two workers
+    take a file at a time in this order, so the long ones start early and the short ones fill
+    the end evenly."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # stable: each file's order is kept

@@ -42,8 +42,8 @@ def reference(tiny_experiment, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def pod_reference(tiny_experiment, tmp_path_factory) -> Path:
-    """The uninterrupted run as a local pod of 2 processes x 4 devices (bitwise what a resumed
-    pod run must end as; within float noise of the one-process `reference`)."""
+    """The uninterrupted run as a local pod (`runs.POD`: bitwise what a resumed pod run must end
+    as; within float noise of the one-process `reference`)."""
     from tests.runner.runs import POD, train, write_config
 
     def build(root: Path) -> dict:

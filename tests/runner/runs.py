@@ -17,7 +17,9 @@ from phased_jax.train.trainer import build_trainer
 from tests.xla import xla_flags
 
 REPO = Path(__file__).resolve().parents[2]
-POD = ("--local-pod", "2", "--local-devices", "4")  # a local pod of 2 processes x 4 devices
+# A local pod of 2 processes x 1 device (a fifth less CPU than x 4; test_lora_variants' pod has
+# 4 devices a process)
+POD = ("--local-pod", "2", "--local-devices", "1")
 
 CONFIG = '''
 from phased_jax.config import get_default_config, model_section

@@ -65,19 +65,19 @@ def _assert_bitwise(out: Path, reference: Path) -> None:
 
 def test_one_process_loses_no_step(tiny_experiment, reference, tmp_path):
     """One process: the notice's own step is saved (zero lost), at a step with no checkpoint
-    of its own, during an async save, at phase 2's end work; one during the final export lets
-    the export finish."""
+    of its own, and at phase 2's end work (the phase-end checkpoint's async save in flight);
+    one during the final export lets the export finish. (During a step's async save: the pod
+    test.)"""
     out = tmp_path / "run"
     cfg = write_config(tiny_experiment, out)
     assert _stopped(out, train(cfg, check=False, hooks=("--term-after", "17"))) == 17
     assert 17 % 2, "checkpoint.every_steps=2 saves no checkpoint of its own at step 17"
-    assert _stopped(out, train(cfg, check=False, hooks=("--term-after", "20"))) == 20
     assert _stopped(out, train(cfg, check=False,
                                hooks=("--term-in", "finish_phase:2"))) == PHASE_ENDS[1]
     assert (out / "phases" / "phase2-stage2").is_dir(), "the phase-end work finished first"
     last = train(cfg, check=False, hooks=("--term-in", "export"))
     assert last.returncode == 0 and "done: 29 steps" in last.stdout, last.stderr[-3000:]
-    assert len(phase_events(out, "preempted")) == 3
+    assert len(phase_events(out, "preempted")) == 2
     assert [e["phase"] for e in phase_events(out, "eval")] == [1, 2, 3], "each eval once"
     _assert_bitwise(out, reference)
 

@@ -121,7 +121,7 @@ def test_restore_onto_fewer_devices(tiny_experiment, reference, tmp_path):
 
 
 def test_local_pod_matches_one_process(tiny_experiment, reference, pod_reference):
-    """2 processes x 4 devices == 1 process x 8 devices; each process reads only its half."""
+    """2 processes x 1 device == 1 process x 8 devices; each process reads only its half."""
     out = pod_reference
     cfg = write_config(tiny_experiment, out)  # the same file the fixture ran
     _assert_same_up_to_reduction_order(out, reference)
