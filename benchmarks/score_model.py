@@ -88,7 +88,8 @@ def main() -> None:
             mask = torch.zeros((len(idx), L), dtype=torch.long)
             labels = torch.full((len(idx), L), -100, dtype=torch.long)
             for r, i in enumerate(idx):
-                x, p = ex.example(int(i))
+                x, trained = ex.example(int(i))
+                p = int(np.argmax(trained))  # one answer: its first trained token
                 ids[r, :len(x)] = torch.from_numpy(x.astype(np.int64))
                 mask[r, :len(x)] = 1
                 labels[r, p:len(x)] = ids[r, p:len(x)]

@@ -82,10 +82,11 @@ def get_default_config() -> ConfigDict:
 
     c.data = ConfigDict()
     c.data.paths = ()  # files, directories or HF dataset names (see phased_jax.data.records)
-    c.data.format = "auto"  # auto | alpaca | authors | scored | jsonl | hf
+    c.data.format = "auto"  # auto | alpaca | authors | scored | jsonl | hf | messages | sharegpt
     c.data.hf_split = "train"  # split of a Hugging Face dataset in data.paths
     c.data.fields = ConfigDict(dict(instruction="instruction", input="input", output="output",
-                                    score="score", id="id"))
+                                    score="score", id="id", messages="messages",
+                                    conversations="conversations"))
     c.data.on_invalid = "error"  # error | skip (skipped records are listed in a report)
     # A JSONL line (or JSON-list element) longer than this is a bad record, refused before it is
     # parsed or tokenised: one 50 MB line once took 10 GB and 90 s to tokenise. Real

@@ -9,8 +9,17 @@ each caller decides what a problem costs, not how a row is read.
   IFT release). The prompt is split at its first newline into instruction and input; the score
   is a string that may carry trailing newlines.
 - `jsonl`: JSONL (or a JSON list) with named fields (`DEFAULT_FIELDS`, or the caller's names).
-- answers: `AnswerRow`, one `{test_set, id, instruction, input, output}` a line, what
-  `phased-jax generate` and the demo write and `phased-judge` reads.
+- `messages`: conversations, OpenAI-style: `{"messages": [{"role", "content"}, ...]}` (UltraChat,
+  Tulu), roles system, user, assistant.
+- `sharegpt`: conversations, ShareGPT-style: `{"conversations": [{"from", "value"}, ...]}`, roles
+  system, human (user), gpt (assistant).
+  A conversation is an optional system turn, then user and assistant turns in turn, starting
+  with a user turn; tool turns are refused. Its row's `instruction` is the first user turn and
+  its `output` the first answer, so single-turn tools (the paper's scoring prompt) see the
+  first exchange; `messages` holds the whole conversation.
+- answers: `AnswerRow`, one `{test_set, id, instruction, input, output}` a line (an answer in
+  a conversation adds `messages`, the whole conversation), what `phased-jax generate` and the
+  demo write and `phased-judge` reads.
 
 Bytes are read by `phased_jax.fileio`: a bad byte, an over-long record or bad JSON is a
 `BadRecord` of its own line (or list item); a JSON list broken between its items is a
@@ -23,9 +32,9 @@ import codecs
 import json
 import re
 from collections.abc import Collection, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from phased_jax.fileio import (
     LONE_SURROGATE,
@@ -39,7 +48,18 @@ from phased_jax.fileio import (
 )
 
 DEFAULT_FIELDS = {"instruction": "instruction", "input": "input", "output": "output",
-                  "score": "score", "id": "id"}
+                  "score": "score", "id": "id", "messages": "messages",
+                  "conversations": "conversations"}
+CONVERSATION_FORMATS = ("messages", "sharegpt")
+# (role field, content field, the list field's key in DEFAULT_FIELDS) of each conversation style
+_STYLE = {"messages": ("role", "content", "messages"),
+          "sharegpt": ("from", "value", "conversations")}
+# role as written -> system | user | assistant (ShareGPT dumps name their assistants variously)
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user",
+         "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
+         "model": "assistant"}
+TOOL_ROLES = frozenset({"tool", "function", "function_call", "function_response", "observation",
+                        "ipython", "tool_call", "tool_calls", "tool_response"})
 _WS = re.compile(r"[ \t\n\r]*")
 # Bytes that are not UTF-8 read (errors="surrogateescape") as U+DC80..U+DCFF, which valid UTF-8
 # never yields: an item holding one is a bad record, not a crash of the whole file.
@@ -79,6 +99,13 @@ class Missing:
 MISSING = Missing()
 
 
+class Turn(NamedTuple):
+    """One turn of a conversation; `role` is system, user or assistant."""
+
+    role: str
+    content: str
+
+
 @dataclass(frozen=True)
 class Row:
     """What one row says in its format, before any caller decides what is valid."""
@@ -89,6 +116,7 @@ class Row:
     score: Any  # the score field as written ("4.25\n\n", 3.5, ...), or MISSING
     id: Any  # the id field as written, or MISSING
     score_field: str  # where the score was looked for, for messages
+    messages: tuple[Turn, ...] = ()  # a conversation's turns; () for a single-turn row
 
 
 def parse_score_text(s: Any) -> float | None:
@@ -197,14 +225,20 @@ def file_records(path: str | Path, max_record_bytes: int, error: type[Exception]
 
 def detect_format(path: str | Path, max_record_bytes: int, error: type[Exception] = ValueError,
                   instruction_field: str = "instruction") -> str:
-    """`alpaca` (a JSON list), else `authors` or `jsonl` by the first row; an empty file is
-    `error`. An unreadable first row says `jsonl`: reading it then names what is wrong."""
+    """`messages` or `sharegpt` when the first row is a conversation, else `alpaca` (a JSON
+    list), `authors` or `jsonl` by the first row; an empty file is `error`. An unreadable first row says `jsonl`: reading it then names what is wrong."""
     path = Path(path)
+    fields = {**DEFAULT_FIELDS, "instruction": instruction_field}
     if is_json_list(read_head(path, error)):
+        for _, _, obj in file_records(path, max_record_bytes, error):
+            return conversation_style(obj, fields) or "alpaca"
         return "alpaca"
     for _, obj in jsonl_records(path, max_record_bytes, error):
-        authors = not isinstance(obj, BadRecord) and looks_like_authors(obj, instruction_field)
-        return "authors" if authors else "jsonl"
+        if isinstance(obj, BadRecord):
+            return "jsonl"
+        if style := conversation_style(obj, fields):
+            return style
+        return "authors" if looks_like_authors(obj, instruction_field) else "jsonl"
     raise error(f"{path}: the file is empty")
 
 
@@ -223,17 +257,104 @@ def _text(obj: Mapping[str, Any], name: str, optional: bool) -> str:
     return value
 
 
+def conversation_style(obj: Any, fields: Mapping[str, str] = DEFAULT_FIELDS,
+                       fmt: str = "auto") -> str | None:
+    """`messages` or `sharegpt` when a row is a conversation in format `fmt`, else None.
+
+    A forced conversation format says so for every row; `auto`, `scored`, `jsonl` and `hf` look
+    for the list field (`fields["messages"]`, then `fields["conversations"]`); `alpaca` and
+    `authors` rows never are.
+    """
+    if fmt in CONVERSATION_FORMATS:
+        return fmt
+    if fmt in ("alpaca", "authors") or not isinstance(obj, dict):
+        return None
+    for style in CONVERSATION_FORMATS:
+        name = {**DEFAULT_FIELDS, **fields}[_STYLE[style][2]]
+        if name and name in obj:
+            return style
+    return None
+
+
+def conversation_turns(value: Any, field_name: str, style: str, *,
+                       answered: bool = True) -> tuple[Turn, ...]:
+    """The turns of a conversation list; RowError (with a skip-report reason) unless it is an
+    optional system turn, then user and assistant turns in turn from a user turn, each with
+    text. `answered` (training data): it holds an answer (`no_assistant_turn`); else (a
+    question for generation) it ends with the user turn to answer (`no_user_turn`,
+    `ends_with_answer`), earlier answers optional."""
+    role_key, content_key, _ = _STYLE[style]
+    if not isinstance(value, list):
+        raise RowError("bad_type", f"field {field_name!r} must be a list of {{{role_key!r}, "
+                       f"{content_key!r}}} turns, got {type(value).__name__}")
+    if not value:
+        raise RowError("no_assistant_turn" if answered else "no_user_turn",
+                       f"field {field_name!r} is an empty conversation")
+    turns: list[Turn] = []
+    for k, t in enumerate(value, 1):
+        if not isinstance(t, dict) or role_key not in t:
+            raise RowError("malformed_turn", f"turn {k} must be an object with {role_key!r} and "
+                           f"{content_key!r}, got {json.dumps(t, ensure_ascii=False)[:80]}")
+        written = t[role_key]
+        role = ROLES.get(written) if isinstance(written, str) else None
+        if written in TOOL_ROLES or (role == "assistant" and t.get("tool_calls")):
+            raise RowError("tool_role", f"turn {k}: tool turns ({role_key} {written!r}) are not "
+                           "supported; remove tool calls from the data or skip the record")
+        if role is None:
+            raise RowError("unknown_role", f"turn {k}: unknown {role_key} {written!r}; use "
+                           + ", ".join(sorted(ROLES)))
+        content = t.get(content_key)
+        if not isinstance(content, str):
+            raise RowError("bad_type", f"turn {k} ({written}): {content_key!r} must be a string, "
+                           f"got {type(content).__name__}")
+        if not content.strip():
+            raise RowError("empty_content", f"turn {k} ({written}) has empty {content_key!r}")
+        if role == "system" and k > 1:
+            raise RowError("roles_out_of_order", f"turn {k}: a system turn must be the first")
+        previous = turns[-1].role if turns else "system"
+        expected = "assistant" if previous == "user" else "user"
+        if role != "system" and role != expected:
+            why = ("the conversation starts with an assistant turn; it must start with a user "
+                   "turn" if previous == "system" else f"two {role} turns in a row")
+            raise RowError("roles_out_of_order", f"turn {k}: {why}")
+        turns.append(Turn(role, content))
+    if answered and not any(t.role == "assistant" for t in turns):
+        raise RowError("no_assistant_turn", f"field {field_name!r} has no assistant turn")
+    if not answered and turns[-1].role == "system":
+        raise RowError("no_user_turn", f"field {field_name!r} has only a system turn; add the "
+                       "user turn to answer")
+    if not answered and turns[-1].role == "assistant":
+        raise RowError("ends_with_answer", f"field {field_name!r} ends with an assistant turn; "
+                       "a question ends with the user turn to answer: drop the last answer")
+    return tuple(turns)
+
+
+def _conversation_row(obj: Mapping[str, Any], fields: Mapping[str, str], style: str) -> Row:
+    name = {**DEFAULT_FIELDS, **fields}[_STYLE[style][2]]
+    if name not in obj:
+        raise RowError("missing_field", f"missing field {name!r} (a {style} conversation; fields "
+                       f"present: {sorted(obj)})")
+    turns = conversation_turns(obj[name], name, style)
+    user = next(t.content for t in turns if t.role == "user")
+    answer = next(t.content for t in turns if t.role == "assistant")
+    score_field, id_field = fields.get("score", ""), fields.get("id", "")
+    return Row(user, "", answer, obj.get(score_field, MISSING) if score_field else MISSING,
+               obj.get(id_field, MISSING) if id_field else MISSING, score_field, turns)
+
+
 def row_fields(obj: Any, fields: Mapping[str, str] = DEFAULT_FIELDS, fmt: str = "auto",
                optional: Collection[str] = ()) -> Row:
     """The fields of one parsed row; RowError if its shape does not fit.
 
     Authors-shaped rows (`fmt` "authors", or under "auto"/"scored" `looks_like_authors`) split
-    their prompt; other rows read `fields` (an empty name: the format has no such field). A
-    field named in `optional` ("input") may be absent or null, read as ""; every other must be
-    a string.
+    their prompt; conversations (`conversation_style`) read their turns; other rows read
+    `fields` (an empty name: the format has no such field). A field named in `optional`
+    ("input") may be absent or null, read as ""; every other must be a string.
     """
     if not isinstance(obj, dict):
         raise RowError("malformed", f"expected a JSON object, got {type(obj).__name__}")
+    if style := conversation_style(obj, fields, fmt):
+        return _conversation_row(obj, fields, style)
     if fmt == "authors" or (fmt in ("auto", "scored")
                             and looks_like_authors(obj, fields["instruction"])):
         data = obj.get("data")
@@ -254,7 +375,9 @@ def row_fields(obj: Any, fields: Mapping[str, str] = DEFAULT_FIELDS, fmt: str = 
 @dataclass(frozen=True)
 class AnswerRow:
     """One model answer to one test question: a line of an answer file. `where` (file:line)
-    is for messages only and is not written."""
+    is for messages only and is not written. A conversation's answer also has `messages`, the
+    whole conversation with the model's answers; its `instruction` is the last user turn and
+    `output` the last answer, so single-turn readers (the judge) see the last exchange."""
 
     test_set: str
     id: str
@@ -262,15 +385,19 @@ class AnswerRow:
     input: str
     output: str
     where: str = field(default="", compare=False)
+    messages: tuple[Turn, ...] = ()  # () for a single-turn question: no `messages` written
 
-    def to_row(self) -> dict[str, str]:
-        row = asdict(self)
-        del row["where"]
+    def to_row(self) -> dict[str, Any]:
+        row: dict[str, Any] = {k: getattr(self, k)
+                               for k in ("test_set", "id", "instruction", "input", "output")}
+        if self.messages:
+            row["messages"] = [{"role": t.role, "content": t.content} for t in self.messages]
         return row
 
     @classmethod
     def from_row(cls, obj: Mapping[str, Any], where: str) -> AnswerRow:
-        """The answer on one line; InputError naming `where` for a missing or non-string field."""
+        """The answer on one line; InputError naming `where` for a missing or non-string field
+        or a `messages` that is not the conversation this answer ends."""
         for name in ("test_set", "id", "instruction", "output"):
             if obj.get(name) is None:
                 raise InputError(f"{where}: missing field {name!r}; answer files need "
@@ -278,5 +405,39 @@ class AnswerRow:
         for name in ("instruction", "input", "output"):
             if obj.get(name) is not None and not isinstance(obj[name], str):
                 raise InputError(f"{where}: field {name!r} must be a string")
+        messages = obj.get("messages")
+        turns = () if messages is None else answered_conversation(
+            messages, obj["instruction"], obj["output"], where)
         return cls(str(obj["test_set"]), str(obj["id"]), obj["instruction"],
-                   obj.get("input") or "", obj["output"], where)
+                   obj.get("input") or "", obj["output"], where, turns)
+
+
+ANSWER_MESSAGES = ("; an answer's 'messages' is its whole conversation, [{\"role\", \"content\"}, "
+                   "...]: an optional system turn, then user and assistant turns in turn, ending "
+                   "with the row's instruction and output")
+
+
+def answered_conversation(value: Any, instruction: str, output: str, where: str
+                          ) -> tuple[Turn, ...]:
+    """An answer row's `messages` as turns; InputError unless it is a conversation ending with
+    the user turn `instruction` and the answer `output`. Roles are as `generate` writes them
+    (system, user, assistant); a model's answer may be empty, so empty turns are allowed."""
+    if not isinstance(value, list) or len(value) < 2:
+        raise InputError(f"{where}: field 'messages' must be a list of two turns or more"
+                         + ANSWER_MESSAGES)
+    turns: list[Turn] = []
+    for k, t in enumerate(value, 1):
+        if not (isinstance(t, dict) and isinstance(t.get("role"), str)
+                and isinstance(t.get("content"), str)):
+            raise InputError(f"{where}: messages turn {k} is not an object of string 'role' and "
+                             "'content'" + ANSWER_MESSAGES)
+        expected = (("system", "user") if not turns else
+                    ("assistant",) if turns[-1].role == "user" else ("user",))
+        if t["role"] not in expected:
+            raise InputError(f"{where}: messages turn {k} has role {t['role']!r} where "
+                             f"{' or '.join(map(repr, expected))} goes" + ANSWER_MESSAGES)
+        turns.append(Turn(t["role"], t["content"]))
+    if turns[-2:] != [Turn("user", instruction), Turn("assistant", output)]:
+        raise InputError(f"{where}: field 'messages' does not end with the row's instruction "
+                         "(a user turn) and output (an assistant turn)" + ANSWER_MESSAGES)
+    return tuple(turns)

@@ -105,8 +105,11 @@ class PreparedData:
     def summary(self) -> str:
         lines = [self.invalid.summary()]
         if self.tokens.truncated or self.tokens.skipped:
-            lines.append(f"tokenised: {self.tokens.truncated} truncated to max_length, "
-                         f"{len(self.tokens.skipped)} skipped (prompt fills max_length)")
+            dropped = (f" ({self.tokens.turns_dropped} trailing assistant turns dropped)"
+                       if self.tokens.turns_dropped else "")
+            reasons = ", ".join(sorted({s["reason"] for s in self.tokens.skipped}))
+            lines.append(f"tokenised: {self.tokens.truncated} truncated to max_length{dropped}, "
+                         f"{len(self.tokens.skipped)} skipped" + (f" ({reasons})" if reasons else ""))
         if self.stage_evals:
             lines.append("held out for the forgetting matrix: " + ", ".join(
                 f"stage {s.stage.name} {len(s.examples)}" for s in self.stage_evals))
@@ -202,6 +205,7 @@ def prepare(d: Any, batching: Batching, output_dir: str | Path, tokenizer: Any =
         eval_examples, eval_tok, _ = tokenize_cached(eval_records, d.template, tokenizer,
                                                      d.max_length, cache_dir_of(d, output_dir))
         tok_report.truncated += eval_tok.truncated
+        tok_report.turns_dropped += eval_tok.turns_dropped
         tok_report.skipped += eval_tok.skipped
     prepared = PreparedData(out, records, invalid, tok_report, tokenizer, eval_examples,
                             notes=notes, stage_evals=stage_evals, epochs=batching.epochs)

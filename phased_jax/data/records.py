@@ -10,6 +10,11 @@ Formats (`data.format`; `auto` decides per file and, for JSONL, per line):
 - `jsonl`: JSONL (or a JSON list) with the field names of `data.fields`.
 - `hf`: a Hugging Face dataset: a `save_to_disk` directory, or a name / local path for
   `datasets.load_dataset` (split `data.hf_split`), fields by `data.fields`.
+- `messages` / `sharegpt`: conversations (`phased_jax.formats`), in JSONL, a JSON list or an HF
+  dataset; the list field is `data.fields.messages` / `data.fields.conversations`. `auto` (and
+  `scored`, `jsonl`, `hf`) take a row holding that field as a conversation. A conversation must
+  end with an assistant turn; one file holds one shape: a row of the other shape (an Alpaca row
+  among conversations, or the reverse) is a bad record (`mixed_shapes`) named by its line.
 
 Every record is validated: bad JSON, a missing or non-string field, an empty instruction or
 output, a non-numeric score or one outside [1, 5], a duplicate id. With `on_invalid="error"`
@@ -39,21 +44,25 @@ from pathlib import Path
 from typing import Any
 
 from phased_jax.config import get_default_config
+from phased_jax.data.templates import user_text
 from phased_jax.errors import DataError
 from phased_jax.fileio import BadRecord, read_head, sniff_binary, write_text_atomic
 from phased_jax.formats import (
     DEFAULT_FIELDS,
     MISSING,
+    Turn,
     ListError,
     RowError,
+    conversation_style,
     file_records,
     parse_score_text,
     row_fields,
 )
 from phased_jax.local_paths import hub_load_error
 
-FORMATS = ("auto", "alpaca", "authors", "scored", "jsonl", "hf")
+FORMATS = ("auto", "alpaca", "authors", "scored", "jsonl", "hf", "messages", "sharegpt")
 SCORE_RANGE = (1.0, 5.0)
+_SHAPES = {True: ("a conversation", "conversations"), False: ("a single-turn row", "single-turn rows")}
 _JSON_SUFFIXES = (".json", ".jsonl")
 
 
@@ -67,6 +76,15 @@ class Record:
     output: str
     score: float | None
     source: str
+    # A conversation's turns (its instruction/output are the first exchange); () single-turn.
+    messages: tuple[Turn, ...] = ()
+
+    @property
+    def turns(self) -> tuple[Turn, ...]:
+        """The record as a conversation: its turns, or a single-turn record's one exchange."""
+        from_record = (Turn("user", user_text(self.instruction, self.input)),
+                       Turn("assistant", self.output))
+        return self.messages or from_record
 
 
 @dataclass
@@ -122,6 +140,9 @@ def _to_record(obj: Any, fields: Mapping[str, str], fmt: str, default_id: str, s
                scored: bool) -> Record:
     """Validate one parsed row; `scored` says whether this file's rows carry scores."""
     row = row_fields(obj, fields, fmt)
+    if row.messages and row.messages[-1].role != "assistant":
+        raise RowError("ends_with_user", f"the conversation ends with a user turn (turn "
+                       f"{len(row.messages)}) that nothing answers; remove it or the record")
     if not row.instruction.strip():
         raise RowError("empty_instruction", "empty instruction")
     if not row.output.strip():
@@ -134,7 +155,7 @@ def _to_record(obj: Any, fields: Mapping[str, str], fmt: str, default_id: str, s
     rid = default_id if row.id is MISSING else row.id
     if not isinstance(rid, str | int) or isinstance(rid, bool):
         raise RowError("bad_type", f"id {rid!r} is not a string or integer")
-    return Record(str(rid), row.instruction, row.input, row.output, score, source)
+    return Record(str(rid), row.instruction, row.input, row.output, score, source, row.messages)
 
 
 def _too_long(n: int, limit: int) -> RowError:
@@ -246,6 +267,7 @@ def read_records(paths: str | Sequence[str], format: str = "auto",
         scored: bool | None = True if format in ("scored", "authors") else None
         if format == "alpaca":
             scored = False
+        shape: tuple[bool, str] | None = None  # (conversation?, source) of the file's first row
         for n, (source, obj) in enumerate(rows):
             report.read += 1
             try:
@@ -253,6 +275,13 @@ def read_records(paths: str | Sequence[str], format: str = "auto",
                     raise obj
                 if scored is None and isinstance(obj, dict):  # decided by the file's first row
                     scored = (fields["score"] in obj) or ("score" in obj and "data" in obj)
+                if isinstance(obj, dict):
+                    talk = conversation_style(obj, fields, format) is not None
+                    shape = shape or (talk, source)
+                    if talk != shape[0]:
+                        raise RowError("mixed_shapes", f"{_SHAPES[talk][0]} in a file of "
+                                       f"{_SHAPES[shape[0]][1]} (the first row, {shape[1]}); "
+                                       "a file holds one shape: split it")
                 rec = _to_record(obj, fields, format, f"{stem}:{n}", source, bool(scored))
                 if rec.id in seen:
                     raise RowError("duplicate_id", f"duplicate id {rec.id!r} (first at {seen[rec.id]})")

@@ -1,14 +1,19 @@
 """Records -> token ids with a loss mask; rows of one or several packed examples; a disk cache.
 
-An example is `prompt_ids + target_ids` (BOS/EOS as real ids, see templates.py). It is cut at
-the end to `max_length` (counted as truncated); an example whose prompt alone fills
-`max_length` would train nothing, so it is left out and listed in the report.
+A single-turn example is `prompt_ids + target_ids` (BOS/EOS as real ids, see templates.py),
+its target tokens trained. It is cut at the end to `max_length` (counted as truncated); an
+example whose prompt alone fills `max_length` would train nothing, so it is left out and
+listed in the report. Under the `chat` template every record is a conversation (a single-turn
+record is one exchange), rendered and masked by `chat.py`: every assistant turn trained, whole
+trailing turns dropped to fit (counted as truncated), a conversation whose first answer does not
+fit left out and listed.
 
 Row layout (the contract with the train step), every array int32 [rows, max_length]:
 - `input_ids`: the tokens; padding is `pad_id`.
 - `targets`: the next token of the same example (shifted left within it), so the loss needs no
   slicing of logits; `pad_id` at each example's last token and at padding.
-- `loss_mask`: 1 where `targets` is a response token (the output and its final EOS), else 0.
+- `loss_mask`: 1 where `targets` is a response token (the output and its final EOS; every
+  assistant turn and its end-of-turn token), else 0.
 - `segment_ids`: 1, 2, ... per example in the row, 0 at padding.
 - `positions`: 0, 1, ... restarting at every example, 0 at padding.
 With the model's mask (same non-zero segment, earlier position) no attention crosses
@@ -27,12 +32,13 @@ from typing import Any
 
 import numpy as np
 
+from phased_jax.data.chat import fit, tokenize_conversations
 from phased_jax.data.records import Record
 from phased_jax.data.templates import Special, render, special_id
 from phased_jax.errors import ConfigError, DataError
 from phased_jax.fileio import write_bytes_atomic
 
-CACHE_VERSION = "tokens-v1"  # bump when the layout or the rules above change
+CACHE_VERSION = "tokens-v2"  # bump when the layout or the rules above change
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -51,9 +57,11 @@ class TokenReport:
 
     truncated: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)
+    turns_dropped: int = 0  # assistant turns of conversations cut to fit max_length
 
     def to_dict(self) -> dict[str, Any]:
-        return {"truncated": self.truncated, "skipped": len(self.skipped), "records": self.skipped}
+        return {"truncated": self.truncated, "turns_dropped": self.turns_dropped,
+                "skipped": len(self.skipped), "records": self.skipped}
 
 
 @dataclass
@@ -62,31 +70,45 @@ class TokenizedExamples:
 
     ids: np.ndarray  # int32 [total tokens]
     offsets: np.ndarray  # int64 [N + 1]
-    prompt_lens: np.ndarray  # int32 [N]: tokens carrying no loss as targets
+    trained: np.ndarray  # bool [total tokens]: the token is a target carrying loss
     record_ids: np.ndarray  # str [N]
     max_length: int
     pad_id: int
 
     def __len__(self) -> int:
-        return len(self.prompt_lens)
+        return len(self.record_ids)
 
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    def example(self, i: int) -> tuple[np.ndarray, int]:
-        return self.ids[self.offsets[i]:self.offsets[i + 1]], int(self.prompt_lens[i])
+    @property
+    def trained_counts(self) -> np.ndarray:
+        """Tokens carrying loss in each example, int64 [N]."""
+        c = np.concatenate([[0], np.cumsum(self.trained, dtype=np.int64)])
+        return c[self.offsets[1:]] - c[self.offsets[:-1]]
+
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, trained) of example i."""
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.ids[a:b], self.trained[a:b]
+
+    @classmethod
+    def of(cls, examples: Sequence[tuple[np.ndarray, np.ndarray]], record_ids: Sequence[str],
+           max_length: int, pad_id: int) -> TokenizedExamples:
+        """Examples (ids, trained) concatenated."""
+        lengths = np.array([len(ids) for ids, _ in examples], np.int64)
+        flat = (lambda k, dt: np.concatenate([e[k] for e in examples]).astype(dt)
+                if examples else np.zeros(0, dt))
+        return cls(flat(0, np.int32), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                   flat(1, bool), np.asarray(record_ids, dtype=str), max_length, pad_id)
 
     def select(self, record_ids: Sequence[str]) -> TokenizedExamples:
         """The examples of these records, in this order; records skipped at tokenisation are absent."""
         index = {r: i for i, r in enumerate(self.record_ids.tolist())}
-        keep = np.array([index[r] for r in record_ids if r in index], dtype=np.int64)
-        lengths = self.lengths[keep]
-        ids = (np.concatenate([self.ids[self.offsets[i]:self.offsets[i + 1]] for i in keep])
-               if len(keep) else np.zeros(0, np.int32))
-        return TokenizedExamples(ids, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-                                 self.prompt_lens[keep], self.record_ids[keep],
-                                 self.max_length, self.pad_id)
+        keep = [index[r] for r in record_ids if r in index]
+        return TokenizedExamples.of([self.example(i) for i in keep], self.record_ids[keep],
+                                    self.max_length, self.pad_id)
 
 
 def pad_id_of(tokenizer: Any) -> int:
@@ -113,9 +135,16 @@ def load_tokenizer(path: str, setting: str = "data.tokenizer") -> Any:
 
 def tokenize(records: Sequence[Record], template: str, tokenizer: Any, max_length: int
              ) -> tuple[TokenizedExamples, TokenReport]:
-    """Tokenise every record (one batched tokenizer call over distinct text parts)."""
+    """Tokenise every record (one batched tokenizer call over distinct texts)."""
     if max_length < 2:
         raise ConfigError(f"data.max_length must be >= 2, not {max_length}")
+    if template == "chat":
+        return _tokenize_chat(records, tokenizer, max_length)
+    talk = next((r for r in records if r.messages), None)
+    if talk is not None:
+        raise ConfigError(f"{talk.source} is a conversation, which data.template={template!r} "
+                          "cannot render; set data.template=chat and data.tokenizer to a "
+                          "tokenizer with a chat template")
     rendered = [render(r.instruction, r.input, r.output, template, tokenizer) for r in records]
     texts = sorted({p for pr, tg in rendered for p in (*pr, *tg) if isinstance(p, str) and p})
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
@@ -134,7 +163,7 @@ def tokenize(records: Sequence[Record], template: str, tokenizer: Any, max_lengt
         return out
 
     report = TokenReport()
-    chunks, prompt_lens, rids = [], [], []
+    kept, rids = [], []
     for rec, (prompt, target) in zip(records, rendered, strict=True):
         p_ids, t_ids = encode(prompt), encode(target)
         if len(p_ids) >= max_length:
@@ -143,21 +172,37 @@ def tokenize(records: Sequence[Record], template: str, tokenizer: Any, max_lengt
                                    "message": f"prompt has {len(p_ids)} tokens >= max_length "
                                               f"{max_length}: no target token would be trained"})
             continue
-        full = p_ids + t_ids
+        full = np.asarray(p_ids + t_ids, np.int32)
         if len(full) > max_length:
             report.truncated += 1
             full = full[:max_length]
-        chunks.append(np.asarray(full, np.int32))
-        prompt_lens.append(len(p_ids))
+        trained = np.arange(len(full)) >= len(p_ids)
+        kept.append((full, trained))
         rids.append(rec.id)
-    lengths = np.array([len(c) for c in chunks], np.int64)
-    examples = TokenizedExamples(
-        ids=np.concatenate(chunks) if chunks else np.zeros(0, np.int32),
-        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        prompt_lens=np.asarray(prompt_lens, np.int32),
-        record_ids=np.asarray(rids, dtype=str),
-        max_length=max_length, pad_id=pad_id_of(tokenizer))
-    return examples, report
+    return TokenizedExamples.of(kept, rids, max_length, pad_id_of(tokenizer)), report
+
+
+def _tokenize_chat(records: Sequence[Record], tokenizer: Any, max_length: int
+                   ) -> tuple[TokenizedExamples, TokenReport]:
+    report = TokenReport()
+    kept, rids = [], []
+    chats = tokenize_conversations([r.turns for r in records], tokenizer,
+                                   [r.source for r in records])
+    for rec, ex in zip(records, chats, strict=True):
+        cut = fit(ex, max_length)
+        if cut is None:
+            a, b = ex.answers[0]
+            report.skipped.append({"source": rec.source, "id": rec.id,
+                                   "reason": "first_answer_exceeds_max_length",
+                                   "message": f"the first answer ends at token {b} > max_length "
+                                              f"{max_length}: no whole answer would be trained"})
+            continue
+        if cut is not ex:
+            report.truncated += 1
+            report.turns_dropped += len(ex.answers) - len(cut.answers)
+        kept.append((cut.ids, cut.trained))
+        rids.append(rec.id)
+    return TokenizedExamples.of(kept, rids, max_length, pad_id_of(tokenizer)), report
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -177,12 +222,14 @@ def cache_key(records: Sequence[Record], template: str, tokenizer: Any, max_leng
     h.update(tokenizer_fingerprint(tokenizer).encode())
     for r in records:
         h.update("\0".join((r.id, r.instruction, r.input, r.output, "\1")).encode())
+        for t in r.messages:
+            h.update(f"{t.role}\2{t.content}\3".encode())
     return h.hexdigest()[:24]
 
 
 def _save_atomic(path: Path, examples: TokenizedExamples, report: TokenReport) -> None:
     buf = io.BytesIO()
-    np.savez(buf, ids=examples.ids, offsets=examples.offsets, prompt_lens=examples.prompt_lens,
+    np.savez(buf, ids=examples.ids, offsets=examples.offsets, trained=examples.trained,
              record_ids=examples.record_ids,
              meta=np.array(json.dumps({"max_length": examples.max_length,
                                        "pad_id": examples.pad_id, "report": report.to_dict()})))
@@ -192,10 +239,10 @@ def _save_atomic(path: Path, examples: TokenizedExamples, report: TokenReport) -
 def _load(path: Path) -> tuple[TokenizedExamples, TokenReport]:
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
-        examples = TokenizedExamples(z["ids"], z["offsets"], z["prompt_lens"], z["record_ids"],
+        examples = TokenizedExamples(z["ids"], z["offsets"], z["trained"], z["record_ids"],
                                      meta["max_length"], meta["pad_id"])
     rep = meta["report"]
-    return examples, TokenReport(rep["truncated"], rep["records"])
+    return examples, TokenReport(rep["truncated"], rep["records"], rep["turns_dropped"])
 
 
 def tokenize_cached(records: Sequence[Record], template: str, tokenizer: Any, max_length: int,
@@ -241,13 +288,13 @@ def build_rows(examples: TokenizedExamples, rows: Sequence[np.ndarray | None]) -
             continue
         c = 0
         for seg, i in enumerate(row.tolist(), 1):
-            ids, p = examples.example(i)
+            ids, trained = examples.example(i)
             n = len(ids)
             if c + n > L:
                 raise DataError(f"row {r} overflows max_length {L} (packing bug)")
             out["input_ids"][r, c:c + n] = ids
             out["targets"][r, c:c + n - 1] = ids[1:]
-            out["loss_mask"][r, c + max(p - 1, 0):c + n - 1] = 1
+            out["loss_mask"][r, c:c + n - 1] = trained[1:]
             out["segment_ids"][r, c:c + n] = seg
             out["positions"][r, c:c + n] = np.arange(n, dtype=np.int32)
             c += n

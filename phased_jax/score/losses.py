@@ -1,10 +1,13 @@
 """Each answer's mean token loss under the base model, with and without its instruction.
 
-The answer is the template's target (the output and its EOS: exactly the tokens training puts
-loss on, see `data/tokens.py`). With the instruction, an example is the training example (prompt
-+ answer, cut at `max_length`), its loss training's masked cross-entropy over the answer's
-tokens. Alone, it is `BOS + answer`, cut to the answer tokens the first example kept, so both
-means run over the same tokens; the loss is on every answer token (BOS predicts the first).
+The answer is the tokens training puts loss on (`data/tokens.py`): the template's target (the
+output and its EOS), or in a conversation every assistant turn with its end-of-turn token. With
+the instruction, an example is the training example (prompt + answer, or the whole
+conversation, cut at `max_length`), its loss training's masked cross-entropy over the answer
+tokens. Alone, each answer is `BOS + answer` (a conversation's assistant turns each after a
+BOS of its own, none seeing another: one packed row of segments), cut to the answer tokens the
+first example kept, so both means run over the same tokens; the loss is on every answer token
+(BOS predicts the first).
 
 Forward passes are batched and sharded on the experiment's mesh: a fixed number of rows (a
 multiple of the batch shards, empty rows padding the last batch) and row lengths rounded up to
@@ -30,17 +33,28 @@ from phased_jax.train.loss import cross_entropy_sums
 ForwardFn = Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]
 
 
-def answers_alone(examples: TokenizedExamples, tokenizer: Any) -> TokenizedExamples:
-    """`BOS + answer` for each example: the answer tokens it kept, with no instruction."""
+def trained_runs(trained: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of each run of trained tokens: each answer of an example."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], trained.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
+
+
+def answers_alone(examples: TokenizedExamples, tokenizer: Any
+                  ) -> tuple[TokenizedExamples, list[np.ndarray]]:
+    """`BOS + answer` for each answer an example kept (a conversation has one per assistant
+    turn), with no instruction, and the indices of each example's answers: packed into one
+    row, each answer is its own segment, so none sees another."""
     bos = special_id(tokenizer, "bos")
-    parts = [np.concatenate([[bos], ids[p:]]).astype(np.int32)
-             for ids, p in (examples.example(i) for i in range(len(examples)))]
-    lengths = np.array([len(x) for x in parts], np.int64)
-    return TokenizedExamples(
-        ids=np.concatenate(parts) if parts else np.zeros(0, np.int32),
-        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        prompt_lens=np.ones(len(parts), np.int32), record_ids=examples.record_ids,
-        max_length=examples.max_length, pad_id=examples.pad_id)
+    parts, groups = [], []
+    for i in range(len(examples)):
+        ids, trained = examples.example(i)
+        start = len(parts)
+        for a, b in trained_runs(trained):
+            piece = np.concatenate([[bos], ids[a:b]]).astype(np.int32)
+            parts.append((piece, np.arange(len(piece)) >= 1))
+        groups.append(np.arange(start, len(parts)))
+    rids = [examples.record_ids[i] for i, g in enumerate(groups) for _ in g]
+    return (TokenizedExamples.of(parts, rids, examples.max_length, examples.pad_id), groups)
 
 
 def make_forward(model: nn.Module, placement: Placement) -> ForwardFn:
@@ -67,22 +81,27 @@ def bucket_length(n: int, multiple: int, max_length: int) -> int:
 
 
 def mean_losses(forward: ForwardFn, params: Any, examples: TokenizedExamples,
-                placement: Placement, batch_size: int, length_multiple: int) -> np.ndarray:
-    """Mean answer loss per example (float64 [N]; nan where no answer token is left).
+                placement: Placement, batch_size: int, length_multiple: int,
+                groups: Sequence[np.ndarray] | None = None) -> np.ndarray:
+    """Mean answer loss per example, or per group of examples packed into one row (float64
+    [N or groups]; nan where no answer token is left).
 
-    Examples go in length order, so a batch's rows need little padding; results come back in
-    the examples' order.
+    Rows go in length order, so a batch's rows need little padding; results come back in
+    the examples' (groups') order.
     """
+    if groups is None:
+        groups = [np.array([i]) for i in range(len(examples))]
+    lengths = np.array([int(examples.lengths[g].sum()) for g in groups], np.int64)
     shards = placement.batch_shards
     rows_per_batch = -(-batch_size // shards) * shards
-    order = np.argsort(examples.lengths, kind="stable")
-    sums, counts = np.zeros(len(examples)), np.zeros(len(examples))
+    order = np.argsort(lengths, kind="stable")
+    sums, counts = np.zeros(len(groups)), np.zeros(len(groups))
     for start in range(0, len(order), rows_per_batch):
         batch: Sequence[int] = order[start:start + rows_per_batch].tolist()
-        length = bucket_length(int(examples.lengths[batch].max()), length_multiple,
+        length = bucket_length(int(max(lengths[batch].max(), 1)), length_multiple,
                                examples.max_length)
         shaped = dataclasses.replace(examples, max_length=length)
-        rows = build_rows(shaped, [np.array([i]) for i in batch]
+        rows = build_rows(shaped, [groups[i] for i in batch]
                           + [None] * (rows_per_batch - len(batch)))
         ce_B, n_B = forward(params, {k: placement.put_batch(v) for k, v in rows.items()})
         ce_B, n_B = np.asarray(jax.device_get(ce_B)), np.asarray(jax.device_get(n_B))

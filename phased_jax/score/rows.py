@@ -3,7 +3,7 @@
 `read_records` keeps only what training needs; `phased-score`'s format keeps the row as it was
 read. Each record's `source` is `file:line`, so its row is read again from that file by the
 same parser (`phased_jax.formats`). A record from a Hugging Face dataset (no file) becomes
-`{id, instruction, input, output}` (and `score` if it had one).
+`{id, instruction, input, output}` or `{id, messages}` (and `score` if it had one).
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ def rows_by_source(paths: Sequence[str], limit: int) -> dict[str, list[Any]]:
 
 
 def fallback_row(r: Record) -> dict[str, Any]:
-    row: dict[str, Any] = {"id": r.id, "instruction": r.instruction, "input": r.input,
-                           "output": r.output}
+    row: dict[str, Any] = (
+        {"id": r.id, "messages": [{"role": t.role, "content": t.content} for t in r.messages]}
+        if r.messages else
+        {"id": r.id, "instruction": r.instruction, "input": r.input, "output": r.output})
     if r.score is not None:
         row["score"] = r.score
     return row

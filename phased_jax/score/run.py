@@ -90,6 +90,8 @@ def chunk_key(records: Sequence[Record], settings: str) -> str:
     h = hashlib.sha256(f"{CHUNK_VERSION}\0{settings}\0".encode())
     for r in records:
         h.update("\0".join((r.id, r.instruction, r.input, r.output, "\1")).encode())
+        for t in r.messages:
+            h.update(f"{t.role}\2{t.content}\3".encode())
     return h.hexdigest()[:20]
 
 
@@ -121,9 +123,11 @@ class Scorer:
         a = self.args
         given = mean_losses(self.forward, self.params, examples, self.placement,
                             a.batch_size, a.length_multiple)
-        alone = (mean_losses(self.forward, self.params, answers_alone(examples, self.tokenizer),
-                             self.placement, a.batch_size, a.length_multiple)
-                 if self.method == "ifd" else np.full(len(examples), np.nan))
+        alone = np.full(len(examples), np.nan)
+        if self.method == "ifd":
+            answers, groups = answers_alone(examples, self.tokenizer)
+            alone = mean_losses(self.forward, self.params, answers, self.placement,
+                                a.batch_size, a.length_multiple, groups)
         return {rid: [float(g), None if np.isnan(x) else float(x)]
                 for rid, g, x in zip(examples.record_ids.tolist(), given, alone, strict=True)
                 if not np.isnan(g)}

@@ -30,12 +30,14 @@ def enc(tok, text):
 
 def test_ids_and_loss_mask(tok):
     ex, rep = tokenize([REC], "chat", tok, 128)
-    ids, p = ex.example(0)
+    ids, trained = ex.example(0)
+    p = int(np.argmax(trained))
     prompt = [BOT, START_HEADER, *enc(tok, "user"), END_HEADER,
               *enc(tok, "\n\nTranslate the sentence.\nThe cat sat."), EOT,
               START_HEADER, *enc(tok, "assistant"), END_HEADER, *enc(tok, "\n\n")]
     target = [*enc(tok, "Le chat."), EOT]  # Meta's template trims the answer
-    assert ids.tolist() == prompt + target and p == len(prompt) and rep.truncated == 0
+    assert ids.tolist() == prompt + target and rep.truncated == 0
+    assert trained.tolist() == [False] * len(prompt) + [True] * len(target)
     # one BOS (the template writes it; the post-processor's is not added), and every special
     # token is its own id: no "<|...|>" text was split into byte pieces
     assert ids.tolist().count(BOT) == 1

@@ -35,7 +35,7 @@ def test_exactly_once_per_epoch_with_padded_last_batch(examples, packing):
         assert last["input_ids"].shape == (8, 128)
         assert last["loss_mask"][2:].sum() == 0 and (last["segment_ids"][2:] == 0).all()
     total_loss_tokens = sum(int(ld.batch(s)["loss_mask"].sum()) for s in range(ld.steps))
-    assert total_loss_tokens == 2 * int((examples.lengths - examples.prompt_lens).sum())
+    assert total_loss_tokens == 2 * int(examples.trained_counts.sum())
 
 
 def test_deterministic_and_seeded(examples):

@@ -22,11 +22,13 @@ def enc(tok, text):
 
 def test_authors_template_ids_and_mask(tokenizer):
     ex, rep = tokenize([REC], "authors", tokenizer, 512)
-    ids, p = ex.example(0)
+    ids, trained = ex.example(0)
+    p = int(np.argmax(trained))
     prompt = [1, *enc(tokenizer, "User: Translate the sentence.\nThe cat sat."), 2,
               *enc(tokenizer, "\nAssistant: ")]
     target = [*enc(tokenizer, "Le chat."), 2]
-    assert ids.tolist() == prompt + target and p == len(prompt)
+    assert ids.tolist() == prompt + target
+    assert trained.tolist() == [False] * len(prompt) + [True] * len(target)
     row = build_rows(ex, [np.array([0])])
     n = len(ids)
     mask = row["loss_mask"][0]
@@ -49,7 +51,8 @@ def test_template_texts(tokenizer):
     prompt, target = render("Say hi.", "", "Hi.", "chat", tokenizer)
     assert prompt == ["<s>User: Say hi.</s>\nAssistant: "] and target == ["Hi.</s>"]
     ex, _ = tokenize([no_input], "chat", tokenizer, 64)
-    ids, p = ex.example(0)
+    ids, trained = ex.example(0)
+    p = int(np.argmax(trained))
     assert ids[0] == 1 and ids[-1] == 2 and ids[:p].tolist() == encode_prompt(
         "Say hi.", "", "chat", tokenizer)
     ex_a, _ = tokenize([no_input], "authors", tokenizer, 64)
@@ -64,7 +67,8 @@ def test_truncation_and_prompt_filling_skip(tokenizer):
     assert rep.truncated == 1
     assert rep.skipped[0]["id"] == "4" and rep.skipped[0]["reason"] == "prompt_fills_max_length"
     row = build_rows(ex, [np.array([1])])
-    assert row["loss_mask"][0].sum() == 40 - ex.prompt_lens[1]  # every kept target token trained
+    assert row["loss_mask"][0].sum() == ex.trained_counts[1]  # every kept target token trained
+    assert ex.trained_counts[1] == 40 - np.argmax(ex.example(1)[1])
 
 
 def test_pack_next_fit():
@@ -112,7 +116,7 @@ def test_packed_equals_unpacked_losses(tokenizer):
         np.testing.assert_allclose(by_packed[e], by_flat[e], rtol=1e-5, atol=1e-5)
     # the mask covers exactly the response tokens: same count in both layouts
     assert fb["loss_mask"].sum() == pb["loss_mask"].sum() == sum(
-        ex.lengths[i] - ex.prompt_lens[i] for i in range(24))
+        ex.trained_counts[i] for i in range(24))
     # packed: the last token of every example carries no loss and positions restart
     for i, r in enumerate(packed.rows(0)):
         if r is None:
@@ -149,6 +153,6 @@ def test_every_template_masks_prompt(tokenizer, template):
     ex, _ = tokenize(make_records(6), template, tokenizer, 256)
     rows = build_rows(ex, [np.array([i]) for i in range(6)])
     for i in range(6):
-        p, n = int(ex.prompt_lens[i]), int(ex.lengths[i])
+        p, n = int(np.argmax(ex.example(i)[1])), int(ex.lengths[i])
         assert np.flatnonzero(rows["loss_mask"][i]).tolist() == list(range(p - 1, n - 1))
         assert rows["targets"][i, n - 2] == 2  # the final EOS is trained

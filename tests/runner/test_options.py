@@ -122,7 +122,8 @@ def test_stage_loss_is_the_mean_response_token_loss_of_its_held_out_examples(opt
         all_logits = np.asarray(apply({"params": params}, rows), np.float64)
         total, count = 0.0, 0
         for i in range(len(held)):
-            ids, prompt = held.example(i)
+            ids, trained = held.example(i)
+            prompt = int(np.argmax(trained))
             logits = all_logits[i, :len(ids)]
             lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
             t = np.arange(max(prompt - 1, 0), len(ids) - 1)

@@ -92,8 +92,8 @@ def torch_losses(model_dir: Path) -> dict[str, tuple[float, float]]:
 
     out = {}
     for i, rid in enumerate(examples.record_ids.tolist()):
-        ids, p = examples.example(i)
-        ids = ids.tolist()
+        ids, trained = examples.example(i)
+        ids, p = ids.tolist(), int(np.argmax(trained))
         out[rid] = (mean_loss(ids, p), mean_loss([tok.bos_token_id, *ids[p:]], 1))
     return out
 
