@@ -50,9 +50,9 @@ from phased_jax.fileio import BadRecord, read_head, sniff_binary, write_text_ato
 from phased_jax.formats import (
     DEFAULT_FIELDS,
     MISSING,
-    Turn,
     ListError,
     RowError,
+    Turn,
     conversation_style,
     file_records,
     parse_score_text,
