@@ -2,15 +2,19 @@
 
 Prints, for the config's data, each difficulty stage (score range, size, mean difficulty, mean
 tokens) and then the phases in training order, plus what validation skipped. Token counts use
-the config's tokenizer (`data.tokenizer`) over instruction, input and output without the
-template; without a tokenizer they are whitespace-separated words, labelled as such. A phase
-with no records is an error (exit 1) after the table, as it is for `phased-jax train`.
+the config's tokenizer (`data.tokenizer`) over instruction, input and output (a conversation's
+every turn) without the template; without a tokenizer they are whitespace-separated words,
+labelled as such. Conversation data adds two columns: the mean user and assistant turns per
+conversation, and the assistant turns' tokens in all (what training puts loss on, less the
+template's end-of-turn tokens). A phase with no records is an error (exit 1) after the table,
+as it is for `phased-jax train`.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,8 +38,7 @@ from phased_jax.score.scale import PAPER_SHARES, histogram, suggest_thresholds
 USAGE = "usage: phased-jax stats --config CONFIG_FILE [--config.data.FIELD=VALUE ...]\n"
 
 
-def token_counts(records: Sequence[Record], tokenizer: Any) -> np.ndarray:
-    texts = [user_text(r.instruction, r.input) + "\n" + r.output for r in records]
+def _count(texts: list[str], tokenizer: Any) -> np.ndarray:
     if tokenizer is None:
         return np.array([len(t.split()) for t in texts], np.int64)
     if not texts:
@@ -44,22 +47,55 @@ def token_counts(records: Sequence[Record], tokenizer: Any) -> np.ndarray:
     return np.array([len(x) for x in ids], np.int64)
 
 
-def _row(name: str, info: str, recs: Sequence[Record], counts: dict[str, int]) -> str:
+def token_counts(records: Sequence[Record], tokenizer: Any) -> np.ndarray:
+    return _count([("\n".join(t.content for t in r.messages) if r.messages else
+                    user_text(r.instruction, r.input) + "\n" + r.output) for r in records],
+                  tokenizer)
+
+
+def assistant_counts(records: Sequence[Record], tokenizer: Any) -> np.ndarray:
+    """Tokens of each record's answers: every assistant turn of a conversation."""
+    return _count(["\n".join(t.content for t in r.turns if t.role == "assistant")
+                   for r in records], tokenizer)
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Per record id: tokens, and for conversation data turns and assistant tokens."""
+
+    tokens: dict[str, int]
+    turns: dict[str, int] | None = None
+    answer_tokens: dict[str, int] | None = None
+
+
+def _row(name: str, info: str, recs: Sequence[Record], counts: Counts) -> str:
     scores = [r.score for r in recs if r.score is not None]
     mean_s = f"{np.mean(scores):.2f}" if scores else "-"
-    mean_t = f"{np.mean([counts[r.id] for r in recs]):.1f}" if recs else "-"
-    return f"{name:<12} {info:<16} {len(recs):>8,} {mean_s:>10} {mean_t:>10}"
+    mean_t = f"{np.mean([counts.tokens[r.id] for r in recs]):.1f}" if recs else "-"
+    row = f"{name:<12} {info:<16} {len(recs):>8,} {mean_s:>10} {mean_t:>10}"
+    if counts.turns is not None and counts.answer_tokens is not None:
+        turns = f"{np.mean([counts.turns[r.id] for r in recs]):.1f}" if recs else "-"
+        row += f" {turns:>10} {sum(counts.answer_tokens[r.id] for r in recs):>14,}"
+    return row
 
 
 def table(records: Sequence[Record], cfg: Any, tokenizer: Any, tokenizer_name: str) -> str:
     d = cfg.data
-    per = token_counts(records, tokenizer)
-    counts = dict(zip((r.id for r in records), per.tolist(), strict=True))
+    ids = [r.id for r in records]
+    counts = Counts(dict(zip(ids, token_counts(records, tokenizer).tolist(), strict=True)))
+    talk = any(r.messages for r in records)
+    if talk:
+        turns = [sum(t.role != "system" for t in r.turns) for r in records]
+        counts = Counts(counts.tokens, dict(zip(ids, turns, strict=True)), dict(zip(
+            ids, assistant_counts(records, tokenizer).tolist(), strict=True)))
     unit = f"tokens ({tokenizer_name})" if tokenizer is not None else "whitespace words"
     def head(a: str, b: str) -> str:
-        return f"{a:<12} {b:<16} {'size':>8} {'mean diff':>10} {'mean len':>10}"
+        return (f"{a:<12} {b:<16} {'size':>8} {'mean diff':>10} {'mean len':>10}"
+                + (f" {'mean turns':>10} {'answer tokens':>14}" if talk else ""))
 
-    lines = [f"mean len = {unit} of instruction + input + output", ""]
+    lines = [f"mean len = {unit} of instruction + input + output" + (
+        " (of every turn); mean turns = user and assistant turns per conversation; answer "
+        f"tokens = {unit} of the assistant turns in all" if talk else ""), ""]
     if all(r.score is not None for r in records):
         stages = stratify(records, tuple(d.thresholds), int(d.quantiles))
         lines += ["difficulty stages" + (f" ({d.quantiles} quantiles)" if d.quantiles else ""),
@@ -88,7 +124,7 @@ def table(records: Sequence[Record], cfg: Any, tokenizer: Any, tokenizer_name: s
 
 
 def split_lines(records: Sequence[Record], phases: Sequence[Phase], cfg: Any,
-                counts: dict[str, int], unit: str) -> list[str]:
+                counts: Counts, unit: str) -> list[str]:
     """What `train` holds out per stage and replays per phase (the same draws), and the run's
     length against data.replay=0."""
     d = cfg.data
@@ -105,8 +141,9 @@ def split_lines(records: Sequence[Record], phases: Sequence[Phase], cfg: Any,
             + (" (all there are)" if dr.short else "")
             for k, dr in enumerate(splits.replay) if k))
     epochs = int(cfg.train.epochs_per_phase)
-    without = sum(counts[i] for ids in splits.train_ids for i in ids) * epochs
-    with_replay = without + sum(counts[i] for dr in splits.replay for i in dr.ids) * epochs
+    tokens = counts.tokens
+    without = sum(tokens[i] for ids in splits.train_ids for i in ids) * epochs
+    with_replay = without + sum(tokens[i] for dr in splits.replay for i in dr.ids) * epochs
     lines.append(f"training {unit} over {epochs} epoch(s) a phase: {with_replay:,}"
                  + (f", {100 * (with_replay / max(without, 1) - 1):+.1f}% against data.replay=0 "
                     f"({without:,})" if replay > 0 else ""))

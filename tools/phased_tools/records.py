@@ -7,6 +7,11 @@ one training uses. The tools' policy on top of it:
 - Empty outputs (9 rows in the authors' stage-3 file) are kept, never dropped: they are counted
   and their lines reported, so the caller can warn. Training treats them as invalid.
 - The input field may be absent or null (read as ""); the instruction and output may not.
+- Conversations (`messages`, `sharegpt`) keep their turns in `Record.messages`; their
+  instruction and output are the first exchange. One that ends with a user turn is refused
+  (nothing answers it, so there is nothing to rate), and a file holds one shape: a single-turn
+  row among conversations, or a conversation among single-turn rows, is refused naming the
+  file's first row.
 - A record longer than `max_record_bytes` (default 1 MiB, `--max-record-bytes`) is refused
   before it is parsed, so one runaway line cannot fill memory or hide a wrong format.
 """
@@ -27,10 +32,13 @@ from phased_jax.fileio import (
     sniff_binary,
 )
 from phased_jax.formats import (
+    CONVERSATION_FORMATS,
     AnswerRow,
     InputError,
     ListError,
     RowError,
+    Turn,
+    conversation_style,
     detect_format,
     file_records,
     is_json_list,
@@ -38,15 +46,23 @@ from phased_jax.formats import (
     row_fields,
 )
 
-FORMATS = ("auto", "alpaca", "authors", "jsonl")
+FORMATS = ("auto", "alpaca", "authors", "jsonl", *CONVERSATION_FORMATS)
 LIMIT_HINT = "raise the limit with --max-record-bytes if the record is meant to be that long"
 FIELD_HINT = ("name the right field with --instruction-field/--input-field/--output-field "
-              "or pick --format")
+              "(--messages-field/--conversations-field for conversations) or pick --format")
+CONVERSATION_HINT = ("name the list field with --messages-field/--conversations-field "
+                     "or pick --format")
+FIX_HINT = "fix or remove that conversation"
+# (conversation?) -> how a row of that shape is named in the mixed-shape error
+_SHAPES = {True: ("a conversation", "conversations"), False: ("a single-turn row", "single-turn rows")}
 
 
 @dataclass
 class Record:
-    """One instruction example; `raw` is the original object, kept whole for the output."""
+    """One instruction example; `raw` is the original object, kept whole for the output.
+
+    A conversation's `instruction`/`output` are its first exchange and `messages` all its turns.
+    """
 
     instruction: str
     input: str
@@ -54,6 +70,14 @@ class Record:
     raw: dict[str, Any]
     line: int  # 1-based line in a JSONL file, 1-based position in a JSON list
     prior_score: float | None = None
+    messages: tuple[Turn, ...] = ()  # () for a single-turn row
+
+    @property
+    def turns(self) -> tuple[Turn, ...]:
+        """The record as a conversation: its turns, or a single-turn row's one exchange (the
+        instruction and, after a newline, the input as the user turn, as training reads it)."""
+        user = f"{self.instruction}\n{self.input}" if self.input else self.instruction
+        return self.messages or (Turn("user", user), Turn("assistant", self.output))
 
 
 @dataclass
@@ -84,41 +108,76 @@ def load_records(
     instruction_field: str = "instruction",
     input_field: str = "input",
     output_field: str = "output",
+    messages_field: str = "messages",
+    conversations_field: str = "conversations",
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
 ) -> tuple[list[Record], LoadReport]:
-    """Read every record of `path`; raise InputError (file:line, what to do) on bad data or bytes."""
+    """Read every record of `path`; raise InputError (file:line, what to do) on bad data or bytes.
+
+    The first row decides the file's shape (a conversation or not) under `auto`, so a renamed
+    list field (`messages_field`) is found where the detection by default names is not.
+    """
     path = Path(path)
+    asked = fmt
     if fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     head = read_head(path, InputError)
     if binary := sniff_binary(head):
         raise InputError(f"{path}: {binary.why}")
-    if fmt == "auto":
-        fmt = detect_format(path, max_record_bytes, InputError, instruction_field)
-    elif fmt == "alpaca" and not is_json_list(head):
+    if fmt == "alpaca" and not is_json_list(head):
         raise InputError(f"{path}: expected a JSON list of objects (Alpaca format)")
     fields = {"instruction": instruction_field, "input": input_field, "output": output_field,
-              "score": "score", "id": "id"}
+              "score": "score", "id": "id", "messages": messages_field,
+              "conversations": conversations_field}
     records: list[Record] = []
+    first: tuple[bool, int] | None = None  # (conversation?, where) of the file's first row
     try:
+        if fmt == "auto":  # reads the first row: a list broken there is a ListError too
+            fmt = detect_format(path, max_record_bytes, InputError, instruction_field)
         for line, item, obj in file_records(path, max_record_bytes, InputError, strict_utf8=True):
             if isinstance(obj, BadRecord):
                 raise InputError(f"{path}:{line}: {describe(obj, max_record_bytes, LIMIT_HINT)}")
             where = item or line  # a list item is named by its position
-            try:
-                row = row_fields(obj, fields, fmt, optional=("input",))
-            except RowError as e:
-                hint = f"; {FIELD_HINT}" if e.reason == "missing_field" else ""
-                raise InputError(f"{path}:{where}: {e}{hint}") from None
-            records.append(Record(row.instruction, row.input, row.output, obj, where,
-                                  parse_score_text(row.score)))
+            style = conversation_style(obj, fields, asked) if isinstance(obj, dict) else None
+            if isinstance(obj, dict):
+                if first is None and style and fmt not in CONVERSATION_FORMATS:
+                    fmt = style  # e.g. a renamed list field, which detection (default names) missed
+                first = first or (style is not None, where)
+                _check_shape(path, where, style is not None, first)
+            records.append(_record(path, where, obj, fields, fmt, style is not None))
     except ListError as e:
+        shape = "conversations" if fmt in CONVERSATION_FORMATS else "Alpaca format"
         raise InputError(f"{path}:{e.line}: {e}; expected a JSON list of objects "
-                         "(Alpaca format)") from None
+                         f"({shape})") from None
     if not records:
         raise InputError(f"{path}: no records found")
     empty = [r.line for r in records if not r.output.strip()]
     return records, LoadReport(path, fmt, len(records), empty)
+
+
+def _check_shape(path: Path, where: int, talk: bool, first: tuple[bool, int]) -> None:
+    """InputError unless a row has the shape of the file's first row: scores of a file that
+    mixes shapes would mix two prompts, and training refuses such a file too."""
+    if talk != first[0]:
+        raise InputError(f"{path}:{where}: {_SHAPES[talk][0]} in a file of {_SHAPES[first[0]][1]} "
+                         f"(the first row, {path}:{first[1]}); a file holds one shape: split it")
+
+
+def _record(path: Path, where: int, obj: Any, fields: dict[str, str], fmt: str,
+            talk: bool) -> Record:
+    """One row as a Record; InputError naming `path:where` and what to do if it cannot be scored."""
+    try:
+        row = row_fields(obj, fields, fmt, optional=("input",))
+    except RowError as e:
+        hint = ((CONVERSATION_HINT if talk else FIELD_HINT) if e.reason == "missing_field"
+                else FIX_HINT if talk and e.reason not in ("tool_role", "unknown_role") else "")
+        raise InputError(f"{path}:{where}: {e}" + (f"; {hint}" if hint else "")) from None
+    if row.messages and row.messages[-1].role != "assistant":
+        raise InputError(f"{path}:{where}: the conversation ends with a user turn (turn "
+                         f"{len(row.messages)}) that nothing answers; remove that turn or the "
+                         "conversation")
+    return Record(row.instruction, row.input, row.output, obj, where, parse_score_text(row.score),
+                  row.messages)
 
 
 def load_answers(

@@ -1,5 +1,18 @@
 """phased-score: difficulty scores (1-5) for instruction data from an OpenAI-compatible model.
 
+Conversations (`messages`, `sharegpt`) are scored by what `--turns` shows the model:
+- `first` (default): the paper's prompt (templates/difficulty.txt) applied to the first
+  exchange, the first user turn as the instruction and its answer as the response; the system
+  turn and later turns are not shown. A one-exchange conversation therefore sends the very
+  request (and shares the cache entry) of the Alpaca row with that instruction and output.
+- `all`: the paper's prompt adapted to the whole conversation
+  (templates/difficulty_conversation.txt): every turn, system included, as `### System:`,
+  `### User:` or `### Assistant:` then its text, and the model is asked to rate the whole
+  multi-turn task. A single-turn row is shown as a one-exchange conversation (instruction and
+  input as the user turn), so a file of either shape can be scored this way.
+The cache key is a hash of the request (model, the rendered messages, parameters): what was
+shown, and nothing else, decides it, so `--turns all` never reuses a `first` answer.
+
 Output: JSONL, one line per input record in input order, every input field kept plus `score`
 (float in [1, 5]), `score_raw` (the reply's first line) and `scorer` ({model, template,
 template_sha256}). A `score` already in the input is kept as `score_input`. Items that end
@@ -24,7 +37,7 @@ from phased_jax.fileio import (
     read_text,
     write_jsonl_atomic,
 )
-from phased_jax.formats import InputError
+from phased_jax.formats import InputError, Turn
 from phased_tools.batch import get_answers
 from phased_tools.batch_files import exchange_batch_file
 from phased_tools.chat import Messages, ParseError
@@ -37,6 +50,12 @@ REASK_TEXT = (
     "Your reply did not start with a line containing only the score. Please answer again: "
     "first a single line containing only a number from 1 to 5, then your explanation."
 )
+_PLACEHOLDER = re.compile(r"\{(instruction|input|output|input_block|conversation)\}")
+TURNS = ("first", "all")
+# --turns -> the packaged template, and the placeholders a template for it must hold
+_PACKAGED = {"first": "difficulty", "all": "difficulty_conversation"}
+_NEEDS = {"first": ("{instruction}", "{output}"), "all": ("{conversation}",)}
+_LABEL = {"system": "System", "user": "User", "assistant": "Assistant"}
 _SCORE_RE = re.compile(
     r"^(?:score\s*[:=]?\s*)?([0-9]+(?:\.[0-9]+)?)\s*(?:/\s*5(?:\.0+)?)?\.?$", re.IGNORECASE
 )
@@ -44,7 +63,8 @@ _SCORE_RE = re.compile(
 
 @dataclass(frozen=True)
 class Template:
-    """A difficulty prompt: system text and a user text with {instruction}/{input}/{output}."""
+    """A difficulty prompt: system text and a user text with {instruction}/{input}/{output}
+    (the first exchange) or {conversation} (every turn)."""
 
     name: str
     system: str
@@ -57,18 +77,29 @@ class Template:
             "input": rec.input,
             "output": rec.output,
             "input_block": f"### Input:\n{rec.input}\n\n" if rec.input.strip() else "",
+            "conversation": render_conversation(rec.turns) if "{conversation}" in self.user else "",
         }
         # One pass, so braces inside the data are never substituted again.
-        user = re.sub(r"\{(instruction|input|output|input_block)\}", lambda m: values[m.group(1)], self.user)
+        user = _PLACEHOLDER.sub(lambda m: values[m.group(1)], self.user)
         msgs = [{"role": "system", "content": self.system}] if self.system else []
         return msgs + [{"role": "user", "content": user}]
 
 
-def load_template(path: str | Path | None = None) -> Template:
-    """The packaged difficulty template, or a user's file with [system]/[user] sections."""
+def render_conversation(turns: tuple[Turn, ...]) -> str:
+    """Every turn as `### User:` (System, Assistant) on a line of its own, then its text; turns
+    apart by a blank line, as the paper's prompt sets its instruction and response apart."""
+    return "\n\n".join(f"### {_LABEL[t.role]}:\n{t.content}" for t in turns)
+
+
+def load_template(path: str | Path | None = None, turns: str = "first") -> Template:
+    """The packaged template for `turns`, or a user's file with [system]/[user] sections.
+
+    What a template shows must be what `--turns` says: a `first` template shows the first
+    exchange ({instruction}, {output}) and not {conversation}; an `all` one shows {conversation}.
+    """
     if path is None:
-        text = resources.files("phased_tools").joinpath("templates/difficulty.txt").read_text("utf-8")
-        name = "difficulty"
+        name = _PACKAGED[turns]
+        text = resources.files("phased_tools").joinpath(f"templates/{name}.txt").read_text("utf-8")
     else:
         path = Path(path)
         text = read_text(path, InputError)
@@ -87,8 +118,12 @@ def load_template(path: str | Path | None = None) -> Template:
     if "user" not in sections:
         raise InputError(f"{path or name}: a template needs a [user] section (and optionally [system])")
     user = "\n".join(sections["user"]).strip("\n")
-    if "{instruction}" not in user or "{output}" not in user:
-        raise InputError(f"{path or name}: the [user] section must contain {{instruction}} and {{output}}")
+    if turns == "first" and "{conversation}" in user:
+        raise InputError(f"{path or name}: a template with {{conversation}} shows every turn; "
+                         "pass --turns all")
+    if any(p not in user for p in _NEEDS[turns]):
+        raise InputError(f"{path or name}: with --turns {turns} the [user] section must contain "
+                         + " and ".join(_NEEDS[turns]))
     return Template(
         name=name,
         system="\n".join(sections.get("system", [])).strip("\n"),
@@ -120,20 +155,33 @@ def parse_score(reply: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="phased-score",
-        description="Rate the difficulty (1-5) of instruction data with GPT-4 or any "
-        "OpenAI-compatible model, as Phased IFT does. Answers are cached as they arrive, so an "
+        description="Rate the difficulty (1-5) of instruction data, single-turn rows or "
+        "conversations, with GPT-4 or any OpenAI-compatible model, as Phased IFT does. Answers are cached as they arrive, so an "
         "interrupted run resumes without paying twice.",
         epilog="Exit status: 0 all scored, 3 some items failed (see OUTPUT.failed.jsonl), "
         "1 a fatal error (authentication, unknown model, server unreachable: nothing is written), "
         "2 bad arguments or input.",
     )
-    p.add_argument("input", type=Path, help="Alpaca JSON, the authors' JSONL, or JSONL")
+    p.add_argument("input", type=Path, help="Alpaca JSON, the authors' JSONL, JSONL, or conversations "
+                   "(OpenAI-style messages or ShareGPT, JSONL or a JSON list; one shape a file)")
     p.add_argument("-o", "--output", type=Path, required=True, help="scored JSONL to write")
     p.add_argument("--format", choices=FORMATS, default="auto", help="input format (default: %(default)s)")
     p.add_argument("--instruction-field", default="instruction", help="JSONL field (default: %(default)s)")
     p.add_argument("--input-field", default="input", help="JSONL field (default: %(default)s)")
     p.add_argument("--output-field", default="output", help="JSONL field (default: %(default)s)")
-    p.add_argument("--template", type=Path, default=None, help="prompt template file (default: the packaged difficulty.txt)")
+    p.add_argument("--messages-field", default="messages",
+                   help="list field of OpenAI-style conversations (default: %(default)s)")
+    p.add_argument("--conversations-field", default="conversations",
+                   help="list field of ShareGPT conversations (default: %(default)s)")
+    p.add_argument("--turns", choices=TURNS, default="first",
+                   help="what a conversation shows the model: 'first', the paper's prompt on the "
+                   "first user turn and its answer (system and later turns not shown); 'all', "
+                   "every turn, with the prompt adapted to rate the whole multi-turn task "
+                   "(templates/difficulty_conversation.txt); a single-turn row is then one "
+                   "exchange. Each has its own cache entries (default: %(default)s)")
+    p.add_argument("--template", type=Path, default=None,
+                   help="prompt template file (default: the packaged difficulty.txt, or "
+                   "difficulty_conversation.txt with --turns all)")
     p.add_argument("--failed", type=Path, default=None, help="where failed items go (default: OUTPUT.failed.jsonl)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N records")
     p.add_argument("--max-record-bytes", type=positive_bytes, default=DEFAULT_MAX_RECORD_BYTES,
@@ -150,18 +198,30 @@ def _output_row(rec: Record, score: float, raw: str, scorer: dict[str, str]) -> 
     return row
 
 
+def _note_unshown_turns(records: list[Record]) -> None:
+    """Say on stderr how many conversations go on past the first exchange that `first` shows,
+    so that a user who meant to rate whole conversations learns of --turns all before paying."""
+    longer = sum(1 for r in records if sum(t.role != "system" for t in r.messages) > 2)
+    if longer:
+        print(f"phased-score: note: {longer} of {len(records)} conversation(s) go on past their "
+              "first exchange; only that exchange is scored (--turns all shows every turn)",
+              file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `phased-score`."""
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     try:
-        template = load_template(args.template)
+        template = load_template(args.template, args.turns)
         records, report = load_records(
             args.input,
             args.format,
             instruction_field=args.instruction_field,
             input_field=args.input_field,
             output_field=args.output_field,
+            messages_field=args.messages_field,
+            conversations_field=args.conversations_field,
             max_record_bytes=args.max_record_bytes,
         )
     except InputError as e:
@@ -177,10 +237,13 @@ def main(argv: list[str] | None = None) -> int:
             "they are scored and kept, but the phase pipeline rejects empty outputs",
             file=sys.stderr,
         )
+    if args.turns == "first":
+        _note_unshown_turns(records)
     messages = [template.render(r) for r in records]
     if args.dry_run:
         print(format_dry_run(len(records), messages, cached_count(cfg, messages), cfg,
-                             f"records from {args.input} ({report.format})"))
+                             f"records from {args.input} ({report.format}"
+                             + (", --turns all)" if args.turns == "all" else ")")))
         return 0
     jobs = [Job(m, parse_score, REASK_TEXT) for m in messages]
     if (status := exchange_batch_file("phased-score", jobs, cfg)) is not None:
