@@ -201,3 +201,67 @@ def test_prompt_filling_max_length_is_reported_and_output_trains(setup, tmp_path
     assert cli_main(["stats", "--config", str(train_cfg)]) == 0
     assert cli_main(["train", "--config", str(train_cfg)]) == 0
     assert len([p for p in (tmp_path / "run" / "phases").iterdir() if p.is_dir()]) == 3
+
+
+CONVERSATIONS = [
+    {"id": "x", "messages": [
+        {"role": "user", "content": "Give three tips for staying healthy."},
+        {"role": "assistant", "content": "Eat a balanced diet."},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris is the capital."}]},
+    {"id": "y", "messages": [
+        {"role": "user", "content": "Write a haiku about the sea."},
+        {"role": "assistant", "content": "Waves on the sea."}]},
+    {"id": "z", "messages": [
+        {"role": "user", "content": "Summarize: Paris."}, {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "Translate"}, {"role": "assistant", "content": "Le chat."},
+        {"role": "user", "content": "Give three tips."},
+        {"role": "assistant", "content": "Water, rivers, oceans."}]},
+]
+
+
+def test_conversations_ifd_is_over_every_assistant_token(setup, tmp_path):
+    """Given: the mean loss over every assistant turn's tokens (transformers' mask from the
+    template with its generations marked). Alone: each assistant turn after a BOS of its own."""
+    import torch
+    import transformers
+
+    from phased_jax.data.toy_tokenizer import CHAT_TEMPLATE
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in CONVERSATIONS))
+    config = tmp_path / "chat_cfg.py"
+    config.write_text(CONFIG.format(out=tmp_path / "run", model=setup["model"], data=data,
+                                    max_length=MAX_LENGTH).replace(
+        "    return c", '    c.data.template = "chat"\n    return c'))
+    out = tmp_path / "ifd.jsonl"
+    assert cli_main(["score", "--config", str(config), "--method", "ifd", "--output", str(out),
+                     "--batch-size", "2", "--length-multiple", "32"]) == 0
+    tok = transformers.AutoTokenizer.from_pretrained(setup["model"])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(setup["model"],
+                                                           dtype=torch.float32).eval()
+    marked = CHAT_TEMPLATE.replace("Assistant: {{ m['content'] }}{{ eos_token }}",
+                                   "Assistant: {% generation %}{{ m['content'] }}{{ eos_token }}"
+                                   "{% endgeneration %}")
+
+    def token_losses(ids: list[int]) -> np.ndarray:  # loss of token t given the ones before it
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1)
+        return np.array([0.0] + [-logp[t - 1, ids[t]].item() for t in range(1, len(ids))])
+
+    for row, got in zip(CONVERSATIONS, read(out), strict=True):
+        enc = tok.apply_chat_template(row["messages"], chat_template=marked, tokenize=True,
+                                      return_dict=True, return_assistant_tokens_mask=True)
+        ids, mask = enc["input_ids"], np.asarray(enc["assistant_masks"], bool)
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(int), [0]])))
+        runs = list(zip(edges[::2], edges[1::2], strict=True))
+        assert len(runs) == len(row["messages"]) // 2  # each turn its own run of tokens
+        if len(ids) > MAX_LENGTH:  # z: its last turn does not fit, and is dropped whole
+            runs = [(a, b) for a, b in runs if b <= MAX_LENGTH]
+            ids, mask = ids[:runs[-1][1]], mask[:runs[-1][1]]
+            assert row["id"] == "z" and len(runs) == 2
+        given = token_losses(ids)[mask].mean()
+        answers = [ids[a:b] for a, b in runs]
+        alone = np.concatenate([token_losses([tok.bos_token_id, *a])[1:] for a in answers])
+        assert got["score_raw"] == pytest.approx(given / alone.mean(), rel=1e-4), row["id"]
+        assert got["messages"] == row["messages"]  # the input row whole
