@@ -7,13 +7,21 @@ stay ahead of that; the ratio says by how much.
 Uses the authors' stage-3 file from ../shared/data when present, else generated records; the
 tokenizer is a byte-level BPE built here (its training time is excluded).
 
+Then conversations (`--conversations N`, 0 to skip): N generated 1-4-exchange conversations (a
+third with a system turn) tokenised with Meta's Llama-3 chat template on a Llama-3-shaped
+tokenizer (tests/data/llama3_tokenizer.py): ours (ids and the mask of every assistant turn)
+against transformers' `apply_chat_template` loop on the same data, ids only and with its
+assistant mask (the template's twin with `{% generation %}` marks), in records/s.
+
     .venv/bin/python benchmarks/pipeline.py [--max_length 2048] [--global_batch 128] [--repeat 1]
+        [--conversations 2000]
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,8 +33,13 @@ from phased_jax.data.phases import build_phases
 from phased_jax.data.records import Record, read_records
 from phased_jax.data.tokens import tokenize, tokenize_cached
 from phased_jax.data.toy_tokenizer import build_tokenizer
+from phased_jax.formats import Turn
 from phased_jax.model import get_preset
 from phased_jax.model.flops import flops_per_token
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.data.chat_templates import LLAMA3_MARKED  # noqa: E402  (the tests' templates)
+from tests.data.llama3_tokenizer import build_llama3_tokenizer  # noqa: E402
 
 STAGE3 = Path(__file__).resolve().parents[1].parent / "shared/data/alpaca-scored/en-alpaca52k-stage3.jsonl"
 V5P_PEAK = 459e12  # bf16 FLOP/s per chip
@@ -48,6 +61,54 @@ def generated(n: int, path: Path) -> Path:
     return path
 
 
+def conversations(n: int) -> list[Record]:
+    rng = random.Random(1)
+    words = ("the a water city rain explain write list describe compare story data model "
+             "river ocean summary reason step first second because").split()
+    text = lambda k: " ".join(rng.choices(words, k=k))  # noqa: E731
+    out = []
+    for i in range(n):
+        turns = [Turn("system", text(rng.randint(5, 15)))] if i % 3 == 0 else []
+        for _ in range(rng.randint(1, 4)):
+            turns += [Turn("user", text(rng.randint(5, 40))),
+                      Turn("assistant", text(rng.randint(10, 150)))]
+        out.append(Record(str(i), turns[-2].content, "", turns[-1].content, 2.0, f"gen:{i}",
+                          tuple(turns)))
+    return out
+
+
+def conversation_table(n: int, max_length: int) -> None:
+    """Records/s of conversations: ours (ids + loss mask) vs transformers' loop."""
+    tok = build_llama3_tokenizer(Path(tempfile.mkdtemp(prefix="pipeline-chat-")) / "tok")
+    recs = conversations(n)
+    chats = [[{"role": t.role, "content": t.content} for t in r.messages] for r in recs]
+    t0 = time.perf_counter()
+    examples, rep = tokenize(recs, "chat", tok, max_length)
+    ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ids = [tok.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"] for m in chats]
+    hf_ids = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for m in chats:
+        tok.apply_chat_template(m, chat_template=LLAMA3_MARKED, tokenize=True, return_dict=True,
+                                return_assistant_tokens_mask=True)
+    hf_mask = time.perf_counter() - t0
+    whole = [i for i in range(n) if len(ids[i]) <= max_length]  # examples untouched by max_length
+    index = {r: i for i, r in enumerate(examples.record_ids.tolist())}
+    same = sum(examples.example(index[recs[i].id])[0].tolist() == ids[i] for i in whole)
+    turns = sum(len(r.messages) for r in recs)
+    print(f"\nconversations: {n:,} generated ({turns / n:.1f} turns each), Meta's Llama-3 chat "
+          f"template, Llama-3-shaped tokenizer (vocab {len(tok)}); {rep.truncated} truncated, "
+          f"{len(rep.skipped)} skipped at max_length {max_length}; ids equal to transformers' in "
+          f"{same} of the {len(whole)} that fit whole")
+    print(f"{'tokenise conversations':<44} {'seconds':>9} {'records/s':>11} {'ours, speed':>12}")
+    print(f"{'phased-jax (ids + mask of every answer)':<44} {ours:>9.3f} {n / ours:>11,.0f} "
+          f"{'1.00x':>12}")
+    for name, sec in (("transformers apply_chat_template (ids)", hf_ids),
+                      ("transformers (ids + assistant mask)", hf_mask)):
+        print(f"{name:<44} {sec:>9.3f} {n / sec:>11,.0f} {sec / ours:>11.2f}x")
+
+
 def v5p_host_tokens_per_s(seq_len: int) -> tuple[float, float]:
     fpt = flops_per_token(get_preset("llama2-7b"), seq_len)
     return fpt, CHIPS_PER_HOST * MFU * V5P_PEAK / fpt
@@ -59,6 +120,8 @@ def main() -> None:
     ap.add_argument("--global_batch", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=1, help="read the data this many times")
     ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--conversations", type=int, default=2000,
+                    help="conversations for the chat-template table (0: skip it)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
@@ -123,6 +186,8 @@ def main() -> None:
           f"{args.global_batch * args.max_length * fill / need * 1e3:.0f} ms for the host to "
           f"consume it")
     assert np.isfinite(total)
+    if args.conversations:
+        conversation_table(args.conversations, args.max_length)
 
 
 if __name__ == "__main__":

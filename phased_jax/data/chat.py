@@ -57,7 +57,12 @@ def as_messages(turns: Sequence[Turn]) -> list[dict[str, str]]:
 
 
 class TemplateRefused(ValueError):
-    """The chat template raised on a conversation (e.g. Mistral's refuses a system turn)."""
+    """The chat template raised on a conversation (e.g. Mistral's refuses a system turn);
+    `index`: which of the conversations rendered together."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
 
 
 def render_chat(turns: Sequence[Turn], tokenizer: Any, add_generation_prompt: bool = False) -> str:
@@ -67,7 +72,7 @@ def render_chat(turns: Sequence[Turn], tokenizer: Any, add_generation_prompt: bo
         return tokenizer.apply_chat_template(as_messages(turns), tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
     except Exception as e:  # jinja's TemplateError and whatever the template raises
-        raise TemplateRefused(f"the chat template refused the conversation ({e})") from e
+        raise TemplateRefused(0, f"the chat template refused the conversation ({e})") from e
 
 
 def encode_chat_prompt(turns: Sequence[Turn], tokenizer: Any) -> list[int]:
@@ -77,37 +82,78 @@ def encode_chat_prompt(turns: Sequence[Turn], tokenizer: Any) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def answer_char_spans(turns: Sequence[Turn], tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
-    """The full rendering and the [start, end) characters of each assistant turn in it."""
-    full = render_chat(turns, tokenizer)
-    spans: list[tuple[int, int]] = []
-    for k, t in enumerate(turns):
-        if t.role != "assistant":
-            continue
-        asked = render_chat(turns[:k], tokenizer, add_generation_prompt=True)
-        answered = render_chat(turns[:k + 1], tokenizer)
-        if not (answered.startswith(asked) and full.startswith(answered)):
-            raise ConfigError(
-                "the tokenizer's chat template does not render a conversation's beginning as "
-                "the beginning of the whole conversation, so its answers cannot be located; add "
+def _render_all(chats: list[list[dict[str, str]]], tokenizer: Any, add_generation_prompt: bool
+                ) -> list[str]:
+    """Many renderings in one call; a template that raises on one is retried one by one, so
+    the error names that one (TemplateRefused(k))."""
+    if not chats:
+        return []
+    try:
+        return tokenizer.apply_chat_template(chats, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except Exception:  # find which one
+        for k, chat in enumerate(chats):
+            try:
+                tokenizer.apply_chat_template(chat, tokenize=False,
+                                              add_generation_prompt=add_generation_prompt)
+            except Exception as e:  # jinja's TemplateError and whatever the template raises
+                raise TemplateRefused(k, f"the chat template refused the conversation ({e})") \
+                    from e
+        raise
+
+
+NOT_PREFIXES = ("the tokenizer's chat template does not render a conversation's beginning as the "
+                "beginning of the whole conversation, so its answers cannot be located; add "
                 "{% generation %} ... {% endgeneration %} around the assistant content in the "
                 "template (transformers' assistant mask) or use another template")
-        spans.append((len(asked), len(answered.rstrip())))
-    return full, spans
 
 
-def tokens_overlapping(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
-                       ) -> list[tuple[int, int]]:
-    """[start, end) token index range of each char span: every token that overlaps it
-    (transformers' rule for its assistant mask)."""
-    off = np.asarray(offsets, np.int64).reshape(-1, 2)
+def answer_char_spans(conversations: Sequence[Sequence[Turn]], tokenizer: Any
+                      ) -> list[tuple[str, list[tuple[int, int]]]]:
+    """Each conversation's full rendering and the [start, end) characters of each of its
+    assistant turns (the conversations end with one: the last answer's rendering is the
+    whole). TemplateRefused(k) names the conversation a template raised on."""
+    chat_template(tokenizer)
+    owner, asked_chats, answered_chats = [], [], []
+    for c, turns in enumerate(conversations):
+        messages = as_messages(turns)
+        for k, t in enumerate(turns):
+            if t.role == "assistant":
+                owner.append(c)
+                asked_chats.append(messages[:k])
+                answered_chats.append(messages[:k + 1])
+    try:
+        asked = _render_all(asked_chats, tokenizer, True)
+        answered = _render_all(answered_chats, tokenizer, False)
+    except TemplateRefused as e:
+        raise TemplateRefused(owner[e.index], str(e)) from e
+    last = {c: i for i, c in enumerate(owner)}  # each conversation's last answer: its whole
+    out: list[tuple[str, list[tuple[int, int]]]] = [
+        (answered[last[c]] if c in last else "", []) for c in range(len(conversations))]
+    for c, a, b in zip(owner, asked, answered, strict=True):
+        full, spans = out[c]
+        if not (b.startswith(a) and full.startswith(b)):
+            raise ConfigError(NOT_PREFIXES)
+        spans.append((len(a), len(b.rstrip())))
+    return out
+
+
+def answer_tokens(encoding: Any, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[start, end) token range of each char span: every token that overlaps it
+    (transformers' rule for its assistant mask), from a `tokenizers` Encoding."""
     out = []
+    offsets = None
     for s, e in spans:
-        hit = np.flatnonzero((off[:, 0] < e) & (off[:, 1] > s))
-        if not len(hit):
-            raise ConfigError(f"an assistant turn (characters {s}:{e} of the rendering) holds "
-                              "no token; the chat template renders it empty")
-        out.append((int(hit[0]), int(hit[-1]) + 1))
+        a, b = encoding.char_to_token(s), encoding.char_to_token(e - 1)
+        if a is None or b is None:  # a span edge on a character no token holds: scan the offsets
+            if offsets is None:
+                offsets = np.asarray(encoding.offsets, np.int64).reshape(-1, 2)
+            hit = np.flatnonzero((offsets[:, 0] < e) & (offsets[:, 1] > s))
+            if not len(hit):
+                raise ConfigError(f"an assistant turn (characters {s}:{e} of the rendering) "
+                                  "holds no token; the chat template renders it empty")
+            a, b = int(hit[0]), int(hit[-1])
+        out.append((a, b + 1))
     return out
 
 
@@ -143,24 +189,23 @@ def tokenize_conversations(conversations: Sequence[Sequence[Turn]], tokenizer: A
                                                     return_dict=True,
                                                     return_assistant_tokens_mask=True)
             except Exception as e:  # the template raised
-                raise refused(k, TemplateRefused(f"the chat template refused the conversation "
-                                                 f"({e})")) from e
+                raise refused(k, TemplateRefused(k, f"the chat template refused the "
+                                                    f"conversation ({e})")) from e
             out.append(_example(enc["input_ids"], _runs(enc["assistant_masks"])))
         return out
-    if not getattr(tokenizer, "is_fast", False):
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not getattr(tokenizer, "is_fast", False) or backend is None:
         raise ConfigError("conversation data needs a fast tokenizer (a tokenizer.json) to place "
                           "the answers' tokens; data.tokenizer has only a slow one")
-    rendered = []
-    for k, turns in enumerate(conversations):
-        try:
-            rendered.append(answer_char_spans(turns, tokenizer))
-        except TemplateRefused as e:
-            raise refused(k, e) from e
-    enc = tokenizer([text for text, _ in rendered], add_special_tokens=False,
-                    return_offsets_mapping=True) if rendered else {"input_ids": []}
-    return [_example(ids, tokens_overlapping(offsets, spans))
-            for ids, offsets, (_, spans) in zip(enc["input_ids"], enc.get("offset_mapping", []),
-                                                 rendered, strict=True)]
+    try:
+        rendered = answer_char_spans(conversations, tokenizer)
+    except TemplateRefused as e:
+        raise refused(e.index, e) from e
+    # The backend is what `tokenizer(text, add_special_tokens=False)` runs (the ids of
+    # transformers' apply_chat_template); its encodings map characters to tokens.
+    encodings = backend.encode_batch([text for text, _ in rendered], add_special_tokens=False)
+    return [_example(enc.ids, answer_tokens(enc, spans))
+            for enc, (_, spans) in zip(encodings, rendered, strict=True)]
 
 
 def fit(example: ChatExample, max_length: int) -> ChatExample | None:

@@ -137,8 +137,9 @@ def generate_ids(model: Transformer, params: Any, prompts: Sequence[Sequence[int
                  max_length: int = 1024, batch_size: int = 8, sampling: Sampling = Sampling(),
                  seed: int = 0, pad_id: int = 0, placement: sharding.Placement | None = None,
                  keep_eos: bool = False, length_multiple: int = 16,
-                 unstack: bool | None = None) -> list[list[int]]:
-    """Answer token ids for each prompt, in input order (`unstack`: see `decode_fn`).
+                 unstack: bool | None = None, key: Array | None = None) -> list[list[int]]:
+    """Answer token ids for each prompt, in input order (`unstack`: see `decode_fn`; `key`:
+    the sampling key, default `jax.random.key(seed)`, so calls can draw apart).
 
     Prompts are sorted by length into batches to cut padding; each batch's prompt and answer
     lengths are rounded up to `length_multiple` so few shapes are compiled. A prompt that leaves
@@ -150,7 +151,7 @@ def generate_ids(model: Transformer, params: Any, prompts: Sequence[Sequence[int
     if cpu.unstack_by_default(unstack):  # once for all batches, and without a copy where it can
         params = cpu.unstack_layers(params)
     eos_ids = jnp.asarray(list(eos_token_ids) or [-2], jnp.int32)
-    key = jax.random.key(seed)
+    key = jax.random.key(seed) if key is None else key
     answers: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]

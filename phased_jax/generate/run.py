@@ -17,6 +17,13 @@ base_model_name_or_path, i.e. the run's model.init_from, or `--base DIR`), read 
 Each output line is `{test_set, id, instruction, input, output, generator}`, in input order,
 written atomically. Decoding is greedy with a total length of 1024 by default (the paper's
 setting) and uses the training template, so answers are what the trained model would say.
+
+Conversations (`--config.data.template=chat`, a tokenizer with a chat template): a
+messages/ShareGPT row ending with a user turn gets an answer to that turn; MT-Bench's
+`{"question_id", "turns": [q1, q2, ...]}` is answered turn by turn, q2 asked after the model's
+own answer to q1. Every item's first question is asked in batches, then every second one, and
+so on. A conversation's line adds `messages`, the whole conversation with the model's answers;
+its `instruction` is the last question and `output` the last answer (what the judge reads).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +44,10 @@ import jax
 from phased_jax import local_paths, params_checkpoint
 from phased_jax.config import get_default_config
 from phased_jax.config_cli import add_config_help, parse_config_argv, split_config_argv
+from phased_jax.data.chat import TemplateRefused, chat_template, encode_chat_prompt
 from phased_jax.data.templates import TEMPLATES, encode_prompt, stop_ids
 from phased_jax.data.tokens import load_tokenizer, pad_id_of
-from phased_jax.errors import ConfigError, UsageError
+from phased_jax.errors import ConfigError, DataError, UsageError
 from phased_jax.fileio import write_jsonl_atomic
 from phased_jax.generate import testsets
 from phased_jax.generate.decode import Sampling, generate_ids
@@ -94,9 +103,14 @@ def parser() -> argparse.ArgumentParser:
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--input", metavar="FILE", help="questions in any format `train` reads: JSONL {instruction, input?, id?, "
                            "test_set?}, an Alpaca JSON list, the authors' or phased-score's JSONL "
-                           "(outputs are ignored)")
+                           "(outputs are ignored); or conversations (needs "
+                           "--config.data.template=chat): {messages: [{role, content}, ...]} or "
+                           "ShareGPT {conversations: [{from, value}, ...]} ending with the user "
+                           "turn to answer, or MT-Bench {question_id, turns: [q1, q2, ...]}, "
+                           "answered turn by turn")
     data.add_argument("--test-sets", metavar="DIR|paper",
-                      help="directory of <set>.jsonl, or 'paper' for the paper's six sets")
+                      help="directory of <set>.jsonl (any --input format), or 'paper' for the "
+                           "paper's six sets")
     p.add_argument("--output", required=True, metavar="FILE|DIR",
                    help="the answers file; with --run, a folder (created) of one file per model")
     p.add_argument("--tokenizer", metavar="DIR",
@@ -325,14 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     precision = (config.model.dtype, config.model.param_dtype) if config_argv else None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     items = load_items(args)
-    tokenizer = load_tokenizer(*tokenizer_source(args, models[0]))  # once for every model
+    check_template(items, template)
+    tokenizer_dir, tokenizer_flag = tokenizer_source(args, models[0])
+    tokenizer = load_tokenizer(tokenizer_dir, tokenizer_flag)  # once for every model
+    if template == "chat":
+        check_chat_tokenizer(tokenizer, tokenizer_dir, tokenizer_flag)
     placement = Placement.from_config(config.mesh)  # one mesh: every model's decoder the same
-    prompts = [encode_prompt(i.instruction, i.input, template, tokenizer) for i in items]
-    too_long = [f"{i.test_set}/{i.id}" for i, p in zip(items, prompts, strict=True)
-                if len(p) >= args.max_length]
-    if too_long:
-        log.warning("%d prompt(s) fill --max-length %d and get empty answers: %s",
-                    len(too_long), args.max_length, ", ".join(too_long[:10]))
+    prompts = [question_ids(i, (), template, tokenizer) for i in items]  # the first questions
+    warn_too_long(items, dict(enumerate(prompts)), args.max_length)
     written = []
     base = None  # (directory, model, params): the base adapters go on, read once for them all
     for n, source in enumerate(models, 1):
@@ -376,28 +390,104 @@ def with_adapter(model: Transformer, params: Any, source: ModelSource,
     return Transformer(model.cfg, lora=spec), join(params, jax.device_put(adapters, shardings))
 
 
+def check_template(items: list[testsets.TestItem], template: str) -> None:
+    """A conversation is rendered by the tokenizer's chat template, as training renders one:
+    another template is a one-line error naming the first conversation."""
+    talk = next((i for i in items if i.turns), None)
+    if talk is not None and template != "chat":
+        raise UsageError(f"{talk.where}: a conversation, which data.template={template!r} cannot "
+                         "render; add --config.data.template=chat (the tokenizer's chat "
+                         "template), or give single-turn questions")
+
+
+def check_chat_tokenizer(tokenizer: Any, directory: str, flag: str) -> None:
+    """data.template=chat needs the tokenizer's chat template: one line before any model."""
+    try:
+        chat_template(tokenizer)
+    except ConfigError:
+        raise UsageError(f"{flag} {directory}: the tokenizer has no chat template "
+                         "(tokenizer_config.json 'chat_template', or chat_template.jinja), which "
+                         "data.template=chat and conversations need; give one that has it with "
+                         "--tokenizer DIR") from None
+
+
+def question_ids(item: testsets.TestItem, answers: Sequence[str], template: str,
+                 tokenizer: Any) -> list[int]:
+    """Ids asking the item's next question after the model's `answers`, rendered as training
+    renders it: a conversation (with those answers) by the chat template and its generation
+    prompt, a single question by `template`."""
+    if not item.turns:
+        return encode_prompt(item.instruction, item.input, template, tokenizer)
+    try:
+        return encode_chat_prompt(item.conversation(answers), tokenizer)
+    except TemplateRefused as e:  # e.g. Mistral's template refuses a system turn
+        raise DataError(f"{item.where}: {e}; change the conversation or give a --tokenizer "
+                        "whose template takes it") from None
+
+
+def warn_too_long(items: list[testsets.TestItem], prompts: Mapping[int, Sequence[int]],
+                  max_length: int, followup: int = 0) -> None:
+    """Name the questions (by item index in `prompts`) that leave no room for an answer."""
+    too_long = [f"{items[i].test_set}/{items[i].id}" for i, p in prompts.items()
+                if len(p) >= max_length]
+    if too_long:
+        log.warning("%d prompt(s)%s fill --max-length %d and get empty answers: %s",
+                    len(too_long), f" of follow-up {followup}" if followup else "", max_length,
+                    ", ".join(too_long[:10]))
+
+
+def answer_rounds(items: list[testsets.TestItem], prompts: list[list[int]], tokenizer: Any,
+                  template: str, max_length: int,
+                  decode: Callable[[list[list[int]], int], list[list[int]]]
+                  ) -> tuple[list[list[str]], int]:
+    """Every item's answers (one per round it asks for) and the tokens generated.
+
+    Round 0 asks every item's first question (`prompts`); round k, each item's k-th follow-up,
+    with the model's own answers in the conversation (MT-Bench's turn 2 follows the model's
+    turn-1 answer). `decode(prompts, k)` answers a round's questions in batches, so a test set
+    costs as many batched passes as its longest conversation has questions.
+    """
+    answers: list[list[str]] = [[] for _ in items]
+    asked = dict(enumerate(prompts))  # item -> ids of its question this round
+    n_tokens = 0
+    for k in range(max((i.rounds for i in items), default=0)):
+        if k:
+            asked = {i: question_ids(items[i], answers[i], template, tokenizer)
+                     for i in asked if items[i].rounds > k}
+            warn_too_long(items, asked, max_length, k)
+        for i, ids in zip(asked, decode(list(asked.values()), k), strict=True):
+            answers[i].append(tokenizer.decode(ids, skip_special_tokens=True))
+            n_tokens += len(ids)
+    return answers, n_tokens
+
+
 def answer_with(source: ModelSource, model: Transformer, params: Any, args: argparse.Namespace,
                 items: list[testsets.TestItem], prompts: list[list[int]], tokenizer: Any,
                 template: str, placement: Placement) -> Path:
-    """Answer every prompt with one model, write its file; returns the file. The jitted
+    """Answer every item with one model, write its file; returns the file. The jitted
     decoder stays cached (`decode.decode_fn`, keyed by the model's config and LoRA spec) for
     the next model of the same shapes."""
     eos, pad = stop_ids(template, tokenizer), pad_id_of(tokenizer)
+
+    def decode(questions: list[list[int]], k: int) -> list[list[int]]:
+        key = None if k == 0 else jax.random.fold_in(jax.random.key(args.seed), k)  # draws apart
+        return generate_ids(
+            model, params, questions, eos_token_ids=eos, pad_id=pad,
+            max_new_tokens=args.max_new_tokens or args.max_length, max_length=args.max_length,
+            batch_size=args.batch_size, sampling=Sampling(args.temperature, args.top_p),
+            seed=args.seed, placement=placement, length_multiple=args.length_multiple, key=key)
+
     t0 = time.perf_counter()
-    answers = generate_ids(
-        model, params, prompts, eos_token_ids=eos, pad_id=pad,
-        max_new_tokens=args.max_new_tokens or args.max_length, max_length=args.max_length,
-        batch_size=args.batch_size, sampling=Sampling(args.temperature, args.top_p),
-        seed=args.seed, placement=placement, length_multiple=args.length_multiple)
+    answers, n_tokens = answer_rounds(items, prompts, tokenizer, template, args.max_length,
+                                      decode)
     seconds = time.perf_counter() - t0
     generator = generator_name(source.adapter or source.path, args.generator,
                                run=bool(args.run))
-    rows = [dict(i.answer(tokenizer.decode(a, skip_special_tokens=True)).to_row(),
-                 generator=generator) for i, a in zip(items, answers, strict=True)]
+    rows = [dict(i.answer(*a).to_row(), generator=generator)
+            for i, a in zip(items, answers, strict=True)]
     out = answers_path(args.output, source)
     if jax.process_index() == 0:  # every host decoded the same rows; one writes them
         write_jsonl_atomic(out, rows)
-        n_tokens = sum(len(a) for a in answers)
         print(f"wrote {len(rows)} answers by {generator!r} to {out} ({n_tokens} tokens in "
               f"{seconds:.1f}s, {n_tokens / max(seconds, 1e-9):.1f} tokens/s incl. compile)",
               flush=True)

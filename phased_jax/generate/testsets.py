@@ -2,7 +2,12 @@
 
 A test-set directory holds one `<test_set>.jsonl` per set (any `*.jsonl`; the file stem names
 the set), each line `{"instruction": ..., "input": ..., "id": ...}` (`input` and `id`
-optional). `build_paper` writes such a directory from the public releases plus a
+optional), or a conversation:
+- `{"messages": [{"role", "content"}, ...]}` or ShareGPT's `{"conversations": [{"from",
+  "value"}, ...]}` ending with the user turn to answer (earlier answers given, as written);
+- MT-Bench's `{"question_id", "category", "turns": [question, ...]}`: the model answers the
+  first question, then each next one with its own earlier answers in the conversation.
+`build_paper` writes such a directory from the public releases plus a
 `manifest.json` of each set's size and source; a directory with a manifest is checked against
 it on every load, so a truncated cache is an error rather than a smaller evaluation.
 
@@ -19,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +38,13 @@ from phased_jax.fileio import (
     write_text_atomic,
 )
 from phased_jax.formats import (
+    DEFAULT_FIELDS,
     MISSING,
     AnswerRow,
     RowError,
+    Turn,
+    conversation_style,
+    conversation_turns,
     file_records,
     looks_like_authors,
     row_fields,
@@ -61,7 +70,12 @@ MANIFEST = "manifest.json"
 
 @dataclasses.dataclass(frozen=True)
 class TestItem:
-    """One question of a test set; `where` (file:line) is for error messages only."""
+    """One question of a test set; `where` (file:line) is for error messages only.
+
+    A conversation (`turns`, ending with the user turn to answer) asks one answer per user
+    turn it leaves open: after each answer the next of `followups` (MT-Bench's later turns) is
+    asked with the model's own answers in the conversation, as a user would chat. Its
+    `instruction` is the last question, the one its answer row is judged on."""
 
     __test__ = False  # not a pytest class
 
@@ -70,20 +84,43 @@ class TestItem:
     instruction: str
     input: str = ""
     where: str = ""
+    turns: tuple[Turn, ...] = ()  # a conversation up to its first open question; () if single-turn
+    followups: tuple[str, ...] = ()  # the questions asked after each answer
+
+    @property
+    def rounds(self) -> int:
+        """How many answers the item asks for."""
+        return 1 + len(self.followups)
+
+    def conversation(self, answers: Sequence[str]) -> tuple[Turn, ...]:
+        """The conversation after the model's `answers` so far: ending with the next question,
+        or with the last answer once all are answered."""
+        turns = list(self.turns)
+        for k, answer in enumerate(answers):
+            turns.append(Turn("assistant", answer))
+            if k < len(self.followups):
+                turns.append(Turn("user", self.followups[k]))
+        return tuple(turns)
 
     def record(self) -> dict[str, str]:
+        """A single-turn item's line (what `build_paper` writes)."""
         return {"test_set": self.test_set, "id": self.id, "instruction": self.instruction,
                 "input": self.input}
 
-    def answer(self, output: str) -> AnswerRow:
-        return AnswerRow(self.test_set, self.id, self.instruction, self.input, output)
+    def answer(self, *answers: str) -> AnswerRow:
+        """The answer row of the model's `answers`, in order (one per round); the last is its
+        `output`, and a conversation's row records the whole conversation."""
+        messages = self.conversation(answers) if self.turns else ()
+        return AnswerRow(self.test_set, self.id, self.instruction, self.input, answers[-1],
+                         messages=messages)
 
 
 def read_test_set(path: Path, test_set: str | None = None,
                   max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> list[TestItem]:
     """Items of one file in any format training reads (JSONL, an Alpaca JSON list, the authors'
-    or `phased-score`'s JSONL; outputs are ignored). `test_set` defaults to each row's field,
-    else the file stem; `id` to the row's, else its line (item, in a JSON list) number."""
+    or `phased-score`'s JSONL, conversations; outputs are ignored) or MT-Bench's questions.
+    `test_set` defaults to each row's field, else the file stem; `id` to the row's (MT-Bench's
+    `question_id`), else its line (item, in a JSON list) number."""
     path = Path(path)
     if binary := sniff_binary(read_head(path, DataError)):
         raise DataError(f"{path}: {binary.why}")
@@ -96,7 +133,44 @@ def read_test_set(path: Path, test_set: str | None = None,
     return items
 
 
+def is_mt_bench(row: Any) -> bool:
+    """MT-Bench's question shape: `{"question_id", "category", "turns": [question, ...]}`."""
+    return (isinstance(row, dict) and "turns" in row and "instruction" not in row
+            and conversation_style(row) is None)
+
+
+def questions(row: Any) -> tuple[tuple[Turn, ...], tuple[str, ...]] | None:
+    """(the conversation up to its first open question, the questions asked after each answer)
+    of a conversation row; None for a single-turn row; RowError when it is malformed."""
+    if style := conversation_style(row):
+        name = DEFAULT_FIELDS["messages" if style == "messages" else "conversations"]
+        return conversation_turns(row[name], name, style, answered=False), ()
+    if not is_mt_bench(row):
+        return None
+    asked = row["turns"]
+    if not (isinstance(asked, list) and asked
+            and all(isinstance(q, str) and q.strip() for q in asked)):
+        raise RowError("bad_type", "field 'turns' must be a non-empty list of non-empty strings "
+                       "(MT-Bench's questions, asked one after another)")
+    return (Turn("user", asked[0]),), tuple(asked[1:])
+
+
+def _conversation_item(row: dict[str, Any], asked: tuple[tuple[Turn, ...], tuple[str, ...]],
+                       where: str, test_set: str | None, default_id: str, stem: str) -> TestItem:
+    turns, followups = asked
+    row_id = row.get("id", row.get("question_id", default_id))
+    last = followups[-1] if followups else turns[-1].content
+    return TestItem(str(test_set or row.get("test_set") or stem), str(row_id), last, "", where,
+                    turns, followups)
+
+
 def _item(row: Any, where: str, test_set: str | None, default_id: str, stem: str = "") -> TestItem:
+    try:
+        asked = questions(row)
+    except RowError as e:
+        raise DataError(f"{where}: {e}") from None
+    if asked is not None:
+        return _conversation_item(row, asked, where, test_set, default_id, stem)
     if isinstance(row, dict) and not looks_like_authors(row):
         instruction = row.get("instruction")
         if not isinstance(instruction, str) or not instruction.strip():
