@@ -35,7 +35,7 @@ def test_configs_exist():
                  "mistral_7b_phased", "mistral_7b_oneoff", "llama2_7b_random_stages",
                  "llama2_7b_order_213", "llama2_7b_stage3_only", "llama2_7b_mixed_13", "demo",
                  "llama3_8b_phased", "llama3_8b_oneoff", "llama3_70b_phased", "llama3_70b_oneoff",
-                 "llama2_7b_replay_0.5", "llama2_7b_run_schedule"):
+                 "llama2_7b_replay_0.5", "llama2_7b_run_schedule", "llama3_8b_phased_chat"):
         assert want in names, want
     assert len(CONFIGS) >= 22
 
@@ -61,7 +61,7 @@ def test_config_loads_and_validates(path):
         assert (c.train.warmup_ratio, c.train.weight_decay, c.train.schedule) == (0.1, 0.1, "cosine")
         assert (c.train.b1, c.train.b2, c.train.clip_norm) == (0.9, 0.95, 1.0)
         assert (c.data.max_length, c.data.packing, c.seed, c.data.template) == (
-            2048, False, 3517, "authors")
+            2048, False, 3517, "chat" if path.stem.endswith("_chat") else "authors")
         assert c.data.thresholds == (1.5, 3.5)
         assert c.train.schedule_scope == ("run" if path.stem.endswith("run_schedule") else "phase")
         assert c.data.replay == (0.5 if "replay" in path.stem else 0.0)
@@ -83,7 +83,10 @@ def test_llama3_configs_fit_the_slice_their_docstring_names(path):
     spec.loader.exec_module(module)
     name = re.search(r"Fits a TPU (v5p-\d+)", module.__doc__).group(1)
     tpu, c = parse_tpu(name), module.get_config()
-    assert c.data.tokenizer == c.model.init_from and c.data.template == "authors"
+    if path.stem.endswith("_chat"):  # the Instruct model's tokenizer: its chat template
+        assert c.data.template == "chat" and "Instruct" in c.data.tokenizer
+    else:
+        assert c.data.tokenizer == c.model.init_from and c.data.template == "authors"
     mesh = mesh_sizes(c.mesh, tpu.chips)
     plan = make_plan(model_config(c.model), c.train, mesh, rules_from_config(c.mesh),
                      int(c.data.max_length), device="v5p")
