@@ -30,6 +30,9 @@ from phased_jax.errors import ConfigError, DataError
 from phased_jax.formats import Turn
 
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# Conversations rendered together: every prefix of each is held as text until it is tokenised
+# (UltraChat's 200K at once would be gigabytes of prefixes).
+CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -197,15 +200,18 @@ def tokenize_conversations(conversations: Sequence[Sequence[Turn]], tokenizer: A
     if not getattr(tokenizer, "is_fast", False) or backend is None:
         raise ConfigError("conversation data needs a fast tokenizer (a tokenizer.json) to place "
                           "the answers' tokens; data.tokenizer has only a slow one")
-    try:
-        rendered = answer_char_spans(conversations, tokenizer)
-    except TemplateRefused as e:
-        raise refused(e.index, e) from e
-    # The backend is what `tokenizer(text, add_special_tokens=False)` runs (the ids of
-    # transformers' apply_chat_template); its encodings map characters to tokens.
-    encodings = backend.encode_batch([text for text, _ in rendered], add_special_tokens=False)
-    return [_example(enc.ids, answer_tokens(enc, spans))
-            for enc, (_, spans) in zip(encodings, rendered, strict=True)]
+    out = []
+    for start in range(0, len(conversations), CHUNK):  # a chunk's renderings at a time in memory
+        try:
+            rendered = answer_char_spans(conversations[start:start + CHUNK], tokenizer)
+        except TemplateRefused as e:
+            raise refused(start + e.index, e) from e
+        # The backend is what `tokenizer(text, add_special_tokens=False)` runs (the ids of
+        # transformers' apply_chat_template); its encodings map characters to tokens.
+        encodings = backend.encode_batch([text for text, _ in rendered], add_special_tokens=False)
+        out += [_example(enc.ids, answer_tokens(enc, spans))
+                for enc, (_, spans) in zip(encodings, rendered, strict=True)]
+    return out
 
 
 def fit(example: ChatExample, max_length: int) -> ChatExample | None:

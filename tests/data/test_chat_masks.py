@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from phased_jax.data.chat import encode_chat_prompt, tokenize_conversations
+from phased_jax.data.chat import CHUNK, encode_chat_prompt, tokenize_conversations
 from phased_jax.data.records import Record, read_records
 from phased_jax.data.tokens import build_rows, pack, tokenize
 from phased_jax.errors import DataError
@@ -96,10 +96,15 @@ def test_ids_and_mask_equal_transformers(tokenizers, name, exchanges, system):
 
 
 def test_a_template_that_refuses_a_conversation_names_the_record(tokenizers):
-    rec = Record("7", "q", "", "a", 2.0, "data.jsonl:7", conversation(1, system=True))
-    with pytest.raises(DataError, match=r"^data\.jsonl:7: the chat template refused the "
+    """Rendered in chunks of many: the one refused is named, in a later chunk too."""
+    records = [Record(str(i), "q", "", "a", 2.0, f"data.jsonl:{i + 1}",
+                      conversation(1 + i % 2, system=i == 600)) for i in range(700)]
+    assert 600 >= CHUNK  # the refused one is past the first chunk
+    with pytest.raises(DataError, match=r"^data\.jsonl:601: the chat template refused the "
                        r"conversation \(Conversation roles must alternate"):
-        tokenize([rec], "chat", tokenizers["mistral"], 256)
+        tokenize(records, "chat", tokenizers["mistral"], 256)
+    examples, _ = tokenize(records[:600] + records[601:], "chat", tokenizers["mistral"], 256)
+    assert len(examples) == 699
 
 
 def test_conversations_need_the_chat_template(tokenizers):
