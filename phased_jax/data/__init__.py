@@ -1,5 +1,6 @@
-"""Instruction data: records (read, validate) -> phases (stratify, order) -> tokens (template,
-mask, pack, cache) -> per-host batches indexed by step. `pipeline.prepare(cfg)` runs it all."""
+"""Instruction data: records (read, validate; single-turn or conversations) -> phases (stratify,
+order) -> tokens (template or chat template, mask, pack, cache) -> per-host batches indexed by
+step. `pipeline.prepare(cfg)` runs it all."""
 
 from phased_jax.data.loader import PhaseLoader
 from phased_jax.data.phases import Phase, build_phases, parse_order, stratify

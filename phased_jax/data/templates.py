@@ -12,7 +12,9 @@ encodes text parts without special tokens and inserts the tokenizer's real BOS/E
   BOS; target `{output}</s>`.
 - `chat`: the tokenizer's `apply_chat_template` with one user turn (instruction, then input
   after a newline) and one assistant turn; the prompt is the rendering with
-  `add_generation_prompt=True`, the target the rest of the full conversation.
+  `add_generation_prompt=True`, the target the rest of the full conversation. Training
+  tokenises every record under `chat` as a conversation (`chat.py`: a single-turn record is
+  one exchange); this rendering serves generation's prompts and `stop_ids`.
 - `text` (plain-text pretraining, e.g. the demo's base model): no prompt but BOS, target
   `{output}</s>`, so every token is trained; `instruction` only labels the document and
   `input` is not rendered.
