@@ -181,11 +181,19 @@ def _rows_of_file(path: Path, limit: int) -> Iterator[tuple[str, Any]]:
                         "the file or convert it to JSONL, where bad lines can be skipped)") from None
 
 
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a parsed value (a conversation's turns are dicts in a list)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict | list | tuple):
+        for v in (value.values() if isinstance(value, dict) else value):
+            yield from _strings(v)
+
+
 def _text_bytes(obj: Any, limit: int) -> int:
-    """UTF-8 size of a parsed row's strings (top level and in lists), an HF row's length;
-    exact when it may exceed `limit`, else the character count (encoding every row is slow)."""
-    values = obj.values() if isinstance(obj, dict) else ()
-    strings = [s for v in values for s in (v if isinstance(v, list) else [v]) if isinstance(s, str)]
+    """UTF-8 size of a parsed row's strings (at any depth), an HF row's length; exact when it
+    may exceed `limit`, else the character count (encoding every row is slow)."""
+    strings = list(_strings(obj))
     chars = sum(map(len, strings))
     if chars * 4 <= limit:  # a character is at most 4 bytes
         return chars

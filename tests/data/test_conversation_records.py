@@ -103,3 +103,11 @@ def test_a_directory_may_hold_a_file_of_each_shape(tmp_path):
     write_jsonl(tmp_path / "b.jsonl", [{"id": "s", "score": 2, "instruction": "x", "input": "", "output": "y"}])
     recs, _ = read_records(str(tmp_path))
     assert [bool(r.messages) for r in recs] == [True, False]
+
+
+def test_an_hf_conversation_over_max_record_bytes_is_refused(tmp_path):
+    long = msgs(("user", "Hi."), ("assistant", "y" * 5000))
+    datasets.Dataset.from_list([{"id": "a", "messages": GOOD}, {"id": "b", "messages": long}]
+                               ).save_to_disk(str(tmp_path / "ds"))
+    recs, rep = read_records(str(tmp_path / "ds"), on_invalid="skip", max_record_bytes=4000)
+    assert [r.id for r in recs] == ["a"] and rep.counts == {"too_long": 1}
