@@ -105,6 +105,11 @@ def _render_all(chats: list[list[dict[str, str]]], tokenizer: Any, add_generatio
         raise
 
 
+class NotPrefixes(TemplateRefused):
+    """The template renders conversation `index`'s beginning otherwise than inside the whole
+    (e.g. Mistral v0.3's puts the system prompt in the last user turn)."""
+
+
 NOT_PREFIXES = ("the tokenizer's chat template does not render a conversation's beginning as the "
                 "beginning of the whole conversation, so its answers cannot be located; add "
                 "{% generation %} ... {% endgeneration %} around the assistant content in the "
@@ -136,7 +141,7 @@ def answer_char_spans(conversations: Sequence[Sequence[Turn]], tokenizer: Any
     for c, a, b in zip(owner, asked, answered, strict=True):
         full, spans = out[c]
         if not (b.startswith(a) and full.startswith(b)):
-            raise ConfigError(NOT_PREFIXES)
+            raise NotPrefixes(c, NOT_PREFIXES)
         spans.append((len(a), len(b.rstrip())))
     return out
 
@@ -204,6 +209,9 @@ def tokenize_conversations(conversations: Sequence[Sequence[Turn]], tokenizer: A
     for start in range(0, len(conversations), CHUNK):  # a chunk's renderings at a time in memory
         try:
             rendered = answer_char_spans(conversations[start:start + CHUNK], tokenizer)
+        except NotPrefixes as e:
+            where = sources[start + e.index] if sources else f"conversation {start + e.index + 1}"
+            raise ConfigError(f"{where}: {e}") from e
         except TemplateRefused as e:
             raise refused(start + e.index, e) from e
         # The backend is what `tokenizer(text, add_special_tokens=False)` runs (the ids of

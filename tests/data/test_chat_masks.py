@@ -13,7 +13,7 @@ import pytest
 from phased_jax.data.chat import CHUNK, encode_chat_prompt, tokenize_conversations
 from phased_jax.data.records import Record, read_records
 from phased_jax.data.tokens import build_rows, pack, tokenize
-from phased_jax.errors import DataError
+from phased_jax.errors import ConfigError, DataError
 from phased_jax.formats import Turn
 from phased_jax.train.loss import make_loss_fn
 from tests.data.chat_templates import TEMPLATES, build_sentencepiece_tokenizer
@@ -195,3 +195,28 @@ def test_data_report_counts_skipped_conversations(tokenizers, tmp_path):
     assert "skipped (first_answer_exceeds_max_length)" in prepared.summary()
     records, _ = read_records(str(path))
     assert [len(r.messages) for r in records][:4] == [3, 4, 7, 8]
+
+
+def test_a_template_whose_prefixes_differ_is_refused_naming_the_record(tokenizers):
+    """Mistral-7B-Instruct-v0.3's way with a system prompt: it goes into the last user turn, so
+    a conversation's beginning renders otherwise than inside the whole; without generation
+    marks its answers cannot be located."""
+    tok = tokenizers["mistral"]
+    folded = ("{%- if messages[0]['role'] == 'system' %}{%- set system_message = "
+              "messages[0]['content'] %}{%- set loop_messages = messages[1:] %}{%- else %}"
+              "{%- set loop_messages = messages %}{%- endif %}{{- bos_token }}"
+              "{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+              "{%- if loop.last and system_message is defined %}{{- '[INST] ' + system_message "
+              "+ '\\n\\n' + message['content'] + '[/INST]' }}{%- else %}{{- '[INST] ' + "
+              "message['content'] + '[/INST]' }}{%- endif %}{%- elif message['role'] == "
+              "'assistant' %}{{- ' ' + message['content'] + eos_token}}{%- endif %}{%- endfor %}")
+    records = [Record(str(i), "q", "", "a", 2.0, f"data.jsonl:{i + 1}", conversation(2, i == 1))
+               for i in range(3)]
+    tok.chat_template = folded
+    try:
+        assert len(tokenize(records[:1], "chat", tok, 256)[0]) == 1  # no system turn: fine
+        with pytest.raises(ConfigError, match=r"^data\.jsonl:2: the tokenizer's chat template "
+                           r"does not render a conversation's beginning"):
+            tokenize(records, "chat", tok, 256)
+    finally:
+        tok.chat_template = TEMPLATES["mistral"][0]
