@@ -22,6 +22,9 @@ On a `--local-pod`, every worker runs this module with the same hooks.
 
 from __future__ import annotations
 
+import tests.without_torch  # noqa: F401  (before anything imports transformers)
+
+# isort: split
 import json
 import os
 import signal

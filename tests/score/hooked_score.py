@@ -7,6 +7,9 @@ Process I SIGKILLs itself as it starts computing its K-th chunk (1-based), as a 
 
 from __future__ import annotations
 
+import tests.without_torch  # noqa: F401  (before anything imports transformers)
+
+# isort: split
 import os
 import signal
 import sys
