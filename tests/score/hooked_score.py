@@ -2,7 +2,8 @@
 
     python -m tests.score.hooked_score --kill-chunk K --kill-process I SCORE_ARGS...
 
-Process I SIGKILLs itself as it starts computing its K-th chunk (1-based), as a pod host dies.
+Process I SIGKILLs itself as it starts computing its K-th chunk (1-based), as a pod host dies,
+once the K-1 chunks before it are on disk.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import tests.without_torch  # noqa: F401  (before anything imports transformers)
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 
 import jax
 
@@ -32,10 +35,18 @@ def main(argv: list[str]) -> int:
             rest.append(a)
     original, calls = score_run.Scorer.chunk, []
 
+    output = Path(rest[rest.index("--output") + 1])
+
     def chunk(self, records):
         calls.append(1)
         if (len(calls) == settings.get("--kill-chunk")
                 and jax.process_index() == settings.get("--kill-process", 0)):
+            # The earlier chunks are on disk first (process 0 writes them while the others go
+            # on): the host dies computing chunk K, not in a race with the last write.
+            deadline = time.monotonic() + 120
+            while (len(list(Path(f"{output}.chunks").glob("chunk-*.json"))) < len(calls) - 1
+                   and time.monotonic() < deadline):
+                time.sleep(0.05)
             os.kill(os.getpid(), signal.SIGKILL)
         return original(self, records)
 
