@@ -34,7 +34,7 @@ from phased_jax.data.phases import build_phases
 from phased_jax.data.records import Record, read_records
 from phased_jax.data.tokens import tokenize, tokenize_cached
 from phased_jax.data.toy_tokenizer import build_tokenizer
-from phased_jax.formats import Turn
+from phased_jax.formats import Turn, as_messages
 from phased_jax.model import get_preset
 from phased_jax.model.flops import flops_per_token
 
@@ -82,7 +82,7 @@ def conversation_table(n: int, max_length: int) -> None:
     """Records/s of conversations: ours (ids + loss mask) vs transformers' loop."""
     tok = build_llama3_tokenizer(Path(tempfile.mkdtemp(prefix="pipeline-chat-")) / "tok")
     recs = conversations(n)
-    chats = [[{"role": t.role, "content": t.content} for t in r.messages] for r in recs]
+    chats = [as_messages(r.messages) for r in recs]
     def best(fn):  # the fastest of 3: what each side can do, less the machine's noise
         times = []
         for _ in range(3):

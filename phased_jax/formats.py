@@ -106,6 +106,32 @@ class Turn(NamedTuple):
     content: str
 
 
+def user_text(instruction: str, input_: str) -> str:
+    """Instruction and input as one user message: joined by a newline when there is an input."""
+    return f"{instruction}\n{input_}" if input_ else instruction
+
+
+def exchange(instruction: str, input_: str, output: str) -> tuple[Turn, Turn]:
+    """A single-turn row as a conversation: one user turn and its answer."""
+    return Turn("user", user_text(instruction, input_)), Turn("assistant", output)
+
+
+def as_messages(turns: Collection[Turn]) -> list[dict[str, str]]:
+    """Turns as `[{"role", "content"}, ...]`: what chat templates and answer files take."""
+    return [{"role": t.role, "content": t.content} for t in turns]
+
+
+_SHAPES = {True: ("a conversation", "conversations"), False: ("a single-turn row", "single-turn rows")}
+
+
+def check_shape(talk: bool, first: bool, first_where: str) -> None:
+    """RowError (`mixed_shapes`) unless a row (a conversation: `talk`) has the shape of its
+    file's first row (at `first_where`): scores and phases of a mixed file would mix prompts."""
+    if talk != first:
+        raise RowError("mixed_shapes", f"{_SHAPES[talk][0]} in a file of {_SHAPES[first][1]} "
+                       f"(the first row, {first_where}); a file holds one shape: split it")
+
+
 @dataclass(frozen=True)
 class Row:
     """What one row says in its format, before any caller decides what is valid."""
@@ -270,19 +296,25 @@ def conversation_style(obj: Any, fields: Mapping[str, str] = DEFAULT_FIELDS,
     if fmt in ("alpaca", "authors") or not isinstance(obj, dict):
         return None
     for style in CONVERSATION_FORMATS:
-        name = {**DEFAULT_FIELDS, **fields}[_STYLE[style][2]]
+        name = list_field(style, fields)
         if name and name in obj:
             return style
     return None
+
+
+def list_field(style: str, fields: Mapping[str, str] = DEFAULT_FIELDS) -> str:
+    """The name of a conversation style's list field (`messages`, `conversations`, or the
+    caller's name for it)."""
+    return {**DEFAULT_FIELDS, **fields}[_STYLE[style][2]]
 
 
 def conversation_turns(value: Any, field_name: str, style: str, *,
                        answered: bool = True) -> tuple[Turn, ...]:
     """The turns of a conversation list; RowError (with a skip-report reason) unless it is an
     optional system turn, then user and assistant turns in turn from a user turn, each with
-    text. `answered` (training data): it holds an answer (`no_assistant_turn`); else (a
-    question for generation) it ends with the user turn to answer (`no_user_turn`,
-    `ends_with_answer`), earlier answers optional."""
+    text. `answered` (training and scoring data): it holds an answer (`no_assistant_turn`) and
+    ends with one (`ends_with_user`); else (a question for generation) it ends with the user
+    turn to answer (`no_user_turn`, `ends_with_answer`), earlier answers optional."""
     role_key, content_key, _ = _STYLE[style]
     if not isinstance(value, list):
         raise RowError("bad_type", f"field {field_name!r} must be a list of {{{role_key!r}, "
@@ -320,6 +352,10 @@ def conversation_turns(value: Any, field_name: str, style: str, *,
         turns.append(Turn(role, content))
     if answered and not any(t.role == "assistant" for t in turns):
         raise RowError("no_assistant_turn", f"field {field_name!r} has no assistant turn")
+    if answered and turns[-1].role != "assistant":
+        raise RowError("ends_with_user", f"the conversation ends with a user turn (turn "
+                       f"{len(turns)}) that nothing answers; remove that turn or the "
+                       "conversation")
     if not answered and turns[-1].role == "system":
         raise RowError("no_user_turn", f"field {field_name!r} has only a system turn; add the "
                        "user turn to answer")
@@ -330,7 +366,7 @@ def conversation_turns(value: Any, field_name: str, style: str, *,
 
 
 def _conversation_row(obj: Mapping[str, Any], fields: Mapping[str, str], style: str) -> Row:
-    name = {**DEFAULT_FIELDS, **fields}[_STYLE[style][2]]
+    name = list_field(style, fields)
     if name not in obj:
         raise RowError("missing_field", f"missing field {name!r} (a {style} conversation; fields "
                        f"present: {sorted(obj)})")
@@ -391,7 +427,7 @@ class AnswerRow:
         row: dict[str, Any] = {k: getattr(self, k)
                                for k in ("test_set", "id", "instruction", "input", "output")}
         if self.messages:
-            row["messages"] = [{"role": t.role, "content": t.content} for t in self.messages]
+            row["messages"] = as_messages(self.messages)
         return row
 
     @classmethod

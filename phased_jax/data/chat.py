@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from phased_jax.errors import ConfigError, DataError
-from phased_jax.formats import Turn
+from phased_jax.formats import Turn, as_messages
 
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 # Conversations rendered together: every prefix of each is held as text until it is tokenised
@@ -53,10 +53,6 @@ def chat_template(tokenizer: Any) -> str:
         raise ConfigError("data.template='chat' needs data.tokenizer with a chat template "
                           "(tokenizer_config.json 'chat_template', or chat_template.jinja)")
     return template
-
-
-def as_messages(turns: Sequence[Turn]) -> list[dict[str, str]]:
-    return [{"role": t.role, "content": t.content} for t in turns]
 
 
 class TemplateRefused(ValueError):
@@ -165,8 +161,8 @@ def answer_tokens(encoding: Any, spans: Sequence[tuple[int, int]]) -> list[tuple
     return out
 
 
-def _runs(mask: Sequence[int]) -> tuple[tuple[int, int], ...]:
-    """[start, end) of each run of ones."""
+def runs(mask: Sequence[int] | np.ndarray) -> tuple[tuple[int, int], ...]:
+    """[start, end) of each run of ones (or True): each answer of a mask."""
     m = np.concatenate([[0], np.asarray(mask, np.int8), [0]])
     edges = np.flatnonzero(np.diff(m))
     return tuple((int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True))
@@ -184,9 +180,11 @@ def tokenize_conversations(conversations: Sequence[Sequence[Turn]], tokenizer: A
                            sources: Sequence[str] | None = None) -> list[ChatExample]:
     """Each conversation's ids and loss tokens (see the module docstring); `sources` name the
     conversations (file:line) in the error when the template refuses one."""
+    def where(k: int) -> str:
+        return sources[k] if sources else f"conversation {k + 1}"
+
     def refused(k: int, e: Exception) -> DataError:
-        where = sources[k] if sources else f"conversation {k + 1}"
-        return DataError(f"{where}: {e}; use a chat template that takes this conversation or "
+        return DataError(f"{where(k)}: {e}; use a chat template that takes this conversation or "
                          "remove the record")
 
     if GENERATION_TAG.search(chat_template(tokenizer)):
@@ -199,7 +197,7 @@ def tokenize_conversations(conversations: Sequence[Sequence[Turn]], tokenizer: A
             except Exception as e:  # the template raised
                 raise refused(k, TemplateRefused(k, f"the chat template refused the "
                                                     f"conversation ({e})")) from e
-            out.append(_example(enc["input_ids"], _runs(enc["assistant_masks"])))
+            out.append(_example(enc["input_ids"], runs(enc["assistant_masks"])))
         return out
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if not getattr(tokenizer, "is_fast", False) or backend is None:
@@ -210,8 +208,7 @@ def tokenize_conversations(conversations: Sequence[Sequence[Turn]], tokenizer: A
         try:
             rendered = answer_char_spans(conversations[start:start + CHUNK], tokenizer)
         except NotPrefixes as e:
-            where = sources[start + e.index] if sources else f"conversation {start + e.index + 1}"
-            raise ConfigError(f"{where}: {e}") from e
+            raise ConfigError(f"{where(start + e.index)}: {e}") from e
         except TemplateRefused as e:
             raise refused(start + e.index, e) from e
         # The backend is what `tokenizer(text, add_special_tokens=False)` runs (the ids of

@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 from phased_jax.config import get_default_config
-from phased_jax.data.templates import user_text
 from phased_jax.errors import DataError
 from phased_jax.fileio import BadRecord, read_head, sniff_binary, write_text_atomic
 from phased_jax.formats import (
@@ -53,7 +52,9 @@ from phased_jax.formats import (
     ListError,
     RowError,
     Turn,
+    check_shape,
     conversation_style,
+    exchange,
     file_records,
     parse_score_text,
     row_fields,
@@ -62,7 +63,6 @@ from phased_jax.local_paths import hub_load_error
 
 FORMATS = ("auto", "alpaca", "authors", "scored", "jsonl", "hf", "messages", "sharegpt")
 SCORE_RANGE = (1.0, 5.0)
-_SHAPES = {True: ("a conversation", "conversations"), False: ("a single-turn row", "single-turn rows")}
 _JSON_SUFFIXES = (".json", ".jsonl")
 
 
@@ -82,9 +82,7 @@ class Record:
     @property
     def turns(self) -> tuple[Turn, ...]:
         """The record as a conversation: its turns, or a single-turn record's one exchange."""
-        from_record = (Turn("user", user_text(self.instruction, self.input)),
-                       Turn("assistant", self.output))
-        return self.messages or from_record
+        return self.messages or exchange(self.instruction, self.input, self.output)
 
 
 @dataclass
@@ -140,9 +138,6 @@ def _to_record(obj: Any, fields: Mapping[str, str], fmt: str, default_id: str, s
                scored: bool) -> Record:
     """Validate one parsed row; `scored` says whether this file's rows carry scores."""
     row = row_fields(obj, fields, fmt)
-    if row.messages and row.messages[-1].role != "assistant":
-        raise RowError("ends_with_user", f"the conversation ends with a user turn (turn "
-                       f"{len(row.messages)}) that nothing answers; remove it or the record")
     if not row.instruction.strip():
         raise RowError("empty_instruction", "empty instruction")
     if not row.output.strip():
@@ -286,10 +281,7 @@ def read_records(paths: str | Sequence[str], format: str = "auto",
                 if isinstance(obj, dict):
                     talk = conversation_style(obj, fields, format) is not None
                     shape = shape or (talk, source)
-                    if talk != shape[0]:
-                        raise RowError("mixed_shapes", f"{_SHAPES[talk][0]} in a file of "
-                                       f"{_SHAPES[shape[0]][1]} (the first row, {shape[1]}); "
-                                       "a file holds one shape: split it")
+                    check_shape(talk, *shape)
                 rec = _to_record(obj, fields, format, f"{stem}:{n}", source, bool(scored))
                 if rec.id in seen:
                     raise RowError("duplicate_id", f"duplicate id {rec.id!r} (first at {seen[rec.id]})")

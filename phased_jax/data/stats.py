@@ -30,8 +30,8 @@ from phased_jax.data.phases import (
 )
 from phased_jax.data.records import Record, read_config_records
 from phased_jax.data.splits import make_splits
-from phased_jax.data.templates import user_text
 from phased_jax.data.tokens import load_tokenizer
+from phased_jax.formats import user_text
 from phased_jax.local_paths import check_stats
 from phased_jax.score.scale import PAPER_SHARES, histogram, suggest_thresholds
 

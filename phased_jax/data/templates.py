@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from phased_jax.errors import ConfigError
+from phased_jax.formats import user_text
 
 TEMPLATES = ("authors", "alpaca", "chat", "text")
 
@@ -49,11 +50,6 @@ class Special:
 
 BOS, EOS = Special("bos"), Special("eos")
 Part = str | Special
-
-
-def user_text(instruction: str, input_: str) -> str:
-    """Instruction and input as one user message: joined by a newline when there is an input."""
-    return f"{instruction}\n{input_}" if input_ else instruction
 
 
 def render(instruction: str, input_: str, output: str | None, template: str,

@@ -38,7 +38,6 @@ from phased_jax.fileio import (
     write_text_atomic,
 )
 from phased_jax.formats import (
-    DEFAULT_FIELDS,
     MISSING,
     AnswerRow,
     RowError,
@@ -46,6 +45,7 @@ from phased_jax.formats import (
     conversation_style,
     conversation_turns,
     file_records,
+    list_field,
     looks_like_authors,
     row_fields,
 )
@@ -143,7 +143,7 @@ def questions(row: Any) -> tuple[tuple[Turn, ...], tuple[str, ...]] | None:
     """(the conversation up to its first open question, the questions asked after each answer)
     of a conversation row; None for a single-turn row; RowError when it is malformed."""
     if style := conversation_style(row):
-        name = DEFAULT_FIELDS["messages" if style == "messages" else "conversations"]
+        name = list_field(style)
         return conversation_turns(row[name], name, style, answered=False), ()
     if not is_mt_bench(row):
         return None

@@ -25,18 +25,13 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from phased_jax.data.chat import runs
 from phased_jax.data.templates import special_id
 from phased_jax.data.tokens import TokenizedExamples, build_rows
 from phased_jax.sharding import Placement
 from phased_jax.train.loss import cross_entropy_sums
 
 ForwardFn = Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]
-
-
-def trained_runs(trained: np.ndarray) -> list[tuple[int, int]]:
-    """[start, end) of each run of trained tokens: each answer of an example."""
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], trained.astype(np.int8), [0]])))
-    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
 def answers_alone(examples: TokenizedExamples, tokenizer: Any
@@ -49,7 +44,7 @@ def answers_alone(examples: TokenizedExamples, tokenizer: Any
     for i in range(len(examples)):
         ids, trained = examples.example(i)
         start = len(parts)
-        for a, b in trained_runs(trained):
+        for a, b in runs(trained):
             piece = np.concatenate([[bos], ids[a:b]]).astype(np.int32)
             parts.append((piece, np.arange(len(piece)) >= 1))
         groups.append(np.arange(start, len(parts)))

@@ -16,7 +16,7 @@ from typing import Any
 from phased_jax.data.records import Record
 from phased_jax.errors import DataError
 from phased_jax.fileio import BadRecord
-from phased_jax.formats import file_records
+from phased_jax.formats import as_messages, file_records
 
 
 def rows_by_source(paths: Sequence[str], limit: int) -> dict[str, list[Any]]:
@@ -31,7 +31,7 @@ def rows_by_source(paths: Sequence[str], limit: int) -> dict[str, list[Any]]:
 
 def fallback_row(r: Record) -> dict[str, Any]:
     row: dict[str, Any] = (
-        {"id": r.id, "messages": [{"role": t.role, "content": t.content} for t in r.messages]}
+        {"id": r.id, "messages": as_messages(r.messages)}
         if r.messages else
         {"id": r.id, "instruction": r.instruction, "input": r.input, "output": r.output})
     if r.score is not None:

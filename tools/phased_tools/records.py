@@ -38,8 +38,10 @@ from phased_jax.formats import (
     ListError,
     RowError,
     Turn,
+    check_shape,
     conversation_style,
     detect_format,
+    exchange,
     file_records,
     is_json_list,
     parse_score_text,
@@ -53,8 +55,6 @@ FIELD_HINT = ("name the right field with --instruction-field/--input-field/--out
 CONVERSATION_HINT = ("name the list field with --messages-field/--conversations-field "
                      "or pick --format")
 FIX_HINT = "fix or remove that conversation"
-# (conversation?) -> how a row of that shape is named in the mixed-shape error
-_SHAPES = {True: ("a conversation", "conversations"), False: ("a single-turn row", "single-turn rows")}
 
 
 @dataclass
@@ -76,8 +76,7 @@ class Record:
     def turns(self) -> tuple[Turn, ...]:
         """The record as a conversation: its turns, or a single-turn row's one exchange (the
         instruction and, after a newline, the input as the user turn, as training reads it)."""
-        user = f"{self.instruction}\n{self.input}" if self.input else self.instruction
-        return self.messages or (Turn("user", user), Turn("assistant", self.output))
+        return self.messages or exchange(self.instruction, self.input, self.output)
 
 
 @dataclass
@@ -156,11 +155,11 @@ def load_records(
 
 
 def _check_shape(path: Path, where: int, talk: bool, first: tuple[bool, int]) -> None:
-    """InputError unless a row has the shape of the file's first row: scores of a file that
-    mixes shapes would mix two prompts, and training refuses such a file too."""
-    if talk != first[0]:
-        raise InputError(f"{path}:{where}: {_SHAPES[talk][0]} in a file of {_SHAPES[first[0]][1]} "
-                         f"(the first row, {path}:{first[1]}); a file holds one shape: split it")
+    """InputError unless a row has the shape of the file's first row (training's rule)."""
+    try:
+        check_shape(talk, first[0], f"{path}:{first[1]}")
+    except RowError as e:
+        raise InputError(f"{path}:{where}: {e}") from None
 
 
 def _record(path: Path, where: int, obj: Any, fields: dict[str, str], fmt: str,
@@ -170,12 +169,9 @@ def _record(path: Path, where: int, obj: Any, fields: dict[str, str], fmt: str,
         row = row_fields(obj, fields, fmt, optional=("input",))
     except RowError as e:
         hint = ((CONVERSATION_HINT if talk else FIELD_HINT) if e.reason == "missing_field"
-                else FIX_HINT if talk and e.reason not in ("tool_role", "unknown_role") else "")
+                else FIX_HINT if talk and e.reason not in ("tool_role", "unknown_role",
+                                                           "ends_with_user") else "")
         raise InputError(f"{path}:{where}: {e}" + (f"; {hint}" if hint else "")) from None
-    if row.messages and row.messages[-1].role != "assistant":
-        raise InputError(f"{path}:{where}: the conversation ends with a user turn (turn "
-                         f"{len(row.messages)}) that nothing answers; remove that turn or the "
-                         "conversation")
     return Record(row.instruction, row.input, row.output, obj, where, parse_score_text(row.score),
                   row.messages)
 
