@@ -85,6 +85,15 @@ class Record:
         return self.messages or exchange(self.instruction, self.input, self.output)
 
 
+def hash_records(h: Any, records: Iterable[Record]) -> None:
+    """Feed every record's content (a conversation's turns too) to hash `h`: the one digest
+    of what the token cache and `phased-jax score`'s chunks were computed from."""
+    for r in records:
+        h.update("\0".join((r.id, r.instruction, r.input, r.output, "\1")).encode())
+        for t in r.messages:
+            h.update(f"{t.role}\2{t.content}\3".encode())
+
+
 @dataclass
 class InvalidReport:
     """Records left out under `on_invalid="skip"`, each with its place and reason."""

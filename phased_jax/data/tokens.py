@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from phased_jax.data.chat import fit, tokenize_conversations
-from phased_jax.data.records import Record
+from phased_jax.data.records import Record, hash_records
 from phased_jax.data.templates import Special, render, special_id
 from phased_jax.errors import ConfigError, DataError
 from phased_jax.fileio import write_bytes_atomic
@@ -220,10 +220,7 @@ def cache_key(records: Sequence[Record], template: str, tokenizer: Any, max_leng
     """Hash of the records' content, the template, the tokenizer and max_length."""
     h = hashlib.sha256(f"{CACHE_VERSION}\0{template}\0{max_length}\0".encode())
     h.update(tokenizer_fingerprint(tokenizer).encode())
-    for r in records:
-        h.update("\0".join((r.id, r.instruction, r.input, r.output, "\1")).encode())
-        for t in r.messages:
-            h.update(f"{t.role}\2{t.content}\3".encode())
+    hash_records(h, records)
     return h.hexdigest()[:24]
 
 

@@ -42,7 +42,7 @@ import numpy as np
 from phased_jax import distributed
 from phased_jax.config import get_default_config
 from phased_jax.config_cli import add_config_help, parse_config_argv, split_config_argv
-from phased_jax.data.records import Record, read_config_records
+from phased_jax.data.records import Record, hash_records, read_config_records
 from phased_jax.data.tokens import load_tokenizer, tokenize, tokenizer_fingerprint
 from phased_jax.errors import ConfigError, DataError
 from phased_jax.fileio import output_problem, write_jsonl_atomic, write_text_atomic
@@ -88,10 +88,7 @@ def parser() -> argparse.ArgumentParser:
 def chunk_key(records: Sequence[Record], settings: str) -> str:
     """Hash of a chunk's records and every setting that changes their losses."""
     h = hashlib.sha256(f"{CHUNK_VERSION}\0{settings}\0".encode())
-    for r in records:
-        h.update("\0".join((r.id, r.instruction, r.input, r.output, "\1")).encode())
-        for t in r.messages:
-            h.update(f"{t.role}\2{t.content}\3".encode())
+    hash_records(h, records)
     return h.hexdigest()[:20]
 
 
