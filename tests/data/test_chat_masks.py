@@ -15,6 +15,7 @@ from phased_jax.data.records import Record, read_records
 from phased_jax.data.tokens import build_rows, pack, tokenize
 from phased_jax.errors import ConfigError, DataError
 from phased_jax.formats import Turn
+from phased_jax.formats import as_messages as messages
 from phased_jax.train.loss import make_loss_fn
 from tests.data.chat_templates import TEMPLATES, build_sentencepiece_tokenizer
 from tests.data.llama3_tokenizer import EOT, build_llama3_tokenizer
@@ -31,10 +32,6 @@ def conversation(exchanges: int, system: bool) -> tuple[Turn, ...]:
     for k in range(exchanges):
         turns += [Turn("user", QUESTIONS[k]), Turn("assistant", ANSWERS[k])]
     return tuple(turns)
-
-
-def messages(turns):
-    return [{"role": t.role, "content": t.content} for t in turns]
 
 
 @pytest.fixture(scope="module")
